@@ -1,0 +1,30 @@
+# One command to set up and run each thing; a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup sweep test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The headline sweep: small and medium, three strategies, measured on this machine.
+sweep: $(STAMP)
+	$(PY) -m memexp -m model=small,medium strategy=none,full,sqrt
+
+test: $(STAMP)
+	$(PY) -m ruff check memexp tests scripts
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check memexp tests scripts
+	$(PY) -m ruff format --check memexp tests scripts
+
+clean:
+	rm -rf $(VENV) outputs

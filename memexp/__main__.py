@@ -1,0 +1,39 @@
+"""`python -m memexp` / `memexp`: compose the config with Hydra, run one job per combination."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from memexp.callbacks import OUTCOME
+from memexp.config import register_configs
+from memexp.runner import run_job
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    identity = {
+        "sweep_dir": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None,
+        "job_num": int(hydra_cfg.job.num) if multirun else None,
+        "overrides": list(hydra_cfg.overrides.task),
+    }
+    run_job(cfg, Path(hydra_cfg.runtime.output_dir), identity)
+
+
+def cli() -> None:
+    """Exit non-zero only when a job ended in `error` (OOM or infeasible are answers, not failures)."""
+    main()
+    sys.exit(1 if OUTCOME["errors"] else 0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,99 @@
+"""End-of-run Hydra callback: the sweep's summary table and its exit status.
+
+It reads the records from disk rather than from memory, so it gives the same answer whichever
+launcher ran the jobs (in this process, in subprocesses, or on a cluster).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from memexp.results import RESULT_FILE, STATUS_ERROR, RunResult, read_result
+
+MIB = 2**20
+# Set by the callback, read by `memexp.__main__.cli` to choose the process exit code.
+OUTCOME = {"errors": 0}
+
+
+def collect_results(sweep_dir: Path) -> list[RunResult]:
+    """Records of every job under `sweep_dir`, in job order."""
+    paths = sorted(
+        Path(sweep_dir).glob(f"*/{RESULT_FILE}"), key=lambda p: _job_order(p.parent.name)
+    )
+    return [read_result(path) for path in paths]
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 30, name)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.1f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def format_table(results: list[RunResult]) -> str:
+    """The one table printed at the end of a sweep; units and sources are in the header."""
+    header = (
+        "job",
+        "model",
+        "strategy",
+        "seq×batch",
+        "peak MiB",
+        "saved act MiB",
+        "step ms",
+        "status",
+    )
+    rows = [
+        (
+            str(r.job_num if r.job_num is not None else "-"),
+            r.model or "-",
+            r.strategy or "-",
+            f"{r.seq_len}×{r.batch_size}",
+            _mib(r.peak_bytes),
+            _mib(r.saved_activation_bytes),
+            _ms(r.step_ms_median),
+            r.status,
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    sources = sorted({r.memory_source for r in results if r.memory_source})
+    repeats = sorted({r.time_repeats for r in results if r.time_repeats})
+    lines.append(
+        f"peak: {', '.join(sources) or 'n/a'}; saved act: bytes saved for backward "
+        f"(saved-tensor hooks); step ms: median of {', '.join(map(str, repeats)) or 'n/a'} timed steps"
+    )
+    failed = [r for r in results if r.status != "ok"]
+    for r in failed:
+        lines.append(f"job {r.job_num} {r.status}: {r.message}")
+    return "\n".join(lines)
+
+
+def report(results: list[RunResult], where: Path) -> None:
+    OUTCOME["errors"] = sum(r.status == STATUS_ERROR for r in results)
+    print(f"\n[memexp] {len(results)} job(s) in {where}")
+    print(format_table(results), flush=True)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        report(collect_results(sweep_dir), sweep_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if (run_dir / RESULT_FILE).exists():
+            report([read_result(run_dir)], run_dir)

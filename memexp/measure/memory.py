@@ -1,0 +1,123 @@
+"""The memory step: one training step run once, separately from the timed ones, and watched.
+
+On the CPU (and under fake tensors) the tensor tracker counts exact bytes per category. On a
+GPU the caching allocator's own statistics give the peaks the card really saw (allocator
+rounding and caching included); the tracker then runs once more to say where those bytes go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memexp.measure.tracker import TensorTracker
+from memexp.results import SOURCE_CUDA_ALLOCATOR, SOURCE_TENSOR_TRACKER
+from memexp.training import Workload, backward, forward_loss, optimizer_step
+
+
+@dataclass
+class MemoryMeasurement:
+    source: str
+    peak_bytes: int
+    breakdown: dict[str, int]
+    phase_bytes: dict[str, int]
+    timeline: list[tuple[int, int, str]]
+    timeline_source: str
+    peak_reserved_bytes: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:
+    """One step under the tensor tracker: exact bytes of every live tensor, op by op."""
+    tracker = TensorTracker(
+        work.tokens.device, work.model, work.optimizer, work.tokens, work.targets
+    )
+    with tracker:
+        tracker.set_phase("forward")
+        loss = forward_loss(work)
+        tracker.set_phase("backward")
+        backward(loss)
+        del loss
+        tracker.set_phase("optimizer")
+        optimizer_step(work)
+    step = tracker.result()
+    return MemoryMeasurement(
+        source=source,
+        peak_bytes=step.peak_bytes,
+        breakdown=step.breakdown,
+        phase_bytes=step.phase_bytes,
+        timeline=step.timeline,
+        timeline_source=source,
+    )
+
+
+def _allocator_timeline(
+    trace: list[dict[str, Any]], boundaries: list[tuple[int, str]], start_bytes: int
+) -> list[tuple[int, int, str]]:
+    """Replay the allocator's alloc/free trace into allocated bytes after each event."""
+    timeline, allocated = [], start_bytes
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            allocated += event["size"]
+        elif event["action"] == "free_completed":
+            allocated -= event["size"]
+        else:
+            continue
+        phase = next(name for end, name in boundaries if index < end)
+        timeline.append((len(timeline), allocated, phase))
+    return timeline
+
+
+def cuda_allocator_step(work: Workload) -> MemoryMeasurement:
+    """One step watched by the CUDA caching allocator: peaks per phase and the alloc/free trace."""
+    device = work.tokens.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cuda = torch.cuda
+    cuda.synchronize(device)
+    cuda.reset_peak_memory_stats(device)
+    after_setup = cuda.memory_allocated(device)
+    cuda.memory._record_memory_history(context=None, stacks="python", max_entries=1_000_000)
+    peaks: dict[str, int] = {"after_setup": after_setup}
+    reserved = cuda.memory_reserved(device)
+    boundaries: list[tuple[int, str]] = []
+
+    def close_phase(name: str) -> None:
+        nonlocal reserved
+        cuda.synchronize(device)
+        peaks[f"{name}_peak"] = cuda.max_memory_allocated(device)
+        reserved = max(reserved, cuda.max_memory_reserved(device))
+        boundaries.append((len(cuda.memory._snapshot()["device_traces"][index]), name))
+        cuda.reset_peak_memory_stats(device)
+
+    try:
+        loss = forward_loss(work)
+        close_phase("forward")
+        backward(loss)
+        del loss
+        close_phase("backward")
+        optimizer_step(work)
+        close_phase("optimizer")
+        peaks["after_step"] = cuda.memory_allocated(device)
+        trace = cuda.memory._snapshot()["device_traces"][index]
+    finally:
+        cuda.memory._record_memory_history(enabled=None)
+    boundaries[-1] = (len(trace) + 1, "optimizer")
+    breakdown = tracked_step(work).breakdown
+    return MemoryMeasurement(
+        source=SOURCE_CUDA_ALLOCATOR,
+        peak_bytes=max(v for k, v in peaks.items() if k.endswith("_peak")),
+        breakdown=breakdown,
+        phase_bytes=peaks,
+        timeline=_allocator_timeline(trace, boundaries, after_setup),
+        timeline_source=SOURCE_CUDA_ALLOCATOR,
+        peak_reserved_bytes=reserved,
+        notes={"breakdown_source": SOURCE_TENSOR_TRACKER},
+    )
+
+
+def measure_memory(work: Workload) -> MemoryMeasurement:
+    if work.tokens.device.type == "cuda":
+        return cuda_allocator_step(work)
+    return tracked_step(work)

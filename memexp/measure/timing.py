@@ -1,0 +1,89 @@
+"""Timed training steps with nothing attached to the model: warm-up first, then repeats.
+
+Each phase (forward+loss, backward, optimizer step) is timed on its own; on a GPU the device is
+synchronised at every boundary so a phase's time is its own work, not queued work.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from memexp.measure.saved import counting_saved_bytes
+from memexp.training import Workload, backward, forward_loss, optimizer_step
+
+PHASES = ("forward", "backward", "optimizer", "step")
+
+
+@dataclass
+class Timings:
+    """Milliseconds per phase, one entry per timed step, plus what the untimed first step saw."""
+
+    first_loss: float
+    saved_activation_bytes: int
+    samples_ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+
+    def summary(self, tokens_per_step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for phase, values in self.samples_ms.items():
+            out[f"{phase}_ms_median"] = statistics.median(values)
+            out[f"{phase}_ms_min"] = min(values)
+            out[f"{phase}_ms_max"] = max(values)
+        out["tokens_per_s_median"] = tokens_per_step / (out["step_ms_median"] / 1000.0)
+        return out
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+
+        def synced() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return synced
+    return time.perf_counter
+
+
+def _one_step(work: Workload, now: Callable[[], float]) -> tuple[float, dict[str, float]]:
+    start = now()
+    loss = forward_loss(work)
+    after_forward = now()
+    backward(loss)
+    after_backward = now()
+    optimizer_step(work)
+    end = now()
+    phases = {
+        "forward": after_forward - start,
+        "backward": after_backward - after_forward,
+        "optimizer": end - after_backward,
+        "step": end - start,
+    }
+    return float(loss.detach()), {k: v * 1000.0 for k, v in phases.items()}
+
+
+def _first_step(work: Workload) -> tuple[float, int]:
+    """The first warm-up step also counts saved bytes: hooks cost time, and this step is untimed."""
+    with counting_saved_bytes(work.model) as saved_so_far:
+        loss = forward_loss(work, in_place=True)
+        saved = saved_so_far()
+    backward(loss)
+    optimizer_step(work)
+    return float(loss.detach()), saved
+
+
+def time_steps(work: Workload, warmup: int, repeat: int) -> Timings:
+    """`warmup` untimed steps (the first also counts saved bytes), then `repeat` timed ones."""
+    now = _clock(work.tokens.device)
+    first_loss, saved = _first_step(work)
+    for _ in range(warmup - 1):
+        _one_step(work, now)
+    timings = Timings(first_loss=first_loss, saved_activation_bytes=saved)
+    for _ in range(repeat):
+        _, phases = _one_step(work, now)
+        for phase, ms in phases.items():
+            timings.samples_ms[phase].append(ms)
+    return timings

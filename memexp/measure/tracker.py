@@ -1,0 +1,97 @@
+"""The one adapter over PyTorch's tensor-level memory tracker (a private module).
+
+`torch.distributed._tools.mem_tracker.MemTracker` counts the bytes of every tensor storage
+alive under a dispatch mode and files them as parameters, gradients, optimizer state,
+activations or temporaries. It works the same on real CPU tensors and under FakeTensorMode,
+which is why the CPU and fake devices report exactly the same bytes. Everything that touches
+its private names lives here, so an upstream rename breaks one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+# MemTracker's category names → this project's record fields.
+CATEGORY_FIELDS = {
+    "Parameter": "params_bytes",
+    "Buffer": "other_bytes",
+    "Gradient": "grads_bytes",
+    "Optstate": "optimizer_state_bytes",
+    "Activation": "activations_bytes",
+    "Temp": "temporaries_bytes",
+    "Other": "other_bytes",
+}
+TOTAL_KEY = "Total"
+
+
+@dataclass
+class TrackedStep:
+    """The tracker's answer for one step: the peak, what it was made of, and the path to it."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]  # record field name → bytes at the moment of the peak
+    phase_bytes: dict[str, int]
+    timeline: list[tuple[int, int, str]] = field(default_factory=list)  # (op, bytes, phase)
+
+
+class _TimelineTracker(MemTracker):
+    """MemTracker that also writes down the total after every operator: the step's timeline."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.phase = "setup"
+        self.timeline: list[tuple[int, int, str]] = []
+
+    def current_bytes(self) -> int:
+        return int(self._curr_mem_snap.get(self.device, {}).get(TOTAL_KEY, 0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = super().__torch_dispatch__(func, types, args, kwargs)
+        self.timeline.append((len(self.timeline), self.current_bytes(), self.phase))
+        return result
+
+
+class TensorTracker:
+    """Track one training step phase by phase: `with tracker.phase("forward"): ...`."""
+
+    def __init__(self, device: torch.device, *tracked: Any) -> None:
+        self._tracker = _TimelineTracker(device)
+        self._tracker.track_external(*tracked)
+        self._phase_peaks: dict[str, int] = {}
+
+    def __enter__(self) -> TensorTracker:
+        self._tracker.__enter__()
+        self._phase_peaks["after_setup"] = self._tracker.current_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tracker.__exit__(*exc)
+
+    def set_phase(self, name: str) -> None:
+        self._tracker.phase = name
+
+    def result(self) -> TrackedStep:
+        tracker = self._tracker
+        peak_snapshot = tracker.get_tracker_snapshot("peak").get(tracker.device, {})
+        breakdown: dict[str, int] = {}
+        for category, field_name in CATEGORY_FIELDS.items():
+            breakdown[field_name] = breakdown.get(field_name, 0) + int(
+                peak_snapshot.get(category, 0)
+            )
+        phase_bytes = dict(self._phase_peaks)
+        for op_bytes_phase in tracker.timeline:
+            _, allocated, phase = op_bytes_phase
+            key = f"{phase}_peak"
+            phase_bytes[key] = max(phase_bytes.get(key, 0), allocated)
+        phase_bytes["after_step"] = tracker.current_bytes()
+        return TrackedStep(
+            peak_bytes=int(peak_snapshot.get(TOTAL_KEY, 0)),
+            breakdown=breakdown,
+            phase_bytes=phase_bytes,
+            timeline=list(tracker.timeline),
+        )

@@ -1,0 +1,135 @@
+"""The transformer under study, and the one place a CheckpointPlan is executed.
+
+The layer is the seed's: a pre-LayerNorm attention sub-block (bias-free QKV projection, the
+explicit softmax(QKᵀ/√d)·V that materialises the seq×seq scores, output projection, residual)
+and a pre-LayerNorm FFN sub-block (hidden→ffn, GELU, ffn→hidden, residual). `attention: sdpa`
+swaps the explicit core for torch's fused scaled_dot_product_attention. There is no causal
+mask and no dropout, as in the seed: neither changes which tensors dominate memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memexp.config import ModelConfig
+from memexp.plan import CheckpointPlan, Part
+
+ContextFactory = Callable[[], Any]
+
+
+def run_checkpointed(
+    fn: Callable[..., torch.Tensor], *args: Any, context_fn: ContextFactory | None = None
+) -> torch.Tensor:
+    """Non-reentrant checkpoint with the RNG state preserved, so recomputation is bit-identical."""
+    if context_fn is None:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn
+    )
+
+
+def naive_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def fused_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+ATTENTION_CORES = {"naive": naive_attention_core, "sdpa": fused_attention_core}
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, kind: str) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.out = nn.Linear(hidden, hidden)
+        self.core = ATTENTION_CORES[kind]
+
+    def forward(self, x: torch.Tensor, recompute_core: bool = False) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, seq, 3, self.heads, hidden // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        context = run_checkpointed(self.core, q, k, v) if recompute_core else self.core(q, k, v)
+        context = context.transpose(1, 2).reshape(batch, seq, hidden)
+        return x + self.out(context)
+
+
+class FeedForwardBlock(nn.Module):
+    def __init__(self, hidden: int, ffn_hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, ffn_hidden)
+        self.down = nn.Linear(ffn_hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = AttentionBlock(cfg.hidden, cfg.heads, cfg.attention)
+        self.ffn = FeedForwardBlock(cfg.hidden, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, parts: frozenset[Part] = frozenset()) -> torch.Tensor:
+        if Part.ATTENTION in parts:
+            x = run_checkpointed(self.attention, x)
+        else:
+            x = self.attention(x, recompute_core=Part.ATTENTION_CORE in parts)
+        return run_checkpointed(self.ffn, x) if Part.FFN in parts else self.ffn(x)
+
+
+class Transformer(nn.Module):
+    """Token + learned position embeddings, L layers, final LayerNorm, untied vocabulary head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.hidden)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.plan = CheckpointPlan.nothing(cfg.layers)
+        self.context_fn: ContextFactory | None = None
+
+    def apply_plan(self, plan: CheckpointPlan, context_fn: ContextFactory | None = None) -> None:
+        """Execute `plan` from the next forward on; `context_fn` serves op-level policies."""
+        if plan.num_layers != self.cfg.layers:
+            raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
+        self.plan = plan
+        self.context_fn = context_fn
+
+    def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for index in range(start, end):
+            x = self.layers[index](x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        index = 0
+        while index < self.cfg.layers:
+            segment = self.plan.segment_starting_at(index)
+            if segment is not None:
+                x = run_checkpointed(self._run_layers, x, *segment, context_fn=self.context_fn)
+                index = segment[1]
+            else:
+                x = self.layers[index](x, self.plan.parts_of(index))
+                index += 1
+        return self.head(self.norm(x))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

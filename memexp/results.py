@@ -1,0 +1,154 @@
+"""The per-job record (`result.json`): one flat schema, written atomically, read back by everything else.
+
+Every figure carries its unit in its name (`_bytes`, `_ms`, `_flops`, `_pct`) and every group of
+figures says where it came from (`memory_source`, `flops_source`, `saved_source`), so a reader
+never has to guess whether a number was measured, tracked, faked or derived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+
+# Job outcomes. Only `error` makes a sweep exit non-zero: the others are answers, not failures.
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_OOM = "oom"
+STATUS_INFEASIBLE = "infeasible"
+STATUS_NOT_APPLICABLE = "not_applicable"
+STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_OOM, STATUS_INFEASIBLE, STATUS_NOT_APPLICABLE)
+
+# Where memory figures come from.
+SOURCE_CUDA_ALLOCATOR = "cuda_allocator"
+SOURCE_TENSOR_TRACKER = "tensor_tracker"
+SOURCE_FAKE_TENSORS = "fake_tensors"
+
+
+@dataclass
+class RunResult:
+    """One job. Fields left `None` were not measured (a failed job, or a figure the device lacks)."""
+
+    # --- identity -------------------------------------------------------------------------
+    status: str
+    message: str | None = None
+    error_type: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    sweep_dir: str | None = None
+    job_dir: str | None = None
+    job_num: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    model: str | None = None
+    strategy: str | None = None
+    attention: str | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    precision: str | None = None
+    optimizer: str | None = None
+    seed: int | None = None
+    param_count: int | None = None
+
+    # --- the checkpoint plan ----------------------------------------------------------------
+    plan: dict[str, Any] | None = None
+    plan_summary: str | None = None
+
+    # --- memory of one tracked training step ------------------------------------------------
+    memory_source: str | None = None  # cuda_allocator | tensor_tracker | fake_tensors
+    peak_bytes: int | None = None  # peak allocated over the whole step
+    peak_reserved_bytes: int | None = None  # CUDA caching allocator only
+    params_bytes: int | None = None  # breakdown at the moment of the peak
+    grads_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    activations_bytes: int | None = None
+    temporaries_bytes: int | None = None
+    other_bytes: int | None = None
+    # allocated bytes at phase boundaries: after_setup, forward_peak, backward_peak, after_step
+    phase_bytes: dict[str, int] | None = None
+    timeline_file: str | None = None  # memory over the step, next to result.json
+
+    # --- device-independent figures ---------------------------------------------------------
+    saved_activation_bytes: int | None = None  # bytes autograd keeps for backward (no params)
+    saved_source: str | None = None
+    flops_step: int | None = None  # one training step, recomputation included
+    flops_step_no_checkpoint: int | None = None  # the same step without any checkpointing
+    flops_recompute: int | None = None
+    recompute_flops_pct: float | None = None
+    flops_source: str | None = None
+    loss_first_step: float | None = None
+
+    # --- time (median/min/max over `time_repeats` steps after `time_warmup`) ---------------
+    time_source: str | None = None
+    time_warmup: int | None = None
+    time_repeats: int | None = None
+    forward_ms_median: float | None = None
+    forward_ms_min: float | None = None
+    forward_ms_max: float | None = None
+    backward_ms_median: float | None = None
+    backward_ms_min: float | None = None
+    backward_ms_max: float | None = None
+    optimizer_ms_median: float | None = None
+    optimizer_ms_min: float | None = None
+    optimizer_ms_max: float | None = None
+    step_ms_median: float | None = None
+    step_ms_min: float | None = None
+    step_ms_max: float | None = None
+    tokens_per_s_median: float | None = None
+
+    # --- strategy-specific extras (e.g. the adaptive planner's budget and prediction) -------
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- provenance -------------------------------------------------------------------------
+    environment: dict[str, Any] = field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """Read a record, keeping unknown keys in `extra` so newer records still load."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        result = cls(**kwargs)
+        result.extra.update(unknown)
+        return result
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a reader sees all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result(job_dir: Path, result: RunResult) -> Path:
+    path = Path(job_dir) / RESULT_FILE
+    write_json_atomic(path, result.to_dict())
+    return path
+
+
+def read_result(path: Path) -> RunResult:
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT_FILE
+    return RunResult.from_dict(json.loads(path.read_text()))

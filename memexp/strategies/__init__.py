@@ -1,0 +1,20 @@
+"""The strategy registry: one module per strategy, each exporting `STRATEGY`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from memexp.strategies import full, none, sqrt
+from memexp.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from memexp.config import ExperimentSpec
+    from memexp.plan import CheckpointPlan
+
+STRATEGIES: dict[str, Strategy] = {
+    module.STRATEGY.name: module.STRATEGY for module in (none, full, sqrt)
+}
+
+
+def make_plan(spec: ExperimentSpec) -> CheckpointPlan:
+    return STRATEGIES[spec.strategy.name].make_plan(spec.strategy, spec)

@@ -1,0 +1,240 @@
+"""Mirror a sweep's results into Weights & Biases: one W&B run per job, one more per sweep.
+
+W&B is a copy of the local results, never their keeper: every W&B failure (missing package,
+no network, bad key, anything) becomes one warning line and the sweep carries on.
+
+Where settings come from: W&B's own environment variables win over the `logger` config, so a
+shell or CI setting applies unchanged (`WANDB_MODE=online memexp ...`):
+WANDB_MODE > logger.mode, WANDB_PROJECT > logger.project, WANDB_ENTITY > logger.entity,
+WANDB_DIR > logger.dir > the sweep folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memexp.results import STATUS_ERROR, RunResult
+
+if TYPE_CHECKING:
+    import wandb
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "memexp"
+JOB_TYPE_MEASURE = "measure"
+JOB_TYPE_AGGREGATE = "aggregate"
+TIMELINE_FILE = "timeline.json"
+MIB = 2**20
+
+# Each job logs these once as a history row: W&B line plots only take logged numbers as their
+# x axis (not config values), so this row is what lets a report draw figures against seq_len.
+SEQ_LEN_KEY = "seq_len"
+PEAK_MIB_KEY = "peak_mib"
+STEP_MS_KEY = "step_ms_median"
+HEADLINE_KEYS = (SEQ_LEN_KEY, PEAK_MIB_KEY, STEP_MS_KEY)
+
+TIMELINE_KEY = "memory_timeline"
+RESULTS_TABLE_KEY = "results"
+# wandb.Image reads rasters only; vector copies of the same plots (pdf, svg) stay local.
+RASTER_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp"})
+
+_ENV_OVERRIDES = {
+    "mode": "WANDB_MODE",
+    "project": "WANDB_PROJECT",
+    "entity": "WANDB_ENTITY",
+    "dir": "WANDB_DIR",
+}
+_CONFIG_DEFAULTS = {"mode": "offline", "project": DEFAULT_PROJECT, "entity": None, "dir": None}
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep folder: `multirun/2024-05-01/12-00-00` -> `2024-05-01_12-00-00`.
+
+    Readable, and derived from the folder alone, so the report CLI finds the group the jobs
+    logged to.
+    """
+    path = Path(sweep_dir).resolve()
+    return f"{path.parent.name}_{path.name}"
+
+
+def log_job(
+    logger_cfg: Mapping[str, Any],
+    resolved_config: dict[str, Any],
+    result: RunResult,
+    job_dir: Path,
+    sweep_id: str,
+    run_name: str,
+) -> None:
+    """Log one job as its own W&B run: config, flat figures as summary, memory timeline as a chart.
+
+    Only `error` marks the run failed; oom/infeasible/not_applicable are answers, not failures.
+    """
+    job_dir = Path(job_dir)
+
+    def write(run: wandb.Run) -> int:
+        summary = _job_summary(result)
+        row = _headline_row(summary)
+        timeline = job_dir / (result.timeline_file or TIMELINE_FILE)
+        if timeline.is_file():
+            row[TIMELINE_KEY] = _timeline_chart(timeline)
+        if row:
+            run.log(row)
+        run.summary.update(summary)
+        return 1 if result.status == STATUS_ERROR else 0
+
+    _log_run(
+        logger_cfg,
+        Path(result.sweep_dir) if result.sweep_dir else job_dir,
+        write,
+        group=sweep_id,
+        job_type=JOB_TYPE_MEASURE,
+        name=run_name,
+        tags=_tags(logger_cfg, result.model, result.strategy),
+        config=resolved_config,
+    )
+
+
+def log_aggregate(
+    logger_cfg: Mapping[str, Any],
+    sweep_dir: Path,
+    sweep_id: str,
+    table_csv: Path,
+    plot_paths: list[Path],
+) -> None:
+    """Log the sweep's results table and plots as one more run in the sweep's group."""
+    sweep_dir = Path(sweep_dir)
+
+    def write(run: wandb.Run) -> int:
+        import wandb
+
+        images = {
+            f"plots/{path.stem}": wandb.Image(str(path))
+            for path in map(Path, plot_paths)
+            if path.suffix.lower() in RASTER_SUFFIXES
+        }
+        run.log({RESULTS_TABLE_KEY: _csv_table(Path(table_csv)), **images})
+        return 0
+
+    _log_run(
+        logger_cfg,
+        sweep_dir,
+        write,
+        group=sweep_id,
+        job_type=JOB_TYPE_AGGREGATE,
+        name=f"{sweep_id} aggregate",
+        tags=_tags(logger_cfg),
+        config={"sweep_dir": str(sweep_dir)},
+    )
+
+
+def _job_summary(result: RunResult) -> dict[str, Any]:
+    """The flat RunResult fields plus a MiB twin of every byte count (`peak_bytes` -> `peak_mib`).
+
+    Unmeasured (None) fields are left out: W&B shows a missing value, not a misleading null.
+    """
+    summary = {key: value for key, value in result.to_dict().items() if value is not None}
+    for key, value in list(summary.items()):
+        if key.endswith("_bytes"):
+            summary[key.removesuffix("_bytes") + "_mib"] = _to_mib(value)
+    return summary
+
+
+def _headline_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """seq_len with whichever headline figures were measured; nothing when none were."""
+    row = {key: summary[key] for key in HEADLINE_KEYS if key in summary}
+    return row if SEQ_LEN_KEY in row and len(row) > 1 else {}
+
+
+def _to_mib(value: int | dict[str, int]) -> float | dict[str, float]:
+    if isinstance(value, dict):
+        return {key: round(count / MIB, 3) for key, count in value.items()}
+    return round(value / MIB, 3)
+
+
+def _timeline_chart(path: Path) -> Any:
+    """The step's memory timeline as a table plus a line chart coloured by phase.
+
+    One table instead of one history row per event: a step has thousands of events and
+    logging each costs W&B most of a millisecond.
+    """
+    import wandb
+
+    events = json.loads(path.read_text())["events"]
+    table = wandb.Table(
+        columns=["op_index", "allocated_mib", "phase"],
+        data=[[op, round(allocated / MIB, 3), phase] for op, allocated, phase in events],
+    )
+    return wandb.plot.line(
+        table, "op_index", "allocated_mib", stroke="phase", title="Allocated memory over one step"
+    )
+
+
+def _csv_table(path: Path) -> Any:
+    import pandas as pd
+    import wandb
+
+    return wandb.Table(dataframe=pd.read_csv(path), allow_mixed_types=True)
+
+
+def _tags(logger_cfg: Mapping[str, Any], *names: str | None) -> list[str]:
+    configured = [str(tag) for tag in logger_cfg.get("tags") or ()]
+    return list(dict.fromkeys([name for name in names if name] + configured))
+
+
+def _setting(logger_cfg: Mapping[str, Any], key: str) -> Any:
+    """A W&B setting: the environment variable if set, else the logger config, else the default."""
+    return os.environ.get(_ENV_OVERRIDES[key]) or logger_cfg.get(key, _CONFIG_DEFAULTS[key])
+
+
+def _log_run(
+    logger_cfg: Mapping[str, Any],
+    default_dir: Path,
+    write: Callable[[wandb.Run], int],
+    **init_kwargs: Any,
+) -> None:
+    """Open one W&B run, let `write` fill it and return its exit code, finish it, shut W&B down.
+
+    Does nothing unless `logger.name` is `wandb` (`none` turns logging off). Shutting down after
+    every run leaves no W&B service process competing for the CPU while the next job is timed.
+    Anything W&B raises becomes one warning line.
+    """
+    if logger_cfg.get("name") != "wandb":
+        return
+    what = f"{init_kwargs['job_type']} run {init_kwargs['name']!r}"
+    try:
+        import wandb
+
+        try:
+            wandb_dir = Path(_setting(logger_cfg, "dir") or default_dir)
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(
+                project=_setting(logger_cfg, "project"),
+                entity=_setting(logger_cfg, "entity"),
+                mode=_setting(logger_cfg, "mode"),
+                dir=str(wandb_dir),
+                reinit="create_new",
+                settings=wandb.Settings(silent=True, console="off"),
+                **init_kwargs,
+            )
+            exit_code = 1
+            try:
+                exit_code = write(run)
+            finally:
+                run.finish(exit_code=exit_code)
+            if run.settings.mode == "offline":
+                LOG.info("W&B %s saved offline: wandb sync %s", what, run.settings.sync_dir)
+        finally:
+            wandb.teardown()
+    except Exception as exc:
+        reason = next(iter(str(exc).strip().splitlines()), "")
+        LOG.warning(
+            "W&B logging skipped for %s (local results are kept): %s: %s",
+            what,
+            type(exc).__name__,
+            reason,
+        )
