@@ -8,11 +8,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from memexp.callbacks import OUTCOME
 from memexp.config import register_configs
 from memexp.runner import run_job
+from memexp.wandb_sink import log_job, sweep_group
 
 register_configs()
 
@@ -26,7 +27,17 @@ def main(cfg: DictConfig) -> None:
         "job_num": int(hydra_cfg.job.num) if multirun else None,
         "overrides": list(hydra_cfg.overrides.task),
     }
-    run_job(cfg, Path(hydra_cfg.runtime.output_dir), identity)
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    result = run_job(cfg, job_dir, identity)
+    group_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
+    log_job(
+        cfg.logger,
+        OmegaConf.to_container(cfg, resolve=True),
+        result,
+        job_dir,
+        sweep_id=sweep_group(group_dir),
+        run_name=" ".join(identity["overrides"]) or "defaults",
+    )
 
 
 def cli() -> None:
