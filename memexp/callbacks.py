@@ -12,7 +12,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from memexp.aggregate import RESULTS_CSV, aggregate_sweep
 from memexp.results import RESULT_FILE, STATUS_ERROR, RunResult, read_result
+from memexp.wandb_sink import log_aggregate, sweep_group
 
 MIB = 2**20
 # Set by the callback, read by `memexp.__main__.cli` to choose the process exit code.
@@ -32,7 +34,11 @@ def _job_order(name: str) -> tuple[int, str]:
 
 
 def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / MIB:,.1f}"
+    """MiB with one decimal, or three below 10 MiB so tiny models don't all read 0.0."""
+    if value is None:
+        return "-"
+    mib = value / MIB
+    return f"{mib:,.1f}" if mib >= 10 else f"{mib:.3f}"
 
 
 def _ms(value: float | None) -> str:
@@ -88,10 +94,27 @@ def report(results: list[RunResult], where: Path) -> None:
     print(format_table(results), flush=True)
 
 
+def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
+    """results.csv, plots and summary.md for the sweep, mirrored to W&B; problems become notes."""
+    try:
+        output = aggregate_sweep(sweep_dir)
+    except Exception as error:  # the jobs' records are safe on disk; say why and move on
+        print(f"[memexp] aggregation failed ({type(error).__name__}: {error}); records are intact")
+        return
+    for note in output.notes:
+        print(f"[memexp] note: {note}")
+    print(
+        f"[memexp] wrote {len(output.written)} file(s): results.csv, summary.md, plots/ in {sweep_dir}"
+    )
+    plots = [path for path in output.written if path.suffix == ".png"]
+    log_aggregate(config.logger, sweep_dir, sweep_group(sweep_dir), sweep_dir / RESULTS_CSV, plots)
+
+
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         report(collect_results(sweep_dir), sweep_dir)
+        aggregate_and_log(config, sweep_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)

@@ -1,0 +1,211 @@
+"""The sweep table: hand-made records in, exact baseline-relative numbers and honest notes out."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from memexp import aggregate
+from memexp.aggregate import aggregate_sweep, load_results
+from memexp.results import RunResult, write_result
+
+WORKLOAD = {
+    "model": "small",
+    "seq_len": 256,
+    "batch_size": 4,
+    "device": "cpu",
+    "precision": "fp32",
+    "attention": "naive",
+    "memory_source": "tensor_tracker",
+}
+
+
+def write_job(sweep: Path, num: int, strategy: str, status: str = "ok", **fields: Any) -> Path:
+    """One `<sweep>/<num>/result.json` with the shared workload unless a field overrides it."""
+    record = {**WORKLOAD, **fields}
+    record.setdefault("overrides", [f"strategy={strategy}"])
+    result = RunResult(status=status, job_num=num, strategy=strategy, **record)
+    return write_result(sweep / str(num), result)
+
+
+def row(frame: pd.DataFrame, strategy: str, **where: Any) -> pd.Series:
+    rows = frame[frame.strategy.eq(strategy)]
+    for key, value in where.items():
+        rows = rows[rows[key].eq(value)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Path:
+    """A baseline and a full-checkpoint job of one workload with round numbers."""
+    write_job(
+        tmp_path, 0, "none", peak_bytes=1000, activations_bytes=500, saved_activation_bytes=400,
+        step_ms_median=100.0, step_ms_min=90.0, step_ms_max=110.0, recompute_flops_pct=0.0,
+    )  # fmt: skip
+    write_job(
+        tmp_path, 1, "full", peak_bytes=600, activations_bytes=100, saved_activation_bytes=100,
+        step_ms_median=125.0, step_ms_min=120.0, step_ms_max=130.0, recompute_flops_pct=33.0,
+    )  # fmt: skip
+    return tmp_path
+
+
+def test_relative_columns_equal_hand_computed_values(pair: Path) -> None:
+    full = row(load_results([pair]), "full")
+    assert full.peak_saved_pct == 40.0  # 100 * (1000 - 600) / 1000
+    assert full.activation_saved_pct == 80.0  # 100 * (500 - 100) / 500
+    assert full.saved_activation_saved_pct == 75.0  # 100 * (400 - 100) / 400
+    assert full.time_overhead_pct == 25.0  # 100 * (125 - 100) / 100
+    assert full.efficiency == 1.6  # 40 % saved / 25 % slower
+    assert full.recompute_flops_pct == 33.0
+    assert full.baseline_job_num == 0
+    assert full.peak_mib == 600 / 2**20
+
+
+def test_baseline_row_is_zero_and_its_efficiency_undefined(pair: Path) -> None:
+    none = row(load_results([pair]), "none")
+    assert none.peak_saved_pct == 0.0
+    assert none.time_overhead_pct == 0.0
+    assert math.isnan(none.efficiency)
+
+
+def test_efficiency_is_nan_when_a_strategy_is_not_slower(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "none", peak_bytes=1000, step_ms_median=100.0)
+    write_job(tmp_path, 1, "sqrt", peak_bytes=800, step_ms_median=90.0)
+    sqrt = row(load_results([tmp_path]), "sqrt")
+    assert sqrt.time_overhead_pct == -10.0
+    assert sqrt.peak_saved_pct == 20.0
+    assert math.isnan(sqrt.efficiency)
+
+
+def test_each_group_is_compared_with_its_own_baseline(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "none", peak_bytes=1000, step_ms_median=10.0)
+    write_job(tmp_path, 1, "none", seq_len=512, peak_bytes=4000, step_ms_median=20.0)
+    write_job(tmp_path, 2, "full", peak_bytes=500, step_ms_median=15.0)
+    write_job(tmp_path, 3, "full", seq_len=512, peak_bytes=1000, step_ms_median=30.0)
+    frame = load_results([tmp_path])
+    columns = ["baseline_job_num", "peak_saved_pct", "time_overhead_pct"]
+    assert list(row(frame, "full", seq_len=256)[columns]) == [0, 50.0, 50.0]
+    assert list(row(frame, "full", seq_len=512)[columns]) == [1, 75.0, 50.0]
+
+
+def test_missing_baseline_gives_nan_and_a_note(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "full", peak_bytes=600, step_ms_median=125.0)
+    frame = load_results([tmp_path])
+    full = row(frame, "full")
+    assert all(math.isnan(full[c]) for c in aggregate.RELATIVE_COLUMNS)
+    assert aggregate.data_notes(frame) == [
+        "no baseline for small 256\u00d74 (no strategy=none job ran): its relative columns are empty"
+    ]
+
+
+def test_failed_jobs_stay_as_rows_and_are_named_in_the_notes(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "none", status="oom", message="CUDA out of memory.\nTraceback ...")
+    write_job(tmp_path, 1, "full", peak_bytes=600, step_ms_median=125.0)
+    frame = load_results([tmp_path])
+    assert list(frame.status) == ["oom", "ok"]
+    assert math.isnan(row(frame, "none").peak_saved_pct)
+    assert aggregate.failure_notes(frame) == [
+        "job 0 (small 256\u00d74, none): oom \u2014 CUDA out of memory."
+    ]
+    assert "the none job ended oom" in aggregate.baseline_notes(frame)[0]
+
+
+def test_nested_fields_are_flattened_into_prefixed_columns(tmp_path: Path) -> None:
+    write_job(
+        tmp_path, 0, "full", peak_bytes=2**20,
+        overrides=["strategy=full", "strategy.granularity=sublayer"],
+        plan={"checkpointed": [0, 1], "segments": 2}, environment={"torch": "2.6.0"},
+        extra={"budget_bytes": 5}, phase_bytes={"forward_peak": 3 * 2**20},
+    )  # fmt: skip
+    job = load_results([tmp_path]).iloc[0]
+    assert (job.plan_checkpointed, job.plan_segments) == ("[0, 1]", 2)
+    assert (job.env_torch, job.extra_budget_bytes) == ("2.6.0", 5)
+    assert (job.phase_forward_peak_bytes, job.phase_forward_peak_mib) == (3 * 2**20, 3.0)
+    assert job.overrides == "strategy=full strategy.granularity=sublayer"
+    assert (job.strategy_label, job.config, job.workload) == (
+        "full granularity=sublayer",
+        "small 256\u00d74",
+        "256\u00d74",
+    )
+
+
+def test_config_label_names_workload_keys_that_vary(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "none", precision="fp32")
+    write_job(tmp_path, 1, "none", precision="bf16")
+    configs = set(load_results([tmp_path]).config)
+    assert configs == {"small 256\u00d74 fp32", "small 256\u00d74 bf16"}
+
+
+def test_pareto_marks_the_strategies_no_other_beats_in_both(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "none", peak_bytes=1000, step_ms_median=100.0)
+    write_job(tmp_path, 1, "full", peak_bytes=500, step_ms_median=130.0)
+    write_job(tmp_path, 2, "sqrt", peak_bytes=600, step_ms_median=140.0)  # beaten by full
+    optimal = load_results([tmp_path]).set_index("strategy").pareto_optimal
+    assert optimal.to_dict() == {"none": True, "full": True, "sqrt": False}
+
+
+def test_aggregate_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
+    output = aggregate_sweep(pair)
+    assert (pair / "results.csv") in output.written and (pair / "summary.md") in output.written
+    assert (pair / "plots" / "comparison.png") in output.written
+    assert all(path.is_file() for path in output.written)
+    table = pd.read_csv(pair / "results.csv")
+    assert table.set_index("strategy").peak_saved_pct.to_dict() == {"none": 0.0, "full": 40.0}
+    assert "scaling vs seq_len skipped: only one sequence length in the sweep" in output.notes
+
+
+def test_aggregate_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path) -> None:
+    write_job(tmp_path, 0, "full", peak_bytes=600)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "result.json").write_text("{not json")
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)
+    (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- strategy=sqrt\n")
+    output = aggregate_sweep(tmp_path)
+    assert len(output.frame) == 1
+    notes = "\n".join(output.notes)
+    assert f"could not read {tmp_path / '1' / 'result.json'}: JSONDecodeError" in notes
+    assert "job folder 2 has no result.json" in notes and "overrides: strategy=sqrt" in notes
+    assert (tmp_path / "summary.md").is_file()
+
+
+def test_aggregate_sweep_of_an_empty_folder_says_so(tmp_path: Path) -> None:
+    output = aggregate_sweep(tmp_path)
+    assert output.frame.empty
+    assert "no result.json found" in output.notes
+    assert "No job wrote a result." in (tmp_path / "summary.md").read_text()
+
+
+@pytest.fixture
+def two_sweeps(tmp_path: Path) -> Path:
+    for name in ("sweep_a", "sweep_b"):
+        write_job(tmp_path / name, 0, "none", peak_bytes=1000, step_ms_median=100.0)
+        write_job(tmp_path / name, 1, "full", peak_bytes=600, step_ms_median=125.0)
+    return tmp_path
+
+
+def test_cli_on_a_parent_folder_aggregates_every_sweep(two_sweeps: Path, capsys) -> None:
+    out = two_sweeps / "all.csv"
+    assert aggregate.main([str(two_sweeps), "--out", str(out)]) == 0
+    for name in ("sweep_a", "sweep_b"):
+        assert (two_sweeps / name / "summary.md").is_file()
+        assert (two_sweeps / name / "results.csv").is_file()
+    combined = pd.read_csv(out)
+    assert len(combined) == 4
+    assert sorted(combined.sweep.map(lambda s: Path(s).name).unique()) == ["sweep_a", "sweep_b"]
+    assert "2 jobs (2 ok)" in capsys.readouterr().out
+
+
+def test_cli_expands_a_quoted_glob(two_sweeps: Path) -> None:
+    assert aggregate.main([str(two_sweeps / "*_b")]) == 0
+    assert (two_sweeps / "sweep_b" / "summary.md").is_file()
+    assert not (two_sweeps / "sweep_a" / "summary.md").exists()
+
+
+def test_cli_fails_when_nothing_is_found(tmp_path: Path, capsys) -> None:
+    assert aggregate.main([str(tmp_path)]) == 1
+    assert "no result.json" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Each figure is drawn when the sweep's data supports it and skipped with a reason when not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib as mpl
+import pandas as pd
+import pytest
+from PIL import Image
+
+from memexp import plots
+from memexp.aggregate import load_results
+from memexp.results import RunResult, write_json_atomic, write_result
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STRATEGIES = {"none": 1.0, "full": 0.4, "sqrt": 0.6}  # activation memory kept, vs none
+
+
+def write_job(sweep: Path, num: int, model: str, seq_len: int, batch: int, strategy: str) -> None:
+    """A plausible ok job with a breakdown, step times and a three-phase timeline."""
+    activations = seq_len * batch * 1000 * STRATEGIES[strategy]
+    params = 50_000 if model == "tiny" else 200_000
+    step = seq_len * batch * (2 - STRATEGIES[strategy]) / 100
+    job_dir = sweep / str(num)
+    events = [[0, params, "forward"], [1, params + int(activations), "forward"]]
+    events += [[2, params + int(activations / 2), "backward"], [3, 2 * params, "optimizer"]]
+    write_json_atomic(
+        job_dir / "timeline.json", {"source": "tensor_tracker", "unit": "bytes", "events": events}
+    )
+    result = RunResult(
+        status="ok", job_num=num, model=model, strategy=strategy, seq_len=seq_len,
+        batch_size=batch, device="cpu", precision="fp32", attention="naive",
+        param_count=params // 4, memory_source="tensor_tracker",
+        peak_bytes=4 * params + int(activations), params_bytes=params, grads_bytes=params,
+        optimizer_state_bytes=2 * params, activations_bytes=int(activations),
+        step_ms_median=step, step_ms_min=0.9 * step, step_ms_max=1.1 * step,
+        time_repeats=3, timeline_file="timeline.json",
+    )  # fmt: skip
+    write_result(job_dir, result)
+
+
+@pytest.fixture(scope="module")
+def frame(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """tiny at 2 sequence lengths and 2 batch sizes, small at one, 3 strategies each, one OOM."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    workloads = [("tiny", 256, 4), ("tiny", 512, 4), ("tiny", 256, 8), ("small", 256, 4)]
+    jobs = [(w, s) for w in workloads for s in STRATEGIES]
+    for num, ((model, seq_len, batch), strategy) in enumerate(jobs):
+        write_job(sweep, num, model, seq_len, batch, strategy)
+    write_result(
+        sweep / str(len(jobs)),
+        RunResult(status="oom", job_num=len(jobs), model="small", strategy="none", seq_len=1024,
+                  batch_size=4, device="cpu", precision="fp32", attention="naive"),
+    )  # fmt: skip
+    return load_results([sweep])
+
+
+def one_workload(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame.config.eq("tiny 256\u00d74")]
+
+
+FIGURES = {
+    "comparison.png": "Strategies compared",
+    "scaling_seq_len.png": "Scaling with sequence length",
+    "scaling_batch_size.png": "Scaling with batch size",
+    "tradeoff.png": "Memory\u2013time trade-off",
+    "breakdown.png": "Where the memory goes at the peak",
+    "timeline.png": "Memory over one training step",
+}
+
+
+@pytest.fixture(scope="module")
+def drawn(frame: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> list[plots.PlotOutcome]:
+    """Every figure drawn once (drawing is the slow part), for the tests below to inspect."""
+    return plots.draw_all(frame, tmp_path_factory.mktemp("out") / "plots")
+
+
+def test_every_figure_is_written_when_its_data_exists(drawn: list[plots.PlotOutcome]) -> None:
+    assert {o.path.name: o.title for o in drawn if o.path} == FIGURES
+    assert [o.note for o in drawn] == [None] * len(FIGURES)
+    assert all(o.path.read_bytes().startswith(PNG_SIGNATURE) for o in drawn)
+
+
+def test_figures_are_readable_sizes(drawn: list[plots.PlotOutcome]) -> None:
+    for outcome in drawn:
+        with Image.open(outcome.path) as image:
+            width, height = image.size
+        assert 600 <= width <= 4000 and 400 <= height <= 4000, outcome.path.name
+
+
+@pytest.mark.parametrize(
+    ("draw", "note"),
+    [
+        (
+            lambda f, d: plots.plot_scaling(f, d, "seq_len"),
+            "scaling vs seq_len skipped: only one sequence length in the sweep",
+        ),
+        (
+            lambda f, d: plots.plot_scaling(f, d, "batch_size"),
+            "scaling vs batch_size skipped: only one batch size in the sweep",
+        ),
+    ],
+)
+def test_scaling_is_skipped_for_a_single_value(
+    frame: pd.DataFrame, tmp_path: Path, draw, note: str
+) -> None:
+    outcome = draw(one_workload(frame), tmp_path)
+    assert (outcome.path, outcome.note) == (None, note)
+    assert not list(tmp_path.iterdir())
+
+
+def test_scaling_is_skipped_when_no_model_has_two_values(frame: pd.DataFrame, tmp_path: Path):
+    mixed = frame[frame.config.isin(["tiny 256\u00d74", "small 256\u00d74"])].copy()
+    mixed.loc[mixed.model.eq("small"), "seq_len"] = 512
+    outcome = plots.plot_scaling(mixed, tmp_path, "seq_len")
+    assert (
+        outcome.note == "scaling vs seq_len skipped: no model ran at two values of sequence length"
+    )
+
+
+def test_tradeoff_needs_two_strategies_in_a_config(frame: pd.DataFrame, tmp_path: Path) -> None:
+    outcome = plots.plot_tradeoff(frame[frame.strategy.eq("full")], tmp_path)
+    assert outcome.path is None
+    assert outcome.note.startswith("trade-off skipped: no config has two strategies")
+
+
+def test_breakdown_is_skipped_without_parts_of_the_peak(frame: pd.DataFrame, tmp_path: Path):
+    parts = ["params_mib", "grads_mib", "optimizer_state_mib", "activations_mib"]
+    outcome = plots.plot_breakdown(frame.assign(**{c: float("nan") for c in parts}), tmp_path)
+    assert outcome.note == "memory breakdown skipped: no ok job recorded parts of its peak"
+
+
+def test_timeline_is_skipped_without_timeline_files(frame: pd.DataFrame, tmp_path: Path):
+    outcome = plots.plot_timeline(frame.assign(timeline_file=None), tmp_path)
+    assert outcome.note == "memory over one step skipped: no ok job wrote timeline.json"
+
+
+def test_unreadable_timeline_is_reported_beside_the_figure(frame: pd.DataFrame, tmp_path: Path):
+    broken = one_workload(frame).copy()
+    broken.loc[broken.index[0], "timeline_file"] = "missing.json"
+    outcome = plots.plot_timeline(broken, tmp_path)
+    assert outcome.path is not None
+    assert outcome.note == f"timelines unreadable: job {broken.job_num.iloc[0]}: FileNotFoundError"
+
+
+def test_comparison_is_skipped_when_no_job_finished_ok(frame: pd.DataFrame, tmp_path: Path):
+    outcome = plots.plot_comparison(frame[frame.status.ne("ok")], tmp_path)
+    assert outcome.note == "comparison skipped: no job finished ok with a peak memory"
+
+
+def test_a_failing_figure_becomes_a_note(
+    frame: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(frame: pd.DataFrame, out_dir: Path) -> plots.PlotOutcome:
+        raise ValueError("odd data")
+
+    monkeypatch.setattr(plots, "FIGURES", (("broken figure", broken),))
+    outcomes = plots.draw_all(frame, tmp_path)
+    assert [o.note for o in outcomes] == ["broken figure failed: ValueError: odd data"]
+
+
+def test_drawing_leaves_global_matplotlib_settings_alone(frame: pd.DataFrame, tmp_path: Path):
+    before = dict(mpl.rcParams)
+    plots.plot_breakdown(one_workload(frame), tmp_path)
+    assert dict(mpl.rcParams) == before
