@@ -1,0 +1,172 @@
+"""Shared fixtures: configs composed from the project's own conf/, and one tiny in-process sweep.
+
+Configs come from Hydra's compose API, so a test of a config is a test of what a user gets. The
+sweep runs the command line once per session (its one measured job takes seconds); the runner
+tests and the sweep tests both read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from memexp import callbacks, runner
+from memexp.config import ExperimentSpec, register_configs, validate
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Every test config: the tiny model and no experiment tracker.
+TINY = ("model=tiny", "logger=none")
+# Hydra otherwise installs its own root log handlers in the test process.
+QUIET_HYDRA = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+CONFIG_GROUPS = frozenset(path.name for path in CONF_DIR.iterdir() if path.is_dir())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_thread() -> Iterator[None]:
+    """Tests run tiny ops on shared cores, where intra-op threads mostly wait on each other.
+
+    Every figure a test asserts (bytes, FLOPs, exact gradients) is independent of the count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_config(*overrides: str, hydra_config: bool = False) -> DictConfig:
+    """conf/config.yaml with `overrides`, composed by Hydra's compose API."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@functools.cache
+def _composed_groups(groups: tuple[str, ...]) -> DictConfig:
+    return compose_config(*TINY, *groups)
+
+
+def tiny_config(*overrides: str) -> DictConfig:
+    """The tiny model, no tracker, and `overrides`, as Hydra would compose them, only faster.
+
+    Hydra takes a good part of a second to compose on a busy machine, so each choice of config
+    groups is composed once; value overrides are then parsed by Hydra's override parser and
+    applied the way its config loader applies them (`OmegaConf.update(..., merge=True)`), which
+    type-checks them against the structured schema exactly as composition does.
+    """
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups = tuple(o.input_line for o in parsed if o.key_or_group in CONFIG_GROUPS)
+    cfg = copy.deepcopy(_composed_groups(groups))
+    for override in parsed:
+        if override.key_or_group not in CONFIG_GROUPS:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def compose_cfg() -> Callable[..., DictConfig]:
+    """`compose_cfg(*overrides, hydra_config=False)`: conf/config.yaml as the command line sees it."""
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Callable[..., DictConfig]:
+    """`tiny_cfg(*overrides)`: the tiny model, no tracker, and `overrides`."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> Callable[..., ExperimentSpec]:
+    """`tiny_spec(*overrides)`: the validated tiny config, on a machine without CUDA."""
+
+    def make(*overrides: str) -> ExperimentSpec:
+        return validate(tiny_config(*overrides), cuda_available=False)
+
+    return make
+
+
+def _fail_strategies(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
+    """Make the named strategies' jobs fail at their first measurement; the others run as usual."""
+    real_step_flops = runner.step_flops
+
+    def step_flops(spec: ExperimentSpec, *args: Any, **kwargs: Any) -> int:
+        if spec.strategy.name in failures:
+            raise failures[spec.strategy.name]
+        return real_step_flops(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "step_flops", step_flops)
+
+
+@dataclass
+class SweepRun:
+    exit_code: int
+    stdout: str
+    cwd: Path  # the folder the command was started in
+    failures: dict[str, BaseException]  # strategy → what its job raised
+
+
+def _run_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    cwd: Path,
+    failures: dict[str, BaseException],
+    overrides: tuple[str, ...],
+) -> SweepRun:
+    """`python -m memexp -m <overrides>` in this process, started in `cwd`."""
+    from memexp.__main__ import cli
+
+    _fail_strategies(monkeypatch, failures)
+    # The sweep's tables and plots have their own tests and take seconds to draw.
+    monkeypatch.setattr(callbacks, "aggregate_and_log", lambda config, sweep_dir: None)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["memexp", "-m", *TINY, *QUIET_HYDRA, *overrides])
+    out = io.StringIO()
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+            cli()
+    finally:
+        GlobalHydra.instance().clear()
+    return SweepRun(int(exited.value.code), out.getvalue(), cwd, failures)
+
+
+@pytest.fixture
+def run_sweep(monkeypatch: pytest.MonkeyPatch) -> Callable[..., SweepRun]:
+    """Run a sweep from the command line in this process: `run_sweep(cwd, failures, *overrides)`."""
+
+    def run(cwd: Path, failures: dict[str, BaseException], *overrides: str) -> SweepRun:
+        return _run_cli(monkeypatch, cwd, failures, overrides)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
+    """`-m strategy=none,full,sqrt` on the tiny model: none runs, full crashes, sqrt runs out of memory.
+
+    Started in an empty folder with Hydra's default sweep folder, so the folder layout is the
+    real one.
+    """
+    failures: dict[str, BaseException] = {
+        "full": RuntimeError("simulated failure inside the job"),
+        "sqrt": torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 20 GiB"),
+    }
+    overrides = ("strategy=none,full,sqrt", "measure.repeat=1")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _run_cli(monkeypatch, tmp_path_factory.mktemp("sweep"), failures, overrides)

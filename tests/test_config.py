@@ -1,0 +1,134 @@
+"""Composition of conf/ and every validation error: a bad value fails early, naming itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig
+from omegaconf.errors import ValidationError
+
+from memexp.config import ConfigError, ExperimentSpec, resolve_device, validate
+from memexp.strategies import STRATEGIES
+
+ComposeFn = Callable[..., DictConfig]
+SpecFn = Callable[..., ExperimentSpec]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+STRATEGY_OPTIONS = sorted(path.stem for path in (CONF_DIR / "strategy").glob("*.yaml"))
+
+
+def test_default_composes_to_the_seed_small_workload(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("logger=none")
+    assert (cfg.model.name, cfg.model.hidden, cfg.model.layers) == ("small", 512, 6)
+    assert (cfg.seq.len, cfg.batch.size) == (256, 4)
+    assert cfg.strategy.name == "none"
+
+
+def test_medium_brings_its_own_workload(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("model=medium", "logger=none")
+    assert (cfg.model.name, cfg.model.hidden, cfg.model.layers) == ("medium", 1024, 12)
+    assert (cfg.seq.len, cfg.batch.size) == (512, 2)
+
+
+def test_seq_and_batch_overrides_win_over_the_preset(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("logger=none", "seq.len=1024", "batch.size=8")
+    assert (cfg.seq.len, cfg.batch.size) == (1024, 8)
+    spec = validate(cfg, cuda_available=False)
+    assert (spec.seq_len, spec.batch_size, spec.tokens_per_step) == (1024, 8, 8192)
+
+
+def test_every_strategy_option_is_a_registered_strategy() -> None:
+    assert set(STRATEGY_OPTIONS) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("option", STRATEGY_OPTIONS)
+def test_every_strategy_option_composes_and_validates(option: str, tiny_spec: SpecFn) -> None:
+    spec = tiny_spec(f"strategy={option}")
+    assert spec.strategy.name == option
+    assert isinstance(spec.strategy, STRATEGIES[option].config_class)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.hidden=abc"], "model.hidden"),
+        (["seq.len=long"], "seq.len"),
+        (["batch.size=1.5"], "batch.size"),
+        (["measure.repeat=many"], "measure.repeat"),
+        (["strategy=sqrt", "strategy.segments=two"], "strategy.segments"),
+    ],
+)
+def test_type_errors_fail_at_composition_naming_the_key(
+    compose_cfg: ComposeFn, overrides: list[str], key: str
+) -> None:
+    with pytest.raises(ConfigCompositionException, match=f"override {overrides[-1]}") as error:
+        compose_cfg("model=tiny", "logger=none", *overrides)
+    cause = error.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert cause.full_key == key
+
+
+POSITIVE = ["a positive integer"]
+CHOICE_ERRORS = [
+    # (overrides, field, value, fragments of the allowed text)
+    (["model.heads=5"], "model.heads", 5, ["a divisor of model.hidden=32", "1, 2, 4, 8, 16, 32"]),
+    (["seq.len=129"], "seq.len", 129, ["at most model.max_seq_len=128", "tiny"]),
+    (["model.vocab_size=0"], "model.vocab_size", 0, POSITIVE),
+    (["model.hidden=-32"], "model.hidden", -32, POSITIVE),
+    (["model.layers=0"], "model.layers", 0, POSITIVE),
+    (["model.heads=0"], "model.heads", 0, POSITIVE),
+    (["model.ffn_hidden=0"], "model.ffn_hidden", 0, POSITIVE),
+    (["model.max_seq_len=0"], "model.max_seq_len", 0, POSITIVE),
+    (["seq.len=0"], "seq.len", 0, POSITIVE),
+    (["batch.size=-1"], "batch.size", -1, POSITIVE),
+    (["device.type=tpu"], "device.type", "tpu", ["auto", "cpu", "cuda"]),
+    (["device=cuda"], "device.type", "cuda", ["cpu or auto", "no CUDA device"]),
+    (["precision=fp16"], "precision", "fp16", ["fp32", "bf16"]),
+    (["optimizer.name=lamb"], "optimizer.name", "lamb", ["adam", "adamw", "sgd"]),
+    (["optimizer.lr=0"], "optimizer.lr", 0.0, ["a positive number"]),
+    (["optimizer.lr=-0.1"], "optimizer.lr", -0.1, ["a positive number"]),
+    (["measure.warmup=0"], "measure.warmup", 0, ["at least 1"]),
+    (["measure.repeat=0"], "measure.repeat", 0, POSITIVE),
+    (["model.attention=flash"], "model.attention", "flash", ["naive", "sdpa"]),
+    (["strategy.name=magic"], "strategy.name", "magic", sorted(STRATEGIES)),
+    (
+        ["strategy=full", "strategy.granularity=block"],
+        "strategy.granularity",
+        "block",
+        ["layer", "sublayer"],
+    ),
+    (["strategy=sqrt", "strategy.segments=0"], "strategy.segments", 0, ["between 1 and", "=4"]),
+    (["strategy=sqrt", "strategy.segments=5"], "strategy.segments", 5, ["between 1 and", "=4"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "value", "allowed"),
+    CHOICE_ERRORS,
+    ids=[" ".join(case[0]) for case in CHOICE_ERRORS],
+)
+def test_validation_error_names_field_value_and_allowed(
+    tiny_cfg: ComposeFn, overrides: list[str], field: str, value: object, allowed: list[str]
+) -> None:
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, cuda_available=False)
+    assert error.value.field_name == field
+    assert error.value.value == value
+    message = str(error.value)
+    assert message.startswith(f"{field}={value!r} ")
+    for fragment in allowed:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_available", "device"),
+    [("auto", True, "cuda"), ("auto", False, "cpu"), ("cuda", True, "cuda"), ("cpu", True, "cpu")],
+)
+def test_device_follows_the_request_and_the_machine(
+    requested: str, cuda_available: bool, device: str
+) -> None:
+    assert resolve_device(requested, cuda_available) == device
