@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 # The headline sweep: small and medium, three strategies, measured on this machine.
 sweep: $(STAMP)
-	$(PY) -m memexp -m model=small,medium strategy=none,full,sqrt
+	$(PY) -m memexp -m model=small,medium strategy=none,sqrt,adaptive
 
 test: $(STAMP)
 	$(PY) -m ruff check memexp tests scripts

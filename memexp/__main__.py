@@ -10,15 +10,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from memexp import resume
 from memexp.callbacks import OUTCOME
 from memexp.config import register_configs
 from memexp.runner import run_job
 from memexp.wandb_sink import log_job, sweep_group
 
 register_configs()
+# Absolute, so the `memexp` console script (whose module is not `__main__`) finds conf/ too.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -28,6 +31,8 @@ def main(cfg: DictConfig) -> None:
         "overrides": list(hydra_cfg.overrides.task),
     }
     job_dir = Path(hydra_cfg.runtime.output_dir)
+    if resume.already_measured(cfg, job_dir):
+        return
     result = run_job(cfg, job_dir, identity)
     group_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
     log_job(

@@ -32,6 +32,10 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   baseline's figure is missing or zero;
 * `pareto_optimal`: True for ok rows that no other ok row of the same group beats in both
   `step_ms_median` and `peak_bytes` (the memory/time frontier); False otherwise.
+
+Jobs run with `batch=auto` each run at the largest batch that fits, so strategies of one workload
+land in different groups and find no baseline: their relative columns stay empty (memory saved at
+different batches would compare nothing), and `auto_batch_table` compares the batches instead.
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ MEMORY_SOURCE_LABELS = {
     "cuda_allocator": "CUDA caching allocator (allocated bytes, GPU)",
     "tensor_tracker": "tensor tracker (exact bytes, CPU)",
     "fake_tensors": "fake tensors (bytes from shapes, nothing computed)",
+}
+# A batch=auto job's search: the workload it searched for, and the `extra` figures it recorded.
+AUTO_BATCH_KEYS = ("model", "seq_len", "device", "precision", "attention")
+AUTO_BATCH_EXTRAS = {
+    "extra_auto_batch_size": "found_batch",
+    "extra_auto_batch_budget_bytes": "budget_bytes",
+    "extra_auto_batch_predicted_peak_bytes": "predicted_peak_bytes",
+    "extra_auto_batch_headroom_bytes": "headroom_bytes",
+    "extra_auto_batch_next_peak_bytes": "next_peak_bytes",
+    "extra_auto_batch_limit_reached": "limit_reached",
+    "extra_auto_batch_backoffs": "backoffs",
+    "extra_auto_batch_imagines": "imagines",
 }
 _INT_FIELDS = [f.name for f in fields(RunResult) if str(f.type).startswith("int")]
 _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", "status"]
@@ -296,14 +312,18 @@ def failure_notes(frame: pd.DataFrame) -> list[str]:
 
 
 def baseline_notes(frame: pd.DataFrame) -> list[str]:
-    """Groups whose relative columns are empty for lack of a baseline, and groups with several."""
+    """Groups whose relative columns are empty for lack of a baseline, and groups with several.
+
+    Groups of batch=auto jobs alone get one note for all of them (`auto_batch_notes`).
+    """
     notes = []
+    auto = ran_auto_batch(frame)
     for _, group in frame.groupby(list(GROUP_KEYS), dropna=False, sort=False):
         config = group.config.iloc[0]
         nones = group[group.strategy.eq(BASELINE_STRATEGY)]
         ok_nones = nones[nones.status.eq(STATUS_OK)]
         others_ok = group.status.eq(STATUS_OK) & group.strategy.ne(BASELINE_STRATEGY)
-        if ok_nones.empty and others_ok.any():
+        if ok_nones.empty and others_ok.any() and not auto[group.index].all():
             why = f"the {BASELINE_STRATEGY} job ended {', '.join(nones.status)}"
             if nones.empty:
                 why = f"no strategy={BASELINE_STRATEGY} job ran"
@@ -314,6 +334,25 @@ def baseline_notes(frame: pd.DataFrame) -> list[str]:
                 f"{len(ok_nones)} ok baselines for {config}: relative columns use job {used}"
             )
     return notes
+
+
+def _without_baseline(frame: pd.DataFrame) -> pd.Series:
+    """Ok jobs other than `none` whose relative columns are empty for want of a baseline."""
+    others = frame.status.eq(STATUS_OK) & frame.strategy.ne(BASELINE_STRATEGY)
+    return others & frame.baseline_job_num.isna()
+
+
+def auto_batch_notes(frame: pd.DataFrame) -> list[str]:
+    """One line for every batch=auto job left without a baseline: empty on purpose, not lost."""
+    count = int((ran_auto_batch(frame) & _without_baseline(frame)).sum())
+    if not count:
+        return []
+    return [
+        f"batch=auto: {count} job(s) ran at a batch no ok `{BASELINE_STRATEGY}` job of their "
+        "workload ran at, so their saved (%), overhead (%) and efficiency are empty (those compare "
+        'at equal batch); "Largest batch that fits" in summary.md compares their batches '
+        "(\u00d7 none)"
+    ]
 
 
 def duplicate_notes(frame: pd.DataFrame) -> list[str]:
@@ -350,7 +389,7 @@ def data_notes(frame: pd.DataFrame) -> list[str]:
     """What a reader must know about the table before trusting a relative number or a plot."""
     if frame.empty:
         return [f"no {RESULT_FILE} found"]
-    return baseline_notes(frame) + duplicate_notes(frame)
+    return baseline_notes(frame) + auto_batch_notes(frame) + duplicate_notes(frame)
 
 
 # --- labels shared by plots and report ----------------------------------------------------------
@@ -362,6 +401,12 @@ def config_order(frame: pd.DataFrame) -> list[str]:
         _params=_number(frame.param_count).groupby(frame.model, dropna=False).transform("max")
     ).sort_values(["_params", "model", "seq_len", "batch_size", "config"], na_position="last")
     return list(dict.fromkeys(keys.config))
+
+
+def model_order(frame: pd.DataFrame) -> list[str]:
+    """Models in the order `config_order` puts their configs: smallest first."""
+    model_of = frame.drop_duplicates("config").set_index("config").model
+    return list(dict.fromkeys(model_of[c] for c in config_order(frame)))
 
 
 def strategy_order(frame: pd.DataFrame) -> list[str]:
@@ -384,13 +429,65 @@ def _span(values: pd.Series) -> str:
 
 
 def describe_times(frame: pd.DataFrame) -> str:
-    """How the step times were taken: `median of N repeats (min-max)` plus the timer used."""
-    ok = frame[frame.status.eq(STATUS_OK)]
+    """How the step times were taken: `median of N repeats (min-max)` plus the timer used.
+
+    Only timed rows count: a fake-device job predicts memory and has no measured step.
+    """
+    ok = frame[frame.status.eq(STATUS_OK) & frame[TIME_COLUMN].notna()]
+    if ok.empty:
+        return "not measured (no ok job timed a step; fake-device jobs only predict memory)"
     timers = ", ".join(sorted(ok.time_source.dropna().unique())) or "timer unknown"
     return (
         f"median of {_span(ok.time_repeats)} repeats (min\u2013max) after "
         f"{_span(ok.time_warmup)} warm-up step(s), {timers}"
     )
+
+
+# --- batch=auto ---------------------------------------------------------------------------------
+
+
+def ran_auto_batch(frame: pd.DataFrame) -> pd.Series:
+    """Rows of jobs that searched their batch: each records the search's budget or its answer."""
+    columns = [c for c in ("extra_auto_batch_size", "extra_auto_batch_budget_bytes") if c in frame]
+    return frame[columns].notna().any(axis=1) if columns else pd.Series(False, frame.index)
+
+
+def auto_batch_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per batch=auto job: the batch it ran at and how many times the `none` job's batch.
+
+    `batch` is the batch an ok job ran at (on a GPU, after any out-of-memory back-off), else the
+    batch its search found: NaN when even the first batch tried did not fit, and then the record's
+    `batch_size` and `peak_bytes` are that first batch and its predicted peak. `times_none` = batch / batch of the ok `none` job of the same
+    (model, seq_len, device, precision, attention), the lowest job number winning; ok rows only.
+    """
+    jobs = frame[ran_auto_batch(frame)]
+    extras = {
+        name: _number(jobs[column]) if column in jobs else pd.Series(float("nan"), jobs.index)
+        for column, name in AUTO_BATCH_EXTRAS.items()
+        if name not in ("limit_reached", "imagines")
+    }
+    limit = jobs.get("extra_auto_batch_limit_reached", pd.Series(False, jobs.index))
+    ok = jobs.status.eq(STATUS_OK)
+    table = jobs[
+        [*AUTO_BATCH_KEYS, "job_num", "strategy", "strategy_label", "status", "message"]
+    ].assign(
+        batch=_number(jobs.batch_size).where(ok, extras["found_batch"]),
+        peak_bytes=_number(jobs.peak_bytes),
+        batch_size=_number(jobs.batch_size),
+        limit_reached=limit.eq(True),
+        imagines=jobs.get("extra_auto_batch_imagines", pd.Series(None, jobs.index, dtype=object)),
+        **extras,
+    )
+    found = table[table.strategy.eq(BASELINE_STRATEGY) & table.status.eq(STATUS_OK)]
+    none = (
+        found.dropna(subset=["batch"])
+        .sort_values("job_num", kind="stable")
+        .drop_duplicates(list(AUTO_BATCH_KEYS))[[*AUTO_BATCH_KEYS, "batch"]]
+        .rename(columns={"batch": "none_batch"})
+    )
+    table = table.merge(none, on=list(AUTO_BATCH_KEYS), how="left", validate="many_to_one")
+    table["times_none"] = (table.batch / table.none_batch).where(table.status.eq(STATUS_OK))
+    return table
 
 
 # --- whole sweeps -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from memexp.aggregate import RESULTS_CSV, aggregate_sweep
 from memexp.results import RESULT_FILE, STATUS_ERROR, RunResult, read_result
 from memexp.wandb_sink import log_aggregate, sweep_group
 
@@ -96,6 +95,9 @@ def report(results: list[RunResult], where: Path) -> None:
 
 def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     """results.csv, plots and summary.md for the sweep, mirrored to W&B; problems become notes."""
+    # Imported here: plotting libraries are only needed once per sweep, not in every job process.
+    from memexp.aggregate import RESULTS_CSV, aggregate_sweep
+
     try:
         output = aggregate_sweep(sweep_dir)
     except Exception as error:  # the jobs' records are safe on disk; say why and move on

@@ -15,7 +15,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ATTENTION_KINDS = ("naive", "sdpa")
-DEVICE_TYPES = ("auto", "cpu", "cuda")
+DEVICE_TYPES = ("auto", "cpu", "cuda", "fake")
+IMAGINED_DEVICES = ("cuda", "cpu")
+GIB = 2**30
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -53,11 +55,21 @@ class SeqConfig:
 @dataclass
 class BatchConfig:
     size: int = MISSING
+    # auto: the largest batch whose predicted peak fits the budget (searched from `size` up).
+    auto: bool = False
+    budget_gb: float | None = None  # GiB; None: the device's memory
 
 
 @dataclass
 class DeviceConfig:
     type: str = "auto"
+    # The device a step must fit on, in GiB (2**30 bytes); None: the GPU's own, unknown on a CPU.
+    memory_gb: float | None = None
+    # For step-time estimates from FLOPs (fake device): peak TFLOP/s and the fraction reached.
+    peak_tflops: float | None = None
+    utilization: float = 0.4
+    # Fake device: whose default code paths the step follows where PyTorch lets us choose.
+    imagine: str = "cuda"
 
 
 @dataclass
@@ -85,6 +97,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    # A sweep (or run) folder to finish in place; see memexp.resume.
+    resume: str | None = None
 
 
 def _unique_suffix() -> str:
@@ -95,12 +109,16 @@ def _unique_suffix() -> str:
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore so YAML files extend them and get type checks.
 
-    Also registers `${memexp_unique:}`, cached so every job of one sweep sees the same value
-    (Hydra copies the resolver cache from the sweep's config to each job's).
+    Also registers the resolvers the configs use: `${memexp_unique:}` (cached, so every job of
+    one sweep sees the same value: Hydra copies the resolver cache to each job's config), and
+    those of memexp.launchers and memexp.resume.
     """
+    from memexp import launchers, resume
     from memexp.strategies import STRATEGIES
 
     OmegaConf.register_new_resolver("memexp_unique", _unique_suffix, use_cache=True, replace=True)
+    launchers.register_resolvers()
+    resume.register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="memexp_schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -124,6 +142,13 @@ class ExperimentSpec:
     optimizer: OptimizerConfig
     seed: int
     measure: MeasureConfig
+    device_settings: DeviceConfig = field(default_factory=DeviceConfig)
+    auto_batch: bool = False
+    # The memory of the device the job runs on or imagines (device.memory_gb, else the GPU's),
+    # and what one step may use of it (batch.budget_gb, else all of it); None when unknown.
+    # Planners that fit a budget and the batch search read `memory_budget_bytes`.
+    device_memory_bytes: int | None = None
+    memory_budget_bytes: int | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -138,6 +163,44 @@ def _require_positive(name: str, value: int) -> None:
 def _require_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(name, value, "one of " + ", ".join(allowed))
+
+
+def _require_positive_number(name: str, value: float | None, unit: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(name, value, f"a positive number of {unit}, or null")
+
+
+def _validate_device(settings: DeviceConfig) -> None:
+    _require_positive_number("device.memory_gb", settings.memory_gb, "GiB")
+    _require_positive_number("device.peak_tflops", settings.peak_tflops, "TFLOP/s")
+    if not 0 < settings.utilization <= 1:
+        raise ConfigError(
+            "device.utilization", settings.utilization, "a fraction of peak in (0, 1]"
+        )
+    _require_choice("device.imagine", settings.imagine, IMAGINED_DEVICES)
+
+
+def device_memory_bytes(device: str, settings: DeviceConfig) -> int | None:
+    """`device.memory_gb` when given, else the GPU's own memory; a CPU or fake device has none."""
+    if settings.memory_gb is not None:
+        return int(settings.memory_gb * GIB)
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
+
+
+def _memory_budget_bytes(batch: BatchConfig, device_memory: int | None) -> int | None:
+    _require_positive_number("batch.budget_gb", batch.budget_gb, "GiB")
+    budget = int(batch.budget_gb * GIB) if batch.budget_gb is not None else device_memory
+    if batch.auto and budget is None:
+        raise ConfigError(
+            "batch.budget_gb",
+            None,
+            "a positive number of GiB (or set device.memory_gb): batch=auto needs a memory to fit",
+        )
+    return budget
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
@@ -179,6 +242,11 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
 
     _require_choice("device.type", cfg.device.type, DEVICE_TYPES)
     device = resolve_device(cfg.device.type, cuda_available)
+    device_settings: DeviceConfig = OmegaConf.to_object(cfg.device)  # type: ignore[assignment]
+    _validate_device(device_settings)
+    device_memory = device_memory_bytes(device, device_settings)
+    batch: BatchConfig = OmegaConf.to_object(cfg.batch)  # type: ignore[assignment]
+    memory_budget = _memory_budget_bytes(batch, device_memory)
     _require_choice("precision", cfg.precision, PRECISIONS)
 
     optimizer: OptimizerConfig = OmegaConf.to_object(cfg.optimizer)  # type: ignore[assignment]
@@ -208,4 +276,8 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
         optimizer=optimizer,
         seed=int(cfg.seed),
         measure=measure,
+        device_settings=device_settings,
+        auto_batch=batch.auto,
+        device_memory_bytes=device_memory,
+        memory_budget_bytes=memory_budget,
     )

@@ -9,6 +9,7 @@ mask and no dropout, as in the seed: neither changes which tensors dominate memo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,12 +17,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from memexp.config import ModelConfig
 from memexp.plan import CheckpointPlan, Part
 
 ContextFactory = Callable[[], Any]
+
+_aten = torch.ops.aten
+# Op-level policies for `CheckpointPlan.op_policy`: the operators whose outputs a checkpointed
+# segment keeps; every other operator inside it is recomputed in backward.
+OP_POLICIES: dict[str, tuple[Any, ...]] = {
+    # Matrix products (linear layers, QKᵀ, ·V) and fused attention are kept: recomputing them
+    # is what costs FLOPs. LayerNorm, GELU, softmax, casts and copies are recomputed.
+    "save_matmuls": (
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    ),
+}
+
+
+def op_policy_context(policy: str | None) -> ContextFactory | None:
+    """The `context_fn` that makes a checkpoint selective under `policy` (None: plain checkpoint)."""
+    if policy is None:
+        return None
+    if policy not in OP_POLICIES:
+        raise ValueError(f"unknown op policy {policy!r}; known: {', '.join(OP_POLICIES)}")
+    return functools.partial(create_selective_checkpoint_contexts, list(OP_POLICIES[policy]))
 
 
 def run_checkpointed(
@@ -105,11 +132,16 @@ class Transformer(nn.Module):
         self.context_fn: ContextFactory | None = None
 
     def apply_plan(self, plan: CheckpointPlan, context_fn: ContextFactory | None = None) -> None:
-        """Execute `plan` from the next forward on; `context_fn` serves op-level policies."""
+        """Execute `plan` from the next forward on.
+
+        Segments run under `context_fn` when given, else under the plan's own `op_policy`.
+        """
         if plan.num_layers != self.cfg.layers:
             raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
         self.plan = plan
-        self.context_fn = context_fn
+        self.context_fn = (
+            context_fn if context_fn is not None else op_policy_context(plan.op_policy)
+        )
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for index in range(start, end):

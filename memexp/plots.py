@@ -32,15 +32,19 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 from matplotlib.transforms import blended_transform_factory
 
 from memexp.aggregate import (
+    AUTO_BATCH_KEYS,
     BASELINE_STRATEGY,
     GROUP_KEYS,
     MEMORY_SOURCE_LABELS,
     MIB,
+    auto_batch_table,
     config_order,
     describe_memory_sources,
     describe_times,
+    model_order,
     strategy_order,
 )
+from memexp.estimate import format_bytes
 from memexp.results import STATUS_OK
 
 DPI = 120
@@ -207,14 +211,29 @@ def _grouped_bars(
         ax.bar(x, values, width, color=color, yerr=yerr, capsize=2, error_kw={"elinewidth": 0.8})
 
 
+def comparison_panels(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """The panels some job has a figure for: a fake-device sweep has no step time, and a
+    relative panel needs a strategy other than the baseline compared with it."""
+    ok = frame[frame.status.eq(STATUS_OK)]
+    compared = ok[ok.strategy.ne(BASELINE_STRATEGY)]
+    return [
+        (column, label)
+        for column, label in _COMPARISON_PANELS
+        if (compared if column.endswith("_pct") else ok)[column].notna().any()
+    ]
+
+
 def _comparison_column(
-    axes: Sequence[Axes], model_rows: pd.DataFrame, colors: dict[str, Any]
+    axes: Sequence[Axes],
+    model_rows: pd.DataFrame,
+    colors: dict[str, Any],
+    panels: Sequence[tuple[str, str]],
 ) -> None:
-    """One model's four panels; its workloads on x, failed jobs marked by their status."""
+    """One model's panels; its workloads on x, failed jobs marked by their status."""
     workloads = list(dict.fromkeys(model_rows.sort_values(["seq_len", "batch_size"]).workload))
     data = _ok_rows(model_rows, "peak_mib")
     offsets, _ = _bar_offsets(colors)
-    for ax, (column, _) in zip(axes, _COMPARISON_PANELS, strict=True):
+    for ax, (column, _) in zip(axes, panels, strict=True):
         _category_axis(ax, workloads)
         _grouped_bars(ax, data, workloads, colors, column)
         if column.endswith("_pct"):
@@ -249,21 +268,26 @@ def _mark_missing_baselines(
 
 @_styled
 def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Peak MiB, saved %, step ms and overhead % per config and strategy, a column per model."""
+    """Peak MiB, saved %, step ms and overhead % per config and strategy, a column per model.
+
+    Panels no job has a figure for are left out (see `comparison_panels`).
+    """
     title = "Strategies compared"
     if _ok_rows(frame, "peak_mib").empty:
         return PlotOutcome(title, note="comparison skipped: no job finished ok with a peak memory")
-    models, colors = _model_order(frame), _palette(strategy_order(frame))
+    panels = comparison_panels(frame)
+    models, colors = model_order(frame), _palette(strategy_order(frame))
     slots = [frame[frame.model.eq(m)].workload.nunique() for m in models]
     # Room for every bar of every workload, plus the axis labels and the legend.
     width = 2.5 + sum(max(2.2, n * (0.3 * len(colors) + 0.3)) for n in slots)
-    fig = Figure(figsize=(min(40, max(7.5, width)), 10), layout="constrained")
-    grid = fig.subplots(4, len(models), squeeze=False, sharex="col", width_ratios=slots)
+    height = 2.2 * len(panels) + 1.5
+    fig = Figure(figsize=(min(40, max(7.5, width)), height), layout="constrained")
+    grid = fig.subplots(len(panels), len(models), squeeze=False, sharex="col", width_ratios=slots)
     for column, model in enumerate(models):
-        _comparison_column(grid[:, column], frame[frame.model.eq(model)], colors)
+        _comparison_column(grid[:, column], frame[frame.model.eq(model)], colors, panels)
         grid[0, column].set_title(model)
         grid[-1, column].set_xlabel("seq_len \u00d7 batch (tokens \u00d7 sequences)")
-    for ax, (_, ylabel) in zip(grid[:, 0], _COMPARISON_PANELS, strict=True):
+    for ax, (_, ylabel) in zip(grid[:, 0], panels, strict=True):
         ax.set_ylabel(ylabel)
     fig.legend(
         handles=_strategy_handles(colors),
@@ -272,19 +296,10 @@ def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         frameon=False,
     )
     fig.suptitle(title, fontweight="bold")
-    _footer(
-        fig,
-        _memory_footer(frame),
-        _time_footer(frame) + " Whiskers: min\u2013max step time.",
-        FAILED_LEGEND,
-    )
+    timed = "step_ms_median" in dict(panels)
+    whiskers = " Whiskers: min\u2013max step time." if timed else ""
+    _footer(fig, _memory_footer(frame), _time_footer(frame) + whiskers, FAILED_LEGEND)
     return PlotOutcome(title, _save(fig, out_dir, "comparison.png"))
-
-
-def _model_order(data: pd.DataFrame) -> list[str]:
-    """Models in the order `config_order` puts their configs: smallest first."""
-    model_of = data.drop_duplicates("config").set_index("config").model
-    return list(dict.fromkeys(model_of[c] for c in config_order(data)))
 
 
 # --- 2. scaling ---------------------------------------------------------------------------------
@@ -300,13 +315,28 @@ def _series_label(values: tuple, keys: list[str]) -> str:
     return ", ".join(f"{names.get(k, k)} {v}" for k, v in zip(keys, values, strict=True))
 
 
-def _scaling_lines(ax_mem: Axes, ax_time: Axes, rows: pd.DataFrame, axis: str, style: dict) -> None:
+# Rows of the scaling figure: (column, y label); a row is drawn when any job has its figure.
+SCALING_PANELS = (
+    ("peak_mib", "peak memory (MiB, log scale)"),
+    ("saved_activation_mib", "kept for backward (MiB, log scale)"),
+    ("step_ms_median", "step time (ms, log scale)"),
+)
+
+
+def scaling_panels(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """The rows of `SCALING_PANELS` some job has a figure for (fake-device jobs have no time)."""
+    return [(column, label) for column, label in SCALING_PANELS if frame[column].notna().any()]
+
+
+def _scaling_lines(axes: dict[str, Axes], rows: pd.DataFrame, axis: str, style: dict) -> None:
+    """One series in every row of panels; step time gets its min-max band."""
     rows = rows.sort_values(axis)
     x = rows[axis].astype(float)
-    ax_mem.plot(x, rows.peak_mib, **style)
-    ax_time.plot(x, rows.step_ms_median, **style)
-    if rows.step_ms_min.notna().all() and rows.step_ms_max.notna().all():
-        ax_time.fill_between(
+    for column, ax in axes.items():
+        ax.plot(x, rows[column].astype(float), **style)
+    timed = "step_ms_median" in axes
+    if timed and rows.step_ms_min.notna().all() and rows.step_ms_max.notna().all():
+        axes["step_ms_median"].fill_between(
             x,
             rows.step_ms_min.astype(float),
             rows.step_ms_max.astype(float),
@@ -316,19 +346,27 @@ def _scaling_lines(ax_mem: Axes, ax_time: Axes, rows: pd.DataFrame, axis: str, s
         )
 
 
+# y ticks of a log axis: 1-2-5 per decade, denser when the data spans less than a decade or so.
+LOG_TICKS_WIDE = (1.0, 2.0, 5.0)
+LOG_TICKS_NARROW = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+
+
 def _log_log_axis(ax: Axes, values: Sequence[float]) -> None:
-    """Log-log with the swept values as x ticks and plain 1-2-5 numbers on y, not powers of ten."""
+    """Log-log with the swept values as x ticks and plain numbers on y, not powers of ten."""
+    low, high = ax.dataLim.intervaly
+    narrow = low > 0 and high / low < 20
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(values, [str(int(v)) for v in values])
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    subs = LOG_TICKS_NARROW if narrow else LOG_TICKS_WIDE
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _scaling_column(
-    ax_mem: Axes, ax_time: Axes, rows: pd.DataFrame, axis: str, colors: dict[str, Any]
+    axes: dict[str, Axes], rows: pd.DataFrame, axis: str, colors: dict[str, Any]
 ) -> dict[str, Line2D]:
     """One model: a line per strategy and other varying workload key; returns legend handles."""
     keys = _series_keys(rows, axis)
@@ -337,40 +375,54 @@ def _scaling_column(
     for group_key, group in rows.groupby(["strategy_label", *keys], sort=False):
         n = series.index(tuple(group_key[1:]))
         style = {"linestyle": LINE_STYLES[n % 4], "marker": MARKERS[n % 4], "markersize": 4}
-        _scaling_lines(ax_mem, ax_time, group, axis, {"color": colors[group_key[0]], **style})
+        _scaling_lines(axes, group, axis, {"color": colors[group_key[0]], **style})
         if keys:
             name = _series_label(group_key[1:], keys)
             handles[name] = Line2D([], [], color="0.3", label=name, **style)
     ticks = sorted(rows[axis].astype(float).unique())
-    for ax in (ax_mem, ax_time):
+    for ax in axes.values():
         _log_log_axis(ax, ticks)
     return handles
 
 
 @_styled
 def plot_scaling(frame: pd.DataFrame, out_dir: Path, axis: str) -> PlotOutcome:
-    """Peak MiB and step ms against `axis` (seq_len or batch_size), log-log, a column per model."""
+    """Memory (and step time where measured) against `axis`, log-log, a column per model.
+
+    Rows: peak memory; the bytes kept for backward where recorded; step time where measured
+    (fake-device jobs predict memory only, so a sweep of them has no time row).
+    """
     noun = SCALING_AXES[axis]
     title = f"Scaling with {noun}"
-    data = _ok_rows(frame, axis, "peak_mib", "step_ms_median")
-    counts = data.groupby("model")[axis].nunique()
-    models = [m for m in _model_order(data) if counts.get(m, 0) >= 2]
+    data = _ok_rows(frame, axis, "peak_mib")
+    # A line needs one strategy at two values; batch=auto gives each strategy its own batch.
+    series = ["model", "strategy_label", *(k for k in GROUP_KEYS if k not in ("model", axis))]
+    counts = data.groupby(series, dropna=False)[axis].nunique().groupby(level="model").max()
+    models = [m for m in model_order(data) if counts.get(m, 0) >= 2]
     if not models:
         many = data[axis].nunique() >= 2
-        why = f"no model ran at two values of {noun}" if many else f"only one {noun} in the sweep"
+        why = (
+            f"no strategy of a model ran at two values of {noun}"
+            if many
+            else f"only one {noun} in the sweep"
+        )
         return PlotOutcome(title, note=f"scaling vs {axis} skipped: {why}")
+    data = data[data.model.isin(models)]
+    panels = scaling_panels(data)
     colors = _palette(strategy_order(data))
-    fig = Figure(figsize=(max(7.5, 4.2 * len(models) + 2), 7.5), layout="constrained")
-    grid = fig.subplots(2, len(models), squeeze=False)
+    fig = Figure(
+        figsize=(max(7.5, 4.2 * len(models) + 2), 3.4 * len(panels) + 0.7), layout="constrained"
+    )
+    grid = fig.subplots(len(panels), len(models), squeeze=False)
     series_handles: dict[str, Line2D] = {}
     unit = "tokens" if axis == "seq_len" else "sequences"
     for column, model in enumerate(models):
-        rows = data[data.model.eq(model)]
-        series_handles |= _scaling_column(grid[0, column], grid[1, column], rows, axis, colors)
+        axes = {name: grid[row, column] for row, (name, _) in enumerate(panels)}
+        series_handles |= _scaling_column(axes, data[data.model.eq(model)], axis, colors)
         grid[0, column].set_title(model)
-        grid[1, column].set_xlabel(f"{noun} ({unit}, log scale)")
-    grid[0, 0].set_ylabel("peak memory (MiB, log scale)")
-    grid[1, 0].set_ylabel("step time (ms, log scale)")
+        grid[-1, column].set_xlabel(f"{noun} ({unit}, log scale)")
+    for row, (_, ylabel) in enumerate(panels):
+        grid[row, 0].set_ylabel(ylabel)
     fig.legend(
         handles=_strategy_handles(colors) + list(series_handles.values()),
         loc="outside right upper",
@@ -378,7 +430,10 @@ def plot_scaling(frame: pd.DataFrame, out_dir: Path, axis: str) -> PlotOutcome:
         frameon=False,
     )
     fig.suptitle(title, fontweight="bold")
-    _footer(fig, _memory_footer(data), _time_footer(data), "Bands: min\u2013max step time.")
+    time_lines = [_time_footer(data)]
+    if "step_ms_median" in dict(panels):
+        time_lines.append("Bands: min\u2013max step time.")
+    _footer(fig, _memory_footer(data), " ".join(time_lines))
     return PlotOutcome(title, _save(fig, out_dir, f"scaling_{axis}.png"))
 
 
@@ -595,6 +650,89 @@ def plot_timeline(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     return PlotOutcome(title, _save(fig, out_dir, "timeline.png"), problem_note)
 
 
+# --- 6. largest batch that fits (batch=auto) ----------------------------------------------------
+
+
+def _auto_batch_panel_title(row: pd.Series) -> str:
+    return " \u00b7 ".join([f"seq {row.seq_len}", *(str(row[k]) for k in AUTO_BATCH_KEYS[2:])])
+
+
+def _auto_batch_label(row: Any) -> str:
+    """The batch on top of its bar, and below it how many times the `none` batch it is."""
+    text = f"\u2265{row.batch:g}" if row.limit_reached else f"{row.batch:g}"
+    if row.strategy != BASELINE_STRATEGY and pd.notna(row.times_none):
+        text += f"\n\u00d7{row.times_none:.2f}"
+    return text
+
+
+def _auto_batch_axis(
+    ax: Axes, rows: pd.DataFrame, strategies: list[str], colors: dict[str, Any]
+) -> None:
+    """Bars of the batch each strategy found, a bar per model; a status where none was found."""
+    offsets, width = _bar_offsets(colors)
+    _category_axis(ax, strategies)
+    for model, color in colors.items():
+        found = rows[rows.model.eq(model) & rows.status.eq(STATUS_OK) & rows.batch.notna()]
+        x = [strategies.index(s) + offsets[model] for s in found.strategy_label]
+        bars = ax.bar(x, found.batch, width, color=color)
+        labels = [_auto_batch_label(row) for row in found.itertuples(index=False)]
+        ax.bar_label(bars, labels, padding=2, fontsize="x-small")
+        failed = rows[rows.model.eq(model) & ~rows.index.isin(found.index)]
+        _mark_failures(
+            ax, failed, lambda row: strategies.index(row.strategy_label) + offsets[row.model]
+        )
+    ax.set_ylim(0, 1.2 * max(rows.batch.max(skipna=True), 1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _budgets(table: pd.DataFrame) -> str:
+    return ", ".join(format_bytes(b) for b in sorted(table.budget_bytes.dropna().unique()))
+
+
+def _auto_batch_footer(table: pd.DataFrame) -> list[str]:
+    imagined = ", ".join(sorted(table.imagines.dropna().unique())) or "the job's device"
+    lines = [
+        f"Batch: the largest whose predicted peak (fake tensors, imagining {imagined}) fits the "
+        f"budget ({_budgets(table) or 'unknown'}).",
+        f"\u00d7: that batch / the {BASELINE_STRATEGY} strategy's batch, same model and workload.",
+    ]
+    if table.limit_reached.any():
+        lines.append("\u2265: every batch up to the search's limit fit.")
+    return [*lines, FAILED_LEGEND]
+
+
+@_styled
+def plot_auto_batch(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
+    """The batch `batch=auto` found per strategy, a bar per model, a panel per workload."""
+    title = "Largest batch that fits"
+    table = auto_batch_table(frame)
+    if table.empty:
+        return PlotOutcome(title, note="largest batch skipped: no job ran with batch=auto")
+    table = table.assign(
+        panel=table.apply(_auto_batch_panel_title, axis=1),
+        strategy_label=table.strategy_label.astype(str),
+    )
+    panels = list(dict.fromkeys(table.sort_values(["seq_len", "panel"]).panel))
+    strategies = strategy_order(table)
+    models = list(dict.fromkeys(table.sort_values("model").model))
+    colors = _palette(models)
+    rows, columns = _grid_shape(len(panels))
+    panel_width = max(4.0, 0.45 * len(strategies) * len(models) + 1.5)
+    fig = Figure(
+        figsize=(max(7.5, panel_width * columns + 2), 4 * rows + 1.5), layout="constrained"
+    )
+    axes = _panels(fig, len(panels), "strategy", "largest batch that fits (sequences)")
+    for ax, panel in zip(axes, panels, strict=True):
+        _auto_batch_axis(ax, table[table.panel.eq(panel)], strategies, colors)
+        ax.set_title(panel)
+    fig.legend(
+        handles=_strategy_handles(colors), loc="outside right upper", title="model", frameon=False
+    )
+    fig.suptitle(f"{title} in {_budgets(table)} (batch=auto)", fontweight="bold")
+    _footer(fig, *_auto_batch_footer(table))
+    return PlotOutcome(title, _save(fig, out_dir, "auto_batch.png"))
+
+
 # --- all of them --------------------------------------------------------------------------------
 
 FIGURES: tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...] = (
@@ -604,6 +742,7 @@ FIGURES: tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...] = (
     ("memory-time trade-off", plot_tradeoff),
     ("memory breakdown", plot_breakdown),
     ("memory over one step", plot_timeline),
+    ("largest batch that fits", plot_auto_batch),
 )
 
 

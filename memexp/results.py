@@ -25,6 +25,16 @@ STATUS_INFEASIBLE = "infeasible"
 STATUS_NOT_APPLICABLE = "not_applicable"
 STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_OOM, STATUS_INFEASIBLE, STATUS_NOT_APPLICABLE)
 
+
+class InfeasibleError(Exception):
+    """The job cannot fit its memory budget: recorded as status `infeasible`, an answer."""
+
+
+class NotApplicableError(Exception):
+    """The strategy does nothing on this device (offloading to the host from the host):
+    recorded as status `not_applicable` with the reason, never as a number."""
+
+
 # Where memory figures come from.
 SOURCE_CUDA_ALLOCATOR = "cuda_allocator"
 SOURCE_TENSOR_TRACKER = "tensor_tracker"

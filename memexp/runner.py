@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,23 +17,39 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from memexp import analytic
 from memexp.config import ConfigError, ExperimentSpec, validate
 from memexp.environment import describe_environment
+from memexp.estimate import (
+    FAKE_DEVICE,
+    choose_batch,
+    describe_prediction,
+    imagined_device,
+    predict_job,
+    record_prediction,
+    step_flops_without_checkpointing,
+)
 from memexp.measure.flops import FLOPS_SOURCE, step_flops
 from memexp.measure.memory import MemoryMeasurement, measure_memory
-from memexp.measure.saved import SAVED_SOURCE
+from memexp.measure.saved import record_saved_bytes
 from memexp.measure.timing import time_steps
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
+from memexp.planner import time_units
 from memexp.results import (
     STATUS_ERROR,
+    STATUS_INFEASIBLE,
+    STATUS_NOT_APPLICABLE,
     STATUS_OK,
     STATUS_OOM,
+    InfeasibleError,
+    NotApplicableError,
     RunResult,
     write_json_atomic,
     write_result,
 )
-from memexp.strategies import make_plan
+from memexp.resume import CONFIG_HASH_KEY, config_hash, keep_previous_record
+from memexp.strategies import adaptive, make_plan
 from memexp.training import build_workload
 
 TIMELINE_FILE = "timeline.json"
@@ -55,9 +72,13 @@ def _fill_identity(result: RunResult, spec: ExperimentSpec) -> None:
     result.seed = spec.seed
 
 
-def _record_flops(result: RunResult, spec: ExperimentSpec, plan: CheckpointPlan) -> None:
-    with_plan = step_flops(spec, plan)
-    without = step_flops(spec, CheckpointPlan.nothing(spec.model.layers))
+def _record_flops(
+    result: RunResult, spec: ExperimentSpec, plan: CheckpointPlan, with_plan: int | None = None
+) -> None:
+    """`with_plan`: the step's FLOPs when already counted (the fake device counts them)."""
+    if with_plan is None:
+        with_plan = step_flops(spec, plan)
+    without = step_flops_without_checkpointing(spec) if plan.recomputes_anything else with_plan
     result.flops_step = with_plan
     result.flops_step_no_checkpoint = without
     result.flops_recompute = with_plan - without
@@ -82,6 +103,14 @@ def measure_job(
     result: RunResult, spec: ExperimentSpec, plan: CheckpointPlan, job_dir: Path
 ) -> None:
     """Fill `result` with every figure of one job (FLOPs, times, the memory step, saved bytes)."""
+    multi_tensor = imagined_device(spec) == "cuda"  # PyTorch's default optimizer path on CUDA
+    result.extra.update(analytic.figures(spec, plan, multi_tensor))
+    if spec.device == FAKE_DEVICE:
+        prediction = predict_job(spec, plan)
+        _record_flops(result, spec, plan, prediction.flops_step)
+        record_prediction(result, spec, prediction)
+        _record_memory(result, prediction.memory, job_dir)
+        return
     _record_flops(result, spec, plan)
     work = build_workload(spec, plan, spec.device)
     result.param_count = parameter_count(work.model)
@@ -96,9 +125,72 @@ def measure_job(
     for key, value in timings.summary(spec.tokens_per_step).items():
         setattr(result, key, value)
 
-    result.saved_activation_bytes = timings.saved_activation_bytes
-    result.saved_source = SAVED_SOURCE
+    record_saved_bytes(result, timings.saved_activation_bytes)
     _record_memory(result, measure_memory(work), job_dir)
+
+
+def measure_plan(
+    result: RunResult, spec: ExperimentSpec, plan: CheckpointPlan, job_dir: Path
+) -> None:
+    result.plan = plan.to_dict()
+    result.plan_summary = plan.describe()
+    print(describe_job(spec, plan), flush=True)
+    measure_job(result, spec, plan, job_dir)
+
+
+def measure_within_budget(result: RunResult, spec: ExperimentSpec, job_dir: Path) -> None:
+    """Measure the adaptive plan; while its measured peak is over the budget, tighten the
+    planning budget by the overshoot and plan again (at most `strategy.max_rounds` plans).
+
+    Planning time (profile, unit timings, solving) is recorded as `planning_s`: what adaptive
+    adds to a job besides measuring its plan.
+    """
+    started = time.monotonic()
+    planner = adaptive.BudgetPlanner(spec.strategy, spec)
+    record = planner.record(time_units(spec) if spec.device != FAKE_DEVICE else {})
+    result.extra["adaptive"] = record
+    rounds: list[dict[str, Any]] = []
+    record["rounds"] = rounds
+    budget = planner.budget.bytes
+    margin = 0
+    for _ in range(spec.strategy.max_rounds):
+        decision = planner.decide(margin)
+        rounds.append(
+            {
+                "planning_budget_bytes": decision.planning_budget_bytes,
+                "predicted_peak_bytes": decision.prediction.peak_bytes,
+                "plan_layers": adaptive.describe_choices(decision.solution),
+            }
+        )
+        if len(rounds) == 1:
+            record["planning_s"] = round(time.monotonic() - started, 3)
+        measure_plan(result, spec, decision.plan, job_dir)
+        rounds[-1]["measured_peak_bytes"] = result.peak_bytes
+        if result.peak_bytes <= budget:
+            break
+        margin += result.peak_bytes - budget
+    record.update(
+        predicted_peak_bytes=decision.prediction.peak_bytes,
+        predicted_peak_at=decision.prediction.where,
+        predicted_recompute_flops=decision.solution.recompute_flops,
+        measured_peak_bytes=result.peak_bytes,
+        measured_recompute_flops=result.flops_recompute,
+        plan_layers=adaptive.describe_choices(decision.solution),
+    )
+    if result.peak_bytes > budget:
+        raise InfeasibleError(
+            f"the measured peak {result.peak_bytes / MIB:.1f} MiB ({result.memory_source}) is "
+            f"still over the budget of {budget / MIB:.1f} MiB after {len(rounds)} plan(s); "
+            "raise strategy.max_rounds or the budget"
+        )
+
+
+def measure_planned(result: RunResult, spec: ExperimentSpec, job_dir: Path) -> None:
+    """Plan and measure; an adaptive plan is then held to its budget."""
+    if spec.strategy.name == adaptive.STRATEGY.name:
+        measure_within_budget(result, spec, job_dir)
+    else:
+        measure_plan(result, spec, make_plan(spec), job_dir)
 
 
 def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
@@ -109,12 +201,18 @@ def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
     )
 
 
+def _mib_or_dash(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f} MiB"
+
+
 def describe_outcome(result: RunResult) -> str:
     if result.status != STATUS_OK:
         return f"[memexp] {result.status}: {result.message}"
+    if result.device == FAKE_DEVICE:
+        return describe_prediction(result)
     return (
         f"[memexp] peak {result.peak_bytes / MIB:.1f} MiB ({result.memory_source}), "
-        f"saved activations {result.saved_activation_bytes / MIB:.1f} MiB ({result.saved_source}), "
+        f"saved activations {_mib_or_dash(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
         f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}], "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
@@ -131,20 +229,35 @@ def _release_memory() -> None:
 def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResult:
     """Run one job and write its record; never raises for a failure inside the job."""
     job_dir = Path(job_dir)
+    keep_previous_record(job_dir)
     started = time.monotonic()
     result = RunResult(status=STATUS_ERROR, started_at=_now(), job_dir=str(job_dir), **identity)
     try:
+        result.extra[CONFIG_HASH_KEY] = config_hash(cfg)
         spec = validate(cfg)
         _fill_identity(result, spec)
         result.environment = describe_environment(spec.device)
-        plan = make_plan(spec)
-        result.plan = plan.to_dict()
-        result.plan_summary = plan.describe()
-        print(describe_job(spec, plan), flush=True)
-        measure_job(result, spec, plan, job_dir)
+        if spec.auto_batch:
+            spec = choose_batch(result, spec, make_plan)
+        while True:
+            _fill_identity(result, spec)
+            try:
+                measure_planned(result, spec, job_dir)
+                break
+            except torch.OutOfMemoryError:
+                if not spec.auto_batch or spec.batch_size == 1:
+                    raise
+                # batch=auto on a GPU: the predicted batch did not fit after all; one smaller.
+                _release_memory()
+                result.extra["auto_batch_backoffs"] = result.extra.get("auto_batch_backoffs", 0) + 1
+                spec = replace(spec, batch_size=spec.batch_size - 1)
         result.status = STATUS_OK
     except ConfigError as error:
         result.message, result.error_type = str(error), "ConfigError"
+    except InfeasibleError as error:
+        result.status, result.message = STATUS_INFEASIBLE, str(error)
+    except NotApplicableError as error:
+        result.status, result.message = STATUS_NOT_APPLICABLE, str(error)
     except torch.OutOfMemoryError as error:
         result.status, result.message, result.error_type = (
             STATUS_OOM,

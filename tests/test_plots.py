@@ -77,13 +77,18 @@ def drawn(frame: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> list
 
 
 def test_every_figure_is_written_when_its_data_exists(drawn: list[plots.PlotOutcome]) -> None:
-    assert {o.path.name: o.title for o in drawn if o.path} == FIGURES
-    assert [o.note for o in drawn] == [None] * len(FIGURES)
-    assert all(o.path.read_bytes().startswith(PNG_SIGNATURE) for o in drawn)
+    written = [o for o in drawn if o.path]
+    assert {o.path.name: o.title for o in written} == FIGURES
+    assert [o.note for o in written] == [None] * len(FIGURES)
+    assert all(o.path.read_bytes().startswith(PNG_SIGNATURE) for o in written)
+    # No job of this sweep ran with batch=auto (tests/test_report_predictions.py draws that one).
+    assert [o.note for o in drawn if not o.path] == [
+        "largest batch skipped: no job ran with batch=auto"
+    ]
 
 
 def test_figures_are_readable_sizes(drawn: list[plots.PlotOutcome]) -> None:
-    for outcome in drawn:
+    for outcome in (o for o in drawn if o.path):
         with Image.open(outcome.path) as image:
             width, height = image.size
         assert 600 <= width <= 4000 and 400 <= height <= 4000, outcome.path.name
@@ -115,8 +120,49 @@ def test_scaling_is_skipped_when_no_model_has_two_values(frame: pd.DataFrame, tm
     mixed.loc[mixed.model.eq("small"), "seq_len"] = 512
     outcome = plots.plot_scaling(mixed, tmp_path, "seq_len")
     assert (
-        outcome.note == "scaling vs seq_len skipped: no model ran at two values of sequence length"
+        outcome.note
+        == "scaling vs seq_len skipped: no strategy of a model ran at two values of sequence length"
     )
+
+
+def test_scaling_needs_one_strategy_at_two_values(frame: pd.DataFrame, tmp_path: Path) -> None:
+    """batch=auto runs each strategy at its own batch: no line to draw, whatever the batches."""
+    own_batch = frame[
+        (frame.config.eq("tiny 256\u00d74") & frame.strategy.eq("none"))
+        | (frame.config.eq("tiny 256\u00d78") & frame.strategy.eq("full"))
+    ]
+    outcome = plots.plot_scaling(own_batch, tmp_path, "batch_size")
+    assert outcome.note == (
+        "scaling vs batch_size skipped: no strategy of a model ran at two values of batch size"
+    )
+
+
+def test_panels_without_any_figure_are_left_out(frame: pd.DataFrame) -> None:
+    """A fake-device sweep predicts memory only: no step-time panels, no empty axes."""
+    untimed = frame.assign(
+        step_ms_median=float("nan"), time_overhead_pct=float("nan"), saved_activation_mib=1.0
+    )
+    assert [c for c, _ in plots.comparison_panels(untimed)] == ["peak_mib", "peak_saved_pct"]
+    assert [c for c, _ in plots.scaling_panels(untimed)] == ["peak_mib", "saved_activation_mib"]
+    assert [c for c, _ in plots.comparison_panels(frame)] == [
+        "peak_mib",
+        "peak_saved_pct",
+        "step_ms_median",
+        "time_overhead_pct",
+    ]
+    assert [c for c, _ in plots.scaling_panels(frame)] == ["peak_mib", "step_ms_median"]
+
+
+def test_relative_panels_need_a_strategy_besides_the_baseline(frame: pd.DataFrame) -> None:
+    """batch=auto: every strategy at its own batch, so only `none` rows carry a relative 0 %."""
+    only_baselines = frame.assign(
+        peak_saved_pct=frame.peak_saved_pct.where(frame.strategy.eq("none")),
+        time_overhead_pct=frame.time_overhead_pct.where(frame.strategy.eq("none")),
+    )
+    assert [c for c, _ in plots.comparison_panels(only_baselines)] == [
+        "peak_mib",
+        "step_ms_median",
+    ]
 
 
 def test_tradeoff_needs_two_strategies_in_a_config(frame: pd.DataFrame, tmp_path: Path) -> None:

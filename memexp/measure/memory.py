@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from memexp.measure.tracker import TensorTracker
 from memexp.results import SOURCE_CUDA_ALLOCATOR, SOURCE_TENSOR_TRACKER
 from memexp.training import Workload, backward, forward_loss, optimizer_step
 
@@ -27,10 +26,14 @@ class MemoryMeasurement:
     timeline_source: str
     peak_reserved_bytes: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    other_device_peaks: dict[str, int] = field(default_factory=dict)  # e.g. offloaded to host
 
 
 def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:
     """One step under the tensor tracker: exact bytes of every live tensor, op by op."""
+    # Imported here: the tracker's module pulls in torch's compiler stack (~2 s per process).
+    from memexp.measure.tracker import TensorTracker
+
     tracker = TensorTracker(
         work.tokens.device, work.model, work.optimizer, work.tokens, work.targets
     )
@@ -50,6 +53,7 @@ def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryM
         phase_bytes=step.phase_bytes,
         timeline=step.timeline,
         timeline_source=source,
+        other_device_peaks=step.other_device_peaks,
     )
 
 

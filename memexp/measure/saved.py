@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from memexp.results import RunResult
+
 SAVED_SOURCE = "saved_tensors_hooks"
 
 
@@ -36,3 +38,19 @@ def counting_saved_bytes(model: nn.Module) -> Iterator[Callable[[], int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield lambda: sum(seen.values())
+
+
+OP_POLICY_NOTE = (
+    "not recorded: an op-level policy keeps its outputs in the selective-checkpoint cache, "
+    "which saved-tensor hooks do not see; activations_bytes (tensor tracker) includes them"
+)
+
+
+def record_saved_bytes(result: RunResult, counted: int | None) -> None:
+    """Record the count, unless the plan keeps tensors where the hooks cannot see them."""
+    result.saved_source = SAVED_SOURCE
+    if result.plan and result.plan.get("op_policy"):
+        result.saved_activation_bytes = None
+        result.extra["saved_activation_note"] = OP_POLICY_NOTE
+    else:
+        result.saved_activation_bytes = counted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from memexp.strategies import full, none, sqrt
+from memexp.strategies import adaptive, every_n, full, none, offload, op, selective, sqrt
 from memexp.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from memexp.plan import CheckpointPlan
 
 STRATEGIES: dict[str, Strategy] = {
-    module.STRATEGY.name: module.STRATEGY for module in (none, full, sqrt)
+    module.STRATEGY.name: module.STRATEGY
+    for module in (none, full, sqrt, selective, every_n, op, offload, adaptive)
 }
 
 

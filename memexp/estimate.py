@@ -1,0 +1,329 @@
+"""Predict a job without allocating it: its step on fake tensors, and the largest batch that fits.
+
+The fake device runs the job's own step (model, plan, loss, backward, optimizer step) under
+`FakeTensorMode`, where every tensor has a shape, dtype and device but no data, and the tensor
+tracker counts the bytes each would hold. Nothing is computed, so a 7B-parameter step is
+predicted on a laptop in seconds.
+
+What is imagined (docs/memory_model.md has the whole account):
+
+* kernels are the CPU's, because no CUDA kernel runs here even on fake tensors: `attention:
+  sdpa` picks the CPU flash kernel (it saves q, k, v, the output and a b·a·s logsumexp, as
+  CUDA's flash and memory-efficient kernels do); `precision: bf16` follows the CPU autocast op
+  lists (CUDA's also lifts softmax to fp32);
+* `device.imagine: cuda` (the default) follows CUDA's defaults where PyTorch leaves the choice to
+  the device: the multi-tensor (`foreach`) optimizer, whose step holds a params-sized scratch, and
+  offloaded saved tensors held in host memory (the meta device stands in for the host here);
+  `device.imagine: cpu` runs exactly what `device=cpu` runs, byte for byte.
+
+The step is predicted at steady state, as the CPU and CUDA runs measure it: the optimizer's
+state exists before the tracked step starts (a warm-up step, which also counts saved bytes and
+FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from memexp.config import GIB, ExperimentSpec
+from memexp.measure.flops import fake_workload, flop_counter, step_flops
+from memexp.measure.memory import MemoryMeasurement, tracked_step
+from memexp.measure.saved import counting_saved_bytes, record_saved_bytes
+from memexp.model import ContextFactory, parameter_count
+from memexp.plan import CheckpointPlan
+from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError, RunResult
+from memexp.training import Workload, backward, forward_loss, optimizer_step
+
+FAKE_DEVICE = "fake"
+TIME_SOURCE_ESTIMATE = "estimate_from_flops"
+MIB = 2**20
+# Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
+IMAGINED_HOST = torch.device("meta")
+# The batch search stops doubling here, so a budget nothing reaches still ends.
+MAX_AUTO_BATCH = 1 << 16
+
+
+@dataclass
+class Prediction:
+    """One job's step on fake tensors: memory as the tracker saw it, and what was counted."""
+
+    memory: MemoryMeasurement
+    param_count: int
+    host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
+    saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
+    flops_step: int | None = None  # forward, loss and backward, recomputation included
+
+
+def imagined_device(spec: ExperimentSpec) -> str:
+    """Whose default code paths a prediction follows: the fake device's setting, else the job's device."""
+    return spec.device_settings.imagine if spec.device == FAKE_DEVICE else spec.device
+
+
+def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Run the `foreach` implementation, PyTorch's default for CUDA tensors (not for CPU ones)."""
+    for group in optimizer.param_groups:
+        group["foreach"] = True
+
+
+@contextlib.contextmanager
+def held_in_host_memory() -> Iterator[None]:
+    """`save_on_cpu` as a GPU sees it: saved tensors move to host memory, come back for backward."""
+
+    def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+        return tensor.device, tensor.to(IMAGINED_HOST)
+
+    def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+        device, tensor = packed
+        return tensor.to(device)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _warm_up(work: Workload) -> tuple[int, int]:
+    """An untracked first step, as the measured runs take: it creates the optimizer state and
+    counts the bytes the forward saves and the step's FLOPs. Returns (saved bytes, FLOPs).
+
+    FLOPs are counted here, not in the tracked step: the counter's module hooks hold gradients
+    until a module's backward completes, which would change the memory the tracker sees.
+    """
+    with flop_counter() as counter:
+        with counting_saved_bytes(work.model) as saved_so_far:
+            loss = forward_loss(work, in_place=True)
+            saved = saved_so_far()
+        backward(loss)
+    del loss
+    optimizer_step(work)
+    return saved, int(counter.get_total_flops())
+
+
+def _create_optimizer_state(work: Workload) -> None:
+    """A step on zero gradients: the optimizer's state exists, as after any warm-up step, for a
+    fraction of a forward and backward's cost (a peak-only prediction needs no counts)."""
+    for parameter in work.model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer_step(work)
+
+
+def predict(
+    spec: ExperimentSpec,
+    plan: CheckpointPlan,
+    imagine: str,
+    context_fn: ContextFactory | None = None,
+    counts: bool = True,
+) -> Prediction:
+    """The step of `spec` under `plan` on fake tensors, following `imagine`'s code paths.
+
+    `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
+    warm-up step also counts saved bytes and FLOPs.
+    """
+    mode, work = fake_workload(spec, plan, context_fn)
+    offload_to_host = plan.offload and imagine == "cuda"
+    saved = flops = None
+    with mode:
+        if imagine == "cuda":
+            use_multi_tensor_optimizer(work.optimizer)
+        if counts:
+            saved, flops = _warm_up(work)
+        else:
+            _create_optimizer_state(work)
+        if offload_to_host:
+            work.plan = replace(plan, offload=False)  # the host hooks below stand in for it
+        placement = held_in_host_memory() if offload_to_host else contextlib.nullcontext()
+        with placement:
+            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+    return Prediction(
+        memory=memory,
+        param_count=parameter_count(work.model),
+        host_peak_bytes=memory.other_device_peaks.get(str(IMAGINED_HOST), 0)
+        if offload_to_host
+        else None,
+        saved_activation_bytes=saved,
+        flops_step=flops,
+    )
+
+
+def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:
+    """The step's FLOPs with nothing recomputed, from models of one and two layers.
+
+    Every layer does the same FLOPs, so FLOPs are exactly affine in depth: counting two shallow
+    models costs a fraction of counting the deep one.
+    """
+
+    def flops_at(layers: int) -> int:
+        shallow = replace(spec, model=replace(spec.model, layers=layers))
+        return step_flops(shallow, CheckpointPlan.nothing(layers))
+
+    one, two = flops_at(1), flops_at(2)
+    return one + (spec.model.layers - 1) * (two - one)
+
+
+def predict_job(spec: ExperimentSpec, plan: CheckpointPlan) -> Prediction:
+    return predict(spec, plan, imagined_device(spec))
+
+
+def estimated_step_ms(flops: int, peak_tflops: float, utilization: float) -> float:
+    """Matmul FLOPs at `utilization` of the peak rate: a lower bound on the step's time."""
+    return flops / (peak_tflops * 1e12 * utilization) * 1e3
+
+
+def record_prediction(result: RunResult, spec: ExperimentSpec, prediction: Prediction) -> None:
+    """The fake device's figures; measured time fields stay empty, estimates go to `extra`."""
+    settings = spec.device_settings
+    result.param_count = prediction.param_count
+    record_saved_bytes(result, prediction.saved_activation_bytes)
+    extra: dict[str, Any] = {"fake_imagines": settings.imagine}
+    if prediction.host_peak_bytes is not None:
+        extra["offloaded_host_peak_bytes"] = prediction.host_peak_bytes
+    if spec.device_memory_bytes is not None:
+        headroom = spec.device_memory_bytes - prediction.memory.peak_bytes
+        extra.update(
+            device_memory_bytes=spec.device_memory_bytes,
+            fits_device_memory=headroom >= 0,
+            device_headroom_bytes=headroom,
+        )
+    if settings.peak_tflops is not None:
+        step_ms = estimated_step_ms(
+            prediction.flops_step, settings.peak_tflops, settings.utilization
+        )
+        result.time_source = TIME_SOURCE_ESTIMATE
+        extra.update(
+            estimated_step_ms=step_ms,
+            estimated_tokens_per_s=spec.tokens_per_step / (step_ms / 1e3),
+            estimate_peak_tflops=settings.peak_tflops,
+            estimate_utilization=settings.utilization,
+        )
+    result.extra.update(extra)
+
+
+def format_bytes(count: int) -> str:
+    """MiB below a GiB, GiB above: a tiny model's peak and a 7B model's both stay readable."""
+    return f"{count / GIB:,.2f} GiB" if abs(count) >= GIB else f"{count / MIB:,.2f} MiB"
+
+
+def describe_prediction(result: RunResult) -> str:
+    """The one line a fake-device job prints: predicted, with its sources, never 'measured'."""
+    extra = result.extra
+    text = (
+        f"[memexp] predicted peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
+        f"saved activations {format_bytes(result.saved_activation_bytes)}, "
+        f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
+    )
+    if "offloaded_host_peak_bytes" in extra:
+        text += f", host memory peak {format_bytes(extra['offloaded_host_peak_bytes'])} (offloaded)"
+    if "device_memory_bytes" in extra:
+        verdict = "fits" if extra["fits_device_memory"] else "does NOT fit"
+        text += (
+            f"; {verdict} in {format_bytes(extra['device_memory_bytes'])} "
+            f"(headroom {format_bytes(extra['device_headroom_bytes'])})"
+        )
+    if "estimated_step_ms" in extra:
+        text += (
+            f"; step ≈ {extra['estimated_step_ms']:,.1f} ms ({TIME_SOURCE_ESTIMATE}: "
+            f"{extra['estimate_utilization']:.0%} of {extra['estimate_peak_tflops']:g} TFLOP/s)"
+        )
+    return text
+
+
+# --- batch=auto ----------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSearch:
+    """Every batch tried and its predicted peak; the answer is the largest that fit."""
+
+    budget_bytes: int
+    probes: dict[int, int]  # batch size → predicted peak bytes, in the order tried
+    batch_size: int | None  # None: even the first batch tried does not fit
+    limit_reached: bool = False  # every batch up to MAX_AUTO_BATCH fit
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.probes[self.batch_size if self.batch_size is not None else min(self.probes)]
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.peak_bytes
+
+
+def search_largest_batch(
+    peak_of: Callable[[int], int],
+    budget_bytes: int,
+    start: int = 1,
+    limit: int = MAX_AUTO_BATCH,
+) -> BatchSearch:
+    """Double from `start` until a batch does not fit, then bisect: the largest that fits.
+
+    Peak memory grows with the batch, so when the answer is below `limit` the search has also
+    tried the answer + 1 and seen it exceed the budget.
+    """
+    probes: dict[int, int] = {}
+
+    def fits(batch: int) -> bool:
+        probes[batch] = peak_of(batch)
+        return probes[batch] <= budget_bytes
+
+    if not fits(start):
+        return BatchSearch(budget_bytes, probes, None)
+    low, high = start, None  # low fits; high (once known) does not
+    while high is None:
+        if low >= limit:
+            return BatchSearch(budget_bytes, probes, low, limit_reached=True)
+        candidate = min(2 * low, limit)
+        if fits(candidate):
+            low = candidate
+        else:
+            high = candidate
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return BatchSearch(budget_bytes, probes, low)
+
+
+def choose_batch(
+    result: RunResult,
+    spec: ExperimentSpec,
+    plan_for: Callable[[ExperimentSpec], CheckpointPlan],
+) -> ExperimentSpec:
+    """The job at the largest batch predicted to fit its budget, recorded in `result.extra`.
+
+    Each batch tried is planned afresh (`plan_for`), since a planner may adapt to the batch.
+    Raises InfeasibleError, with the first batch's peak recorded, when even that does not fit.
+    """
+    imagine = imagined_device(spec)
+
+    def peak_of(batch_size: int) -> int:
+        at = replace(spec, batch_size=batch_size)
+        return predict(at, plan_for(at), imagine, counts=False).memory.peak_bytes
+
+    budget = spec.memory_budget_bytes
+    assert budget is not None, "validate() requires a budget for batch=auto"
+    search = search_largest_batch(peak_of, budget, start=spec.batch_size)
+    result.extra.update(
+        auto_batch_budget_bytes=budget,
+        auto_batch_probes=[[batch, peak] for batch, peak in search.probes.items()],
+        auto_batch_source=SOURCE_FAKE_TENSORS,
+        auto_batch_imagines=imagine,
+    )
+    if search.batch_size is None:
+        result.peak_bytes, result.memory_source = search.peak_bytes, SOURCE_FAKE_TENSORS
+        raise InfeasibleError(
+            f"batch {spec.batch_size} already needs {format_bytes(search.peak_bytes)} "
+            f"(predicted peak, {SOURCE_FAKE_TENSORS}), over the budget of {format_bytes(budget)}"
+        )
+    result.extra.update(
+        auto_batch_size=search.batch_size,
+        auto_batch_predicted_peak_bytes=search.peak_bytes,
+        auto_batch_headroom_bytes=search.headroom_bytes,
+        auto_batch_next_peak_bytes=search.probes.get(search.batch_size + 1),
+        auto_batch_limit_reached=search.limit_reached,
+    )
+    return replace(spec, batch_size=search.batch_size)

@@ -1,0 +1,174 @@
+"""`adaptive`: the plan with the least recompute FLOPs whose predicted peak fits a memory budget.
+
+The budget is one of
+- `budget_mb`: the whole step's peak in MiB (2^20 bytes): what "fit in 16 GiB" means;
+- `budget_ratio`: parameters + gradients + optimizer state + batch, plus this fraction of the
+  activations the `none` plan saves for backward.
+With neither, the job's memory budget (`batch.budget_gb`, or the imagined device's
+`device.memory_gb` on the fake device) when it has one, else `budget_ratio=0.5`.
+
+Planning (memexp.planner) profiles the job's layer under each of its seven recomputation options
+on fake tensors, predicts the step's peak for any per-layer plan and solves for the cheapest
+plan within the budget exactly. The runner then measures the plan's real peak and, if it is
+over budget (on a GPU the allocator rounds and the kernels differ from the profiled ones),
+tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
+A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memexp.config import ConfigError
+from memexp.planner import (
+    PROFILE_SOURCE,
+    UNITS,
+    PeakPrediction,
+    Solution,
+    StepProfile,
+    cheapest_within,
+    leanest,
+    option_name,
+    predict,
+    profile_step,
+)
+from memexp.results import InfeasibleError
+from memexp.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from memexp.config import ExperimentSpec, ModelConfig
+    from memexp.plan import CheckpointPlan
+
+MIB = 2**20
+DEFAULT_BUDGET_RATIO = 0.5
+
+
+@dataclass
+class AdaptiveConfig:
+    name: str = "adaptive"
+    budget_mb: float | None = None
+    budget_ratio: float | None = None
+    max_rounds: int = 3
+
+
+def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
+    if cfg.budget_mb is not None and cfg.budget_ratio is not None:
+        raise ConfigError(
+            "strategy.budget_mb",
+            cfg.budget_mb,
+            f"null while strategy.budget_ratio={cfg.budget_ratio} is set: give one budget",
+        )
+    if cfg.budget_mb is not None and cfg.budget_mb <= 0:
+        raise ConfigError("strategy.budget_mb", cfg.budget_mb, "a positive number of MiB")
+    if cfg.budget_ratio is not None and not 0 < cfg.budget_ratio <= 1:
+        raise ConfigError("strategy.budget_ratio", cfg.budget_ratio, "a fraction in (0, 1]")
+    if cfg.max_rounds < 1:
+        raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int
+    rule: str  # how it was set, in words, with its figures
+
+
+def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
+    """An explicit budget wins; then the job's own (the device being imagined); then the ratio."""
+    if cfg.budget_mb is not None:
+        return Budget(round(cfg.budget_mb * MIB), f"budget_mb={cfg.budget_mb:g} MiB")
+    if cfg.budget_ratio is None and job_budget is not None:
+        return Budget(job_budget, f"the job's memory budget, {job_budget / MIB:.1f} MiB")
+    ratio = DEFAULT_BUDGET_RATIO if cfg.budget_ratio is None else cfg.budget_ratio
+    activations = profile.saved_activation_bytes()
+    return Budget(
+        profile.static_bytes + round(ratio * activations),
+        f"budget_ratio={ratio:g}: parameters, gradients, optimizer state and batch "
+        f"{profile.static_bytes / MIB:.1f} MiB + {ratio:g} × {activations / MIB:.1f} MiB "
+        "saved for backward by `none`",
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    solution: Solution
+    prediction: PeakPrediction
+    planning_budget_bytes: int
+
+    @property
+    def plan(self) -> CheckpointPlan:
+        return self.solution.plan
+
+
+class BudgetPlanner:
+    """One job's profile and budget; plans for the budget, or for it less a margin."""
+
+    def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
+        self.profile = profile_step(spec)
+        self.budget = budget_for(cfg, self.profile, spec.memory_budget_bytes)
+
+    def decide(self, margin_bytes: int = 0) -> Decision:
+        """The cheapest plan predicted within the budget less `margin_bytes` (measured
+        overshoots of earlier plans); InfeasibleError, with the smallest peak, if none is."""
+        planning = self.budget.bytes - margin_bytes
+        solution = cheapest_within(self.profile, planning)
+        if solution is None:
+            raise InfeasibleError(self._infeasible_message(margin_bytes))
+        return Decision(solution, predict(self.profile, solution.choices), planning)
+
+    def _infeasible_message(self, margin_bytes: int) -> str:
+        lean = leanest(self.profile)
+        lowest = predict(self.profile, lean.choices)
+        tightened = (
+            f", tightened by {margin_bytes / MIB:.1f} MiB that measured peaks exceeded predictions"
+            if margin_bytes
+            else ""
+        )
+        return (
+            f"no plan fits the budget of {self.budget.bytes / MIB:.1f} MiB "
+            f"({self.budget.rule}{tightened}): the smallest achievable peak is "
+            f"{lowest.peak_bytes / MIB:.1f} MiB (predicted, set by the {lowest.where}; "
+            f"plan: {lean.plan.describe()})"
+        )
+
+    def record(self, unit_ms: dict[str, float]) -> dict[str, Any]:
+        """The budget and what each unit saves and costs, for `result.extra["adaptive"]`.
+
+        Per unit: the bytes a layer holds into its backward that recomputing the unit drops,
+        the extra bytes its recomputation adds at its backward's highest point, the FLOPs it
+        recomputes (matmuls only, as FlopCounterMode counts) and one timed forward.
+        """
+        options = self.profile.options
+        nothing = options[()]
+        units = {}
+        for unit in UNITS:
+            stats = options[(unit,)]
+            units[unit] = {
+                "held_bytes_dropped": nothing.held_bytes - stats.held_bytes,
+                "backward_peak_extra_bytes": stats.backward_peak_bytes
+                - nothing.backward_peak_bytes,
+                "recompute_flops": stats.recompute_flops,
+                "forward_ms": unit_ms.get(unit),
+            }
+        return {
+            "budget_bytes": self.budget.bytes,
+            "budget_rule": self.budget.rule,
+            "profile_source": PROFILE_SOURCE,
+            "layer_forward_flops": self.profile.layer_forward_flops,
+            "units": units,
+            "unit_time_source": "perf_counter, one forward each after a warm-up"
+            if unit_ms
+            else None,
+        }
+
+
+def describe_choices(solution: Solution) -> list[str]:
+    """One entry per layer: what it recomputes (`nothing`, `attention_core+ffn`, `layer`, …)."""
+    return [option_name(option) for option in solution.choices]
+
+
+def make_plan(cfg: AdaptiveConfig, spec: ExperimentSpec) -> CheckpointPlan:
+    return BudgetPlanner(cfg, spec).decide().plan
+
+
+STRATEGY = Strategy("adaptive", AdaptiveConfig, make_plan, validate)

@@ -1,0 +1,232 @@
+"""The adaptive planner: exact predictions, an exact solver, and budgets that hold when measured.
+
+The model is the tiny one made activation-heavy (3 layers, sequence 64, vocabulary 64), so that
+plans change the step's peak instead of the optimizer step setting it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from memexp import planner
+from memexp.config import ExperimentSpec
+from memexp.measure.memory import measure_memory
+from memexp.measure.saved import counting_saved_bytes
+from memexp.plan import CheckpointPlan
+from memexp.planner import OPTIONS, StepProfile, cheapest_within, leanest, predict, profile_step
+from memexp.results import STATUS_INFEASIBLE, STATUS_OK, InfeasibleError, RunResult, read_result
+from memexp.runner import run_job
+from memexp.strategies import adaptive
+from memexp.training import build_workload, forward_loss, train_step
+
+SpecFn = Callable[..., ExperimentSpec]
+HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
+VARIANTS = {"fp32": (), "bf16_sdpa": ("precision=bf16", "model.attention=sdpa")}
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def specs(tiny_spec: SpecFn) -> dict[str, ExperimentSpec]:
+    return {name: tiny_spec(*HEAVY, *extra) for name, extra in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def profiles(specs: dict[str, ExperimentSpec]) -> dict[str, StepProfile]:
+    return {name: profile_step(spec) for name, spec in specs.items()}
+
+
+def measured_peak(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
+    """The step's peak as a CPU job measures it: after a warm-up step, under the tracker."""
+    work = build_workload(spec, plan, "cpu")
+    train_step(work)
+    return measure_memory(work).peak_bytes
+
+
+def some_plans(layers: int) -> list[tuple[planner.LayerOption, ...]]:
+    uniform = [(option,) * layers for option in OPTIONS]
+    rng = random.Random(0)
+    mixed = [tuple(rng.choice(OPTIONS) for _ in range(layers)) for _ in range(3)]
+    return uniform + mixed
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_predicted_peak_is_the_measured_peak_to_the_byte(
+    variant: str, specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
+) -> None:
+    spec, profile = specs[variant], profiles[variant]
+    peaks = {}
+    for choices in some_plans(spec.model.layers):
+        peaks[choices] = measured_peak(spec, planner.plan_of(choices))
+        assert predict(profile, choices).peak_bytes == peaks[choices], choices
+    assert len(set(peaks.values())) > 3  # the plans really differ in peak
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_solver_matches_exhaustive_search_on_a_ladder_of_budgets(
+    variant: str, profiles: dict[str, StepProfile]
+) -> None:
+    profile = profiles[variant]
+    every_plan = [
+        predict(profile, choices) for choices in itertools.product(OPTIONS, repeat=profile.layers)
+    ]
+    peaks = sorted({p.peak_bytes for p in every_plan})
+    ladder = [peaks[0] - 1, *peaks, *(p - 1 for p in peaks[1:])]
+    for budget in ladder:
+        fitting = [p.recompute_flops for p in every_plan if p.peak_bytes <= budget]
+        solution = cheapest_within(profile, budget)
+        if not fitting:
+            assert solution is None
+            continue
+        assert solution is not None
+        assert solution.recompute_flops == min(fitting)
+        assert predict(profile, solution.choices).peak_bytes == solution.peak_bytes <= budget
+    assert leanest(profile).peak_bytes == peaks[0]
+
+
+def test_measured_peaks_fit_feasible_budgets_and_fall_as_they_tighten(
+    specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
+) -> None:
+    spec, profile = specs["fp32"], profiles["fp32"]
+    lowest = leanest(profile).peak_bytes
+    highest = predict(profile, ((),) * profile.layers).peak_bytes
+    budgets = [highest - (highest - lowest) * step // 5 for step in range(6)]
+    peaks, costs = [], []
+    for budget in budgets:  # loosest first
+        solution = cheapest_within(profile, budget)
+        assert solution is not None
+        peaks.append(measured_peak(spec, solution.plan))
+        costs.append(solution.recompute_flops)
+        assert peaks[-1] <= budget
+    assert peaks == sorted(peaks, reverse=True)
+    assert costs == sorted(costs)
+    assert len(set(peaks)) > 2
+
+
+def test_adaptive_plan_computes_what_none_computes(
+    specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
+) -> None:
+    spec, profile = specs["fp32"], profiles["fp32"]
+    budget = (leanest(profile).peak_bytes + predict(profile, ((),) * 3).peak_bytes) // 2
+    plan = cheapest_within(profile, budget).plan
+    assert plan.recomputes_anything
+
+    def step(plan: CheckpointPlan) -> list[torch.Tensor]:
+        work = build_workload(spec, plan, "cpu")
+        loss = forward_loss(work)
+        loss.backward()
+        return [loss.detach(), *(p.grad for p in work.model.parameters())]
+
+    assert all(map(torch.equal, step(plan), step(CheckpointPlan.nothing(3))))
+
+
+def test_budget_ratio_adds_a_share_of_nones_saved_activations_to_static_memory(
+    specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
+) -> None:
+    spec, profile = specs["fp32"], profiles["fp32"]
+    work = build_workload(spec, CheckpointPlan.nothing(3), "cpu")
+    with counting_saved_bytes(work.model) as saved_so_far:
+        forward_loss(work, in_place=True)
+        none_saved = saved_so_far()
+    assert profile.saved_activation_bytes() == none_saved
+    train_step(work)
+    resting = measure_memory(work).phase_bytes["after_setup"]
+    gradients = sum(p.numel() * p.element_size() for p in work.model.parameters())
+    assert profile.static_bytes == resting + gradients
+    for ratio, expected in ((None, 0.5), (0.25, 0.25)):
+        cfg = adaptive.AdaptiveConfig(budget_ratio=ratio)
+        budget = adaptive.budget_for(cfg, profile)
+        assert budget.bytes == resting + gradients + round(expected * none_saved)
+    mib = adaptive.budget_for(adaptive.AdaptiveConfig(budget_mb=1.5), profile)
+    assert mib.bytes == 1.5 * MIB
+
+
+def test_a_budget_below_every_plan_is_infeasible_with_the_smallest_peak(
+    specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile], monkeypatch
+) -> None:
+    profile = profiles["fp32"]
+    monkeypatch.setattr(adaptive, "profile_step", lambda spec: profile)
+    lowest = leanest(profile).peak_bytes
+    cfg = adaptive.AdaptiveConfig(budget_mb=(lowest - 1) / MIB)
+    with pytest.raises(
+        InfeasibleError, match=f"smallest achievable peak is {lowest / MIB:.1f} MiB"
+    ):
+        adaptive.BudgetPlanner(cfg, specs["fp32"]).decide()
+    cfg = adaptive.AdaptiveConfig(budget_mb=lowest / MIB)
+    assert adaptive.BudgetPlanner(cfg, specs["fp32"]).decide().prediction.peak_bytes == lowest
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def middle_budget_mb(profile: StepProfile) -> float:
+    """A budget halfway between the leanest plan's peak and `none`'s: a real plan is needed."""
+    none_peak = predict(profile, ((),) * profile.layers).peak_bytes
+    return (leanest(profile).peak_bytes + none_peak) / 2 / MIB
+
+
+def run_adaptive(tiny_cfg: Callable[..., DictConfig], job_dir: Path, *overrides: str) -> RunResult:
+    cfg = tiny_cfg(*HEAVY, "strategy=adaptive", "measure.repeat=1", *overrides)
+    run_job(cfg, job_dir, {})
+    return read_result(job_dir)
+
+
+def test_adaptive_job_records_budget_prediction_and_measurement(
+    tiny_cfg: Callable[..., DictConfig], profiles: dict[str, StepProfile], tmp_path: Path
+) -> None:
+    budget_mb = middle_budget_mb(profiles["fp32"])
+    record = run_adaptive(tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}")
+    assert record.status == STATUS_OK, record.message
+    adaptive_record = record.extra["adaptive"]
+    assert adaptive_record["budget_bytes"] == round(budget_mb * MIB)
+    assert adaptive_record["predicted_peak_bytes"] == record.peak_bytes <= round(budget_mb * MIB)
+    assert adaptive_record["measured_peak_bytes"] == record.peak_bytes
+    assert adaptive_record["predicted_recompute_flops"] == record.flops_recompute > 0
+    assert len(adaptive_record["rounds"]) == 1
+    assert adaptive_record["planning_s"] > 0
+    assert record.plan["parts"] or record.plan["segments"]
+    assert set(adaptive_record["units"]) == {"attention_core", "attention", "ffn", "layer"}
+
+
+def test_infeasible_job_is_recorded_with_the_smallest_achievable_peak(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    record = run_adaptive(tiny_cfg, tmp_path, "strategy.budget_mb=0.5")
+    assert record.status == STATUS_INFEASIBLE
+    assert "smallest achievable peak is" in record.message
+    assert record.extra["adaptive"]["budget_bytes"] == MIB // 2
+    assert record.peak_bytes is None
+
+
+def test_a_plan_measured_over_budget_is_tightened_and_planned_again(
+    tiny_cfg: Callable[..., DictConfig],
+    profiles: dict[str, StepProfile],
+    tmp_path: Path,
+    monkeypatch,
+) -> None:
+    """A profile that under-predicts every plan (as a GPU's allocator may) is caught by the
+    measurement: the next plan is made for the budget less the overshoot, until it fits."""
+    profile = profiles["fp32"]
+    optimistic = replace(
+        profile,
+        embedding_net_bytes=profile.embedding_net_bytes
+        - profile.options[()].kept_bytes * profile.layers // 3,
+    )
+    monkeypatch.setattr(adaptive, "profile_step", lambda spec: optimistic)
+    budget_mb = middle_budget_mb(profile)
+    record = run_adaptive(tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}")
+    rounds = record.extra["adaptive"]["rounds"]
+    assert record.status == STATUS_OK, record.message
+    assert rounds[0]["measured_peak_bytes"] > round(budget_mb * MIB)
+    assert len(rounds) >= 2
+    assert rounds[-1]["measured_peak_bytes"] == record.peak_bytes <= round(budget_mb * MIB)
+    assert [r["planning_budget_bytes"] for r in rounds] == sorted(
+        (r["planning_budget_bytes"] for r in rounds), reverse=True
+    )
