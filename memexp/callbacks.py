@@ -77,9 +77,14 @@ def format_table(results: list[RunResult]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     sources = sorted({r.memory_source for r in results if r.memory_source})
     repeats = sorted({r.time_repeats for r in results if r.time_repeats})
+    timing = (
+        f"median of {', '.join(map(str, repeats))} timed steps"
+        if repeats
+        else "not measured (fake-device estimates are in summary.md)"
+    )
     lines.append(
         f"peak: {', '.join(sources) or 'n/a'}; saved act: bytes saved for backward "
-        f"(saved-tensor hooks); step ms: median of {', '.join(map(str, repeats)) or 'n/a'} timed steps"
+        f"(saved-tensor hooks); step ms: {timing}"
     )
     failed = [r for r in results if r.status != "ok"]
     for r in failed:

@@ -751,7 +751,11 @@ def draw_all(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
 
     A figure that fails on data no one foresaw becomes a note instead of an exception: this runs at
     the end of a sweep, and one bad figure must not cost the table and the other figures.
+    Figures of an earlier aggregation are removed first (they are derived, not measured), so a
+    figure the data no longer supports does not linger beside the new ones.
     """
+    for stale in Path(out_dir).glob("*.png"):
+        stale.unlink()
     outcomes = []
     for name, draw in FIGURES:
         try:
