@@ -11,7 +11,7 @@ import pytest
 
 from memexp import aggregate
 from memexp.aggregate import aggregate_sweep, load_results
-from memexp.results import RunResult, write_result
+from tests import records
 
 WORKLOAD = {
     "model": "small",
@@ -25,11 +25,7 @@ WORKLOAD = {
 
 
 def write_job(sweep: Path, num: int, strategy: str, status: str = "ok", **fields: Any) -> Path:
-    """One `<sweep>/<num>/result.json` with the shared workload unless a field overrides it."""
-    record = {**WORKLOAD, **fields}
-    record.setdefault("overrides", [f"strategy={strategy}"])
-    result = RunResult(status=status, job_num=num, strategy=strategy, **record)
-    return write_result(sweep / str(num), result)
+    return records.write_job(sweep, num, strategy, WORKLOAD, status, **fields)
 
 
 def row(frame: pd.DataFrame, strategy: str, **where: Any) -> pd.Series:

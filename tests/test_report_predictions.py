@@ -13,7 +13,7 @@ from memexp import aggregate, plots
 from memexp.aggregate import auto_batch_table, load_results
 from memexp.plots import PlotOutcome
 from memexp.report import render_summary, seq_len_exponents
-from memexp.results import RunResult, write_result
+from tests import records
 
 GIB = 2**30
 MIB = 2**20
@@ -29,13 +29,8 @@ WORKLOAD = {
 }
 
 
-def write_job(sweep: Path, num: int, strategy: str, status: str = "ok", **fields: Any) -> None:
-    """One `<sweep>/<num>/result.json`: the shared workload unless a field overrides it."""
-    record = {**WORKLOAD, **fields}
-    record.setdefault("overrides", [f"strategy={strategy}"])
-    write_result(
-        sweep / str(num), RunResult(status=status, job_num=num, strategy=strategy, **record)
-    )
+def write_job(sweep: Path, num: int, strategy: str, status: str = "ok", **fields: Any) -> Path:
+    return records.write_job(sweep, num, strategy, WORKLOAD, status, **fields)
 
 
 def summary(sweep: Path, figures: list[PlotOutcome] | None = None) -> str:
