@@ -12,7 +12,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from memexp.results import RESULT_FILE, STATUS_ERROR, RunResult, read_result
+from memexp.results import (
+    RESULT_FILE,
+    SOURCE_FAKE_TENSORS,
+    STATUS_ERROR,
+    RunResult,
+    read_result,
+)
 from memexp.wandb_sink import log_aggregate, sweep_group
 
 MIB = 2**20
@@ -61,7 +67,7 @@ def format_table(results: list[RunResult]) -> str:
             str(r.job_num if r.job_num is not None else "-"),
             r.model or "-",
             r.strategy or "-",
-            f"{r.seq_len}×{r.batch_size}",
+            f"{r.seq_len if r.seq_len is not None else '-'}×{r.batch_size if r.batch_size is not None else '-'}",
             _mib(r.peak_bytes),
             _mib(r.saved_activation_bytes),
             _ms(r.step_ms_median),
@@ -77,18 +83,20 @@ def format_table(results: list[RunResult]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     sources = sorted({r.memory_source for r in results if r.memory_source})
     repeats = sorted({r.time_repeats for r in results if r.time_repeats})
-    timing = (
-        f"median of {', '.join(map(str, repeats))} timed steps"
-        if repeats
-        else "not measured (fake-device estimates are in summary.md)"
-    )
+    if repeats:
+        timing = f"median of {', '.join(map(str, repeats))} timed steps"
+    elif any(r.memory_source == SOURCE_FAKE_TENSORS for r in results):
+        timing = "not measured (fake-device estimates are in summary.md)"
+    else:
+        timing = "n/a"
     lines.append(
         f"peak: {', '.join(sources) or 'n/a'}; saved act: bytes saved for backward "
         f"(saved-tensor hooks); step ms: {timing}"
     )
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
-        lines.append(f"job {r.job_num} {r.status}: {r.message}")
+        label = f"job {r.job_num}" if r.job_num is not None else "run"
+        lines.append(f"{label} {r.status}: {r.message}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from memexp import analytic
 from memexp.config import ConfigError, ExperimentSpec, validate
@@ -58,6 +58,19 @@ MIB = 2**20
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fill_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
+    """What the job was asked to be, before validation: an invalid job's record still says."""
+    for field_name, key in (
+        ("model", "model.name"),
+        ("strategy", "strategy.name"),
+        ("seq_len", "seq.len"),
+        ("batch_size", "batch.size"),
+        ("precision", "precision"),
+    ):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        setattr(result, field_name, value if isinstance(value, (str, int)) else None)
 
 
 def _fill_identity(result: RunResult, spec: ExperimentSpec) -> None:
@@ -234,6 +247,7 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
     result = RunResult(status=STATUS_ERROR, started_at=_now(), job_dir=str(job_dir), **identity)
     try:
         result.extra[CONFIG_HASH_KEY] = config_hash(cfg)
+        _fill_identity_from_config(result, cfg)
         spec = validate(cfg)
         _fill_identity(result, spec)
         result.environment = describe_environment(spec.device)

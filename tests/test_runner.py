@@ -161,6 +161,8 @@ def test_invalid_config_is_recorded_not_raised(
     cfg = tiny_cfg("model.heads=5")
     result = run_job(cfg, tmp_path, {"overrides": ["model.heads=5"]})
     assert (result.status, result.error_type) == ("error", "ConfigError")
+    assert (result.model, result.strategy) == ("tiny", "none")  # what the job was asked to be
+    assert (result.seq_len, result.batch_size) == (16, 2)
     assert result.message is not None and result.message.startswith("model.heads=5 ")
     assert read_result(tmp_path) == result
     assert not (tmp_path / TIMELINE_FILE).exists()
