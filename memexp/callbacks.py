@@ -86,7 +86,7 @@ def format_table(results: list[RunResult]) -> str:
     if repeats:
         timing = f"median of {', '.join(map(str, repeats))} timed steps"
     elif any(r.memory_source == SOURCE_FAKE_TENSORS for r in results):
-        timing = "not measured (fake-device estimates are in summary.md)"
+        timing = "not measured (device=fake predicts memory and FLOPs only)"
     else:
         timing = "n/a"
     lines.append(

@@ -79,7 +79,10 @@ class CheckpointPlan:
             text = "nothing recomputed"
         else:
             pieces = []
-            if self.segments:
+            if self.segments and all(e - s == 1 for s, e in self.segments):
+                layers = _ranges([s for s, _ in self.segments])
+                pieces.append(f"layers {layers} each recomputed as its own checkpoint")
+            elif self.segments:
                 spans = " ".join(f"[{s},{e})" for s, e in self.segments)
                 pieces.append(f"{len(self.segments)} checkpointed segment(s) of layers {spans}")
             by_part: dict[Part, list[int]] = {}
