@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memexp.measure.saved import counting_saved_bytes
-from memexp.training import Workload, backward, forward_loss, optimizer_step
+from memexp.training import Workload, backward, forward_loss, optimizer_step, train_step
 
 PHASES = ("forward", "backward", "optimizer", "step")
 
@@ -65,23 +65,27 @@ def _one_step(work: Workload, now: Callable[[], float]) -> tuple[float, dict[str
     return float(loss.detach()), {k: v * 1000.0 for k, v in phases.items()}
 
 
-def _first_step(work: Workload) -> tuple[float, int]:
-    """The first warm-up step also counts saved bytes: hooks cost time, and this step is untimed."""
+def first_step(work: Workload) -> tuple[torch.Tensor, int]:
+    """The first warm-up step also counts saved bytes: hooks cost time, and this step is untimed.
+
+    Returns the (detached) loss and the bytes saved for backward; the loss stays a tensor so the
+    fake device, whose tensors hold no values, can run the same step.
+    """
     with counting_saved_bytes(work.model) as saved_so_far:
         loss = forward_loss(work, in_place=True)
         saved = saved_so_far()
     backward(loss)
     optimizer_step(work)
-    return float(loss.detach()), saved
+    return loss.detach(), saved
 
 
 def time_steps(work: Workload, warmup: int, repeat: int) -> Timings:
     """`warmup` untimed steps (the first also counts saved bytes), then `repeat` timed ones."""
     now = _clock(work.tokens.device)
-    first_loss, saved = _first_step(work)
+    first_loss, saved = first_step(work)
     for _ in range(warmup - 1):
-        _one_step(work, now)
-    timings = Timings(first_loss=first_loss, saved_activation_bytes=saved)
+        train_step(work)
+    timings = Timings(first_loss=float(first_loss), saved_activation_bytes=saved)
     for _ in range(repeat):
         _, phases = _one_step(work, now)
         for phase, ms in phases.items():
