@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test lint clean
+.PHONY: setup sweep test quick lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ sweep: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check memexp tests scripts
 	$(PY) -m pytest
+
+# The quick loop: everything but the subprocess, launcher and W&B tests (under a minute).
+quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check memexp tests scripts

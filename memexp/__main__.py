@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from memexp import resume
 from memexp.callbacks import OUTCOME
-from memexp.config import register_configs
+from memexp.configure import register_configs
 from memexp.runner import run_job
 from memexp.wandb_sink import log_job, sweep_group
 

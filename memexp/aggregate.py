@@ -41,7 +41,6 @@ different batches would compare nothing), and `auto_batch_table` compares the ba
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -50,17 +49,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from memexp.results import RESULT_FILE, STATUS_OK, RunResult, read_result
+from memexp.results import STATUS_OK, RunResult, read_result
+from memexp.sweepdir import (
+    PLOTS_DIR,
+    RESULT_FILE,
+    RESULTS_CSV,
+    find_result_files,
+    job_folders,
+    read_job_overrides,
+    sweep_of,
+)
+from memexp.text import MIB
 
 BASELINE_STRATEGY = "none"
 GROUP_KEYS = ("model", "seq_len", "batch_size", "device", "precision", "attention")
-MIB = 2**20
-RESULTS_CSV = "results.csv"
-SUMMARY_MD = "summary.md"
-PLOTS_DIR = "plots"
-HYDRA_JOB_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 # Nested record fields and the prefix their keys get as columns.
 NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
@@ -103,24 +106,6 @@ class AggregateOutput:
 
 
 # --- finding and reading records -------------------------------------------------------------
-
-
-def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every `result.json` named by, or lying under, the paths and globs (sorted, no repeats)."""
-    found: dict[Path, None] = {}
-    for raw in paths:
-        matches = glob.glob(str(raw), recursive=True) if glob.has_magic(str(raw)) else [raw]
-        for match in map(Path, matches):
-            candidates = sorted(match.rglob(RESULT_FILE)) if match.is_dir() else [match]
-            for candidate in candidates:
-                if candidate.name == RESULT_FILE and candidate.is_file():
-                    found.setdefault(candidate.resolve(), None)
-    return sorted(found)
-
-
-def sweep_of(result_file: Path) -> Path:
-    """Hydra writes `<sweep>/<job subdir>/result.json`, so the sweep is two levels up."""
-    return Path(result_file).parent.parent
 
 
 def _flatten(values: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
@@ -366,23 +351,21 @@ def duplicate_notes(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-def _read_overrides(job_dir: Path) -> str:
-    try:
-        overrides = yaml.safe_load((job_dir / HYDRA_JOB_OVERRIDES).read_text())
-    except (OSError, yaml.YAMLError):
-        return "overrides unreadable"
-    return " ".join(map(str, overrides or [])) or "no overrides"
-
-
 def missing_result_notes(sweep_dir: Path) -> list[str]:
     """Job folders Hydra created that hold no `result.json`: the job died before writing it."""
-    job_dirs = sorted(p.parent.parent for p in Path(sweep_dir).glob(f"*/{HYDRA_JOB_OVERRIDES}"))
-    return [
-        f"job folder {job_dir.name} has no {RESULT_FILE} (the process died before writing it; "
-        f"overrides: {_read_overrides(job_dir)})"
-        for job_dir in job_dirs
-        if not (job_dir / RESULT_FILE).is_file()
-    ]
+    notes = []
+    for job_dir in job_folders(sweep_dir):
+        if (job_dir / RESULT_FILE).is_file():
+            continue
+        overrides = read_job_overrides(job_dir)
+        said = (
+            "overrides unreadable" if overrides is None else " ".join(overrides) or "no overrides"
+        )
+        notes.append(
+            f"job folder {job_dir.name} has no {RESULT_FILE} (the process died before writing "
+            f"it; overrides: {said})"
+        )
+    return notes
 
 
 def data_notes(frame: pd.DataFrame) -> list[str]:

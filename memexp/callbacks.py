@@ -12,38 +12,18 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from memexp.results import (
-    RESULT_FILE,
-    SOURCE_FAKE_TENSORS,
-    STATUS_ERROR,
-    RunResult,
-    read_result,
-)
+from memexp.results import SOURCE_FAKE_TENSORS, STATUS_ERROR, RunResult, read_result
+from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
+from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
-MIB = 2**20
 # Set by the callback, read by `memexp.__main__.cli` to choose the process exit code.
 OUTCOME = {"errors": 0}
 
 
 def collect_results(sweep_dir: Path) -> list[RunResult]:
     """Records of every job under `sweep_dir`, in job order."""
-    paths = sorted(
-        Path(sweep_dir).glob(f"*/{RESULT_FILE}"), key=lambda p: _job_order(p.parent.name)
-    )
-    return [read_result(path) for path in paths]
-
-
-def _job_order(name: str) -> tuple[int, str]:
-    return (int(name), "") if name.isdigit() else (1 << 30, name)
-
-
-def _mib(value: int | None) -> str:
-    """MiB with one decimal, or three below 10 MiB so tiny models don't all read 0.0."""
-    if value is None:
-        return "-"
-    mib = value / MIB
-    return f"{mib:,.1f}" if mib >= 10 else f"{mib:.3f}"
+    return [read_result(path) for path in result_files_in(sweep_dir)]
 
 
 def _ms(value: float | None) -> str:
@@ -68,19 +48,14 @@ def format_table(results: list[RunResult]) -> str:
             r.model or "-",
             r.strategy or "-",
             f"{r.seq_len if r.seq_len is not None else '-'}×{r.batch_size if r.batch_size is not None else '-'}",
-            _mib(r.peak_bytes),
-            _mib(r.saved_activation_bytes),
+            format_mib(r.peak_bytes),
+            format_mib(r.saved_activation_bytes),
             _ms(r.step_ms_median),
             r.status,
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [aligned_table(header, rows)]
     sources = sorted({r.memory_source for r in results if r.memory_source})
     repeats = sorted({r.time_repeats for r in results if r.time_repeats})
     if repeats:
@@ -109,7 +84,7 @@ def report(results: list[RunResult], where: Path) -> None:
 def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     """results.csv, plots and summary.md for the sweep, mirrored to W&B; problems become notes."""
     # Imported here: plotting libraries are only needed once per sweep, not in every job process.
-    from memexp.aggregate import RESULTS_CSV, aggregate_sweep
+    from memexp.aggregate import aggregate_sweep
 
     try:
         output = aggregate_sweep(sweep_dir)

@@ -1,23 +1,21 @@
-"""Structured configs (typed at composition) and the semantic checks that run before any model is built.
+"""Structured configs (typed at composition), the validated job they become, and the config error.
 
-Hydra checks types when it composes; everything that depends on two fields at once (hidden
-divisible by heads, sequence within the model's maximum) or on the machine (is there a GPU?)
-is checked here, so a bad sweep value fails with one sentence instead of a traceback.
+These are leaves: every room may read a config or an ExperimentSpec. Turning a composed config
+into a spec (the checks that span fields or the machine) is `memexp.configure`'s job, because it
+needs to know every strategy.
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 ATTENTION_KINDS = ("naive", "sdpa")
-DEVICE_TYPES = ("auto", "cpu", "cuda", "fake")
+FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
+DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
 IMAGINED_DEVICES = ("cuda", "cpu")
-GIB = 2**30
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -101,34 +99,6 @@ class Config:
     resume: str | None = None
 
 
-def _unique_suffix() -> str:
-    """A short random tag: two sweeps started in the same second never share a folder."""
-    return secrets.token_hex(3)
-
-
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore so YAML files extend them and get type checks.
-
-    Also registers the resolvers the configs use: `${memexp_unique:}` (cached, so every job of
-    one sweep sees the same value: Hydra copies the resolver cache to each job's config), and
-    those of memexp.launchers and memexp.resume.
-    """
-    from memexp import launchers, resume
-    from memexp.strategies import STRATEGIES
-
-    OmegaConf.register_new_resolver("memexp_unique", _unique_suffix, use_cache=True, replace=True)
-    launchers.register_resolvers()
-    resume.register_resolvers()
-    cs = ConfigStore.instance()
-    cs.store(name="memexp_schema", node=Config)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="seq", name="schema", node=SeqConfig)
-    cs.store(group="batch", name="schema", node=BatchConfig)
-    cs.store(group="device", name="schema", node=DeviceConfig)
-    for name, strategy in STRATEGIES.items():
-        cs.store(group="strategy", name=f"schema_{name}", node=strategy.config_class)
-
-
 @dataclass(frozen=True)
 class ExperimentSpec:
     """A validated job: plain values, safe to hand to the model, planner and runner."""
@@ -154,53 +124,11 @@ class ExperimentSpec:
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
 
-
-def _require_positive(name: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(name, value, "a positive integer")
-
-
-def _require_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(name, value, "one of " + ", ".join(allowed))
-
-
-def _require_positive_number(name: str, value: float | None, unit: str) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(name, value, f"a positive number of {unit}, or null")
-
-
-def _validate_device(settings: DeviceConfig) -> None:
-    _require_positive_number("device.memory_gb", settings.memory_gb, "GiB")
-    _require_positive_number("device.peak_tflops", settings.peak_tflops, "TFLOP/s")
-    if not 0 < settings.utilization <= 1:
-        raise ConfigError(
-            "device.utilization", settings.utilization, "a fraction of peak in (0, 1]"
-        )
-    _require_choice("device.imagine", settings.imagine, IMAGINED_DEVICES)
-
-
-def device_memory_bytes(device: str, settings: DeviceConfig) -> int | None:
-    """`device.memory_gb` when given, else the GPU's own memory; a CPU or fake device has none."""
-    if settings.memory_gb is not None:
-        return int(settings.memory_gb * GIB)
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    return None
-
-
-def _memory_budget_bytes(batch: BatchConfig, device_memory: int | None) -> int | None:
-    _require_positive_number("batch.budget_gb", batch.budget_gb, "GiB")
-    budget = int(batch.budget_gb * GIB) if batch.budget_gb is not None else device_memory
-    if batch.auto and budget is None:
-        raise ConfigError(
-            "batch.budget_gb",
-            None,
-            "a positive number of GiB (or set device.memory_gb): batch=auto needs a memory to fit",
-        )
-    return budget
+    @property
+    def imagined_device(self) -> str:
+        """Whose default code paths the step follows: the fake device's `imagine`, else the
+        device the job runs on."""
+        return self.device_settings.imagine if self.device == FAKE_DEVICE else self.device
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
@@ -210,74 +138,3 @@ def resolve_device(requested: str, cuda_available: bool) -> str:
     if requested == "cuda" and not cuda_available:
         raise ConfigError("device.type", requested, "cpu or auto (no CUDA device is visible here)")
     return requested
-
-
-def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentSpec:
-    """Turn a composed config into an ExperimentSpec, or raise ConfigError naming the bad field."""
-    import torch
-
-    from memexp.strategies import STRATEGIES
-
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    model: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
-    for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden", "max_seq_len"):
-        _require_positive(f"model.{name}", getattr(model, name))
-    if model.hidden % model.heads:
-        divisors = [d for d in range(1, model.hidden + 1) if model.hidden % d == 0]
-        shown = ", ".join(map(str, divisors[:12])) + (", ..." if len(divisors) > 12 else "")
-        raise ConfigError(
-            "model.heads", model.heads, f"a divisor of model.hidden={model.hidden} ({shown})"
-        )
-    _require_choice("model.attention", model.attention, ATTENTION_KINDS)
-
-    seq_len = int(cfg.seq.len)
-    batch_size = int(cfg.batch.size)
-    _require_positive("seq.len", seq_len)
-    if seq_len > model.max_seq_len:
-        raise ConfigError(
-            "seq.len", seq_len, f"at most model.max_seq_len={model.max_seq_len} for {model.name}"
-        )
-    _require_positive("batch.size", batch_size)
-
-    _require_choice("device.type", cfg.device.type, DEVICE_TYPES)
-    device = resolve_device(cfg.device.type, cuda_available)
-    device_settings: DeviceConfig = OmegaConf.to_object(cfg.device)  # type: ignore[assignment]
-    _validate_device(device_settings)
-    device_memory = device_memory_bytes(device, device_settings)
-    batch: BatchConfig = OmegaConf.to_object(cfg.batch)  # type: ignore[assignment]
-    memory_budget = _memory_budget_bytes(batch, device_memory)
-    _require_choice("precision", cfg.precision, PRECISIONS)
-
-    optimizer: OptimizerConfig = OmegaConf.to_object(cfg.optimizer)  # type: ignore[assignment]
-    _require_choice("optimizer.name", optimizer.name, OPTIMIZERS)
-    if optimizer.lr <= 0:
-        raise ConfigError("optimizer.lr", optimizer.lr, "a positive number")
-
-    measure: MeasureConfig = OmegaConf.to_object(cfg.measure)  # type: ignore[assignment]
-    if measure.warmup < 1:
-        raise ConfigError(
-            "measure.warmup", measure.warmup, "at least 1 (optimizer state must exist first)"
-        )
-    _require_positive("measure.repeat", measure.repeat)
-
-    strategy_name = cfg.strategy.get("name")
-    _require_choice("strategy.name", strategy_name, tuple(STRATEGIES))
-    strategy = OmegaConf.to_object(cfg.strategy)
-    STRATEGIES[strategy_name].validate(strategy, model)
-
-    return ExperimentSpec(
-        model=model,
-        strategy=strategy,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        device=device,
-        precision=cfg.precision,
-        optimizer=optimizer,
-        seed=int(cfg.seed),
-        measure=measure,
-        device_settings=device_settings,
-        auto_batch=batch.auto,
-        device_memory_bytes=device_memory,
-        memory_budget_bytes=memory_budget,
-    )

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from memexp.config import GIB, ExperimentSpec
+from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
 from memexp.measure.saved import record_saved_bytes
@@ -38,11 +38,10 @@ from memexp.measure.timing import first_step
 from memexp.model import ContextFactory, parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError, RunResult
+from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
-FAKE_DEVICE = "fake"
 TIME_SOURCE_ESTIMATE = "estimate_from_flops"
-MIB = 2**20
 # Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
 IMAGINED_HOST = torch.device("meta")
 # The batch search stops doubling here, so a budget nothing reaches still ends.
@@ -58,11 +57,6 @@ class Prediction:
     host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
     saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
     flops_step: int | None = None  # forward, loss and backward, recomputation included
-
-
-def imagined_device(spec: ExperimentSpec) -> str:
-    """Whose default code paths a prediction follows: the fake device's setting, else the job's device."""
-    return spec.device_settings.imagine if spec.device == FAKE_DEVICE else spec.device
 
 
 def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -160,7 +154,7 @@ def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:
 
 
 def predict_job(spec: ExperimentSpec, plan: CheckpointPlan) -> Prediction:
-    return predict(spec, plan, imagined_device(spec))
+    return predict(spec, plan, spec.imagined_device)
 
 
 def estimated_step_ms(flops: int, peak_tflops: float, utilization: float) -> float:
@@ -195,11 +189,6 @@ def record_prediction(result: RunResult, spec: ExperimentSpec, prediction: Predi
             estimate_utilization=settings.utilization,
         )
     result.extra.update(extra)
-
-
-def format_bytes(count: int) -> str:
-    """MiB below a GiB, GiB above: a tiny model's peak and a 7B model's both stay readable."""
-    return f"{count / GIB:,.2f} GiB" if abs(count) >= GIB else f"{count / MIB:,.2f} MiB"
 
 
 def describe_prediction(result: RunResult) -> str:
@@ -294,7 +283,7 @@ def choose_batch(
     Each batch tried is planned afresh (`plan_for`), since a planner may adapt to the batch.
     Raises InfeasibleError, with the first batch's peak recorded, when even that does not fit.
     """
-    imagine = imagined_device(spec)
+    imagine = spec.imagined_device
 
     def peak_of(batch_size: int) -> int:
         at = replace(spec, batch_size=batch_size)

@@ -72,7 +72,6 @@ import torch
 
 from memexp import analytic
 from memexp.config import ExperimentSpec
-from memexp.estimate import imagined_device
 from memexp.measure.flops import fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, TransformerLayer
@@ -387,7 +386,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
     head_forward, head_backward = phases["head_forward"], phases["head_backward"]
     embedding_backward = phases["embedding_backward"]
     weights = analytic.parameter_count(spec.model) * analytic.FLOAT_BYTES
-    multi_tensor = imagined_device(spec) == "cuda"  # PyTorch's default (foreach) path on CUDA
+    multi_tensor = spec.imagined_device == "cuda"  # PyTorch's default (foreach) path on CUDA
     return StepProfile(
         layers=spec.model.layers,
         options=options,

@@ -36,7 +36,6 @@ from memexp.aggregate import (
     BASELINE_STRATEGY,
     GROUP_KEYS,
     MEMORY_SOURCE_LABELS,
-    MIB,
     auto_batch_table,
     config_order,
     describe_memory_sources,
@@ -44,8 +43,8 @@ from memexp.aggregate import (
     model_order,
     strategy_order,
 )
-from memexp.estimate import format_bytes
 from memexp.results import STATUS_OK
+from memexp.text import MIB, format_bytes
 
 DPI = 120
 PANEL_COLUMNS = 3

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from memexp.aggregate import (
     AUTO_BATCH_KEYS,
     BASELINE_STRATEGY,
     GROUP_KEYS,
     MEMORY_SOURCE_LABELS,
-    MIB,
-    SUMMARY_MD,
     auto_batch_table,
     config_order,
     describe_memory_sources,
@@ -32,13 +29,14 @@ from memexp.aggregate import (
     model_order,
     strategy_order,
 )
-from memexp.estimate import FAKE_DEVICE, TIME_SOURCE_ESTIMATE, format_bytes
+from memexp.config import FAKE_DEVICE
+from memexp.estimate import TIME_SOURCE_ESTIMATE
 from memexp.plots import PlotOutcome
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_INFEASIBLE, STATUS_OK
 from memexp.scaling import scaling_exponents
+from memexp.sweepdir import MULTIRUN_YAML, SUMMARY_MD, read_sweep_overrides
+from memexp.text import MIB, MISSING, format_bytes, markdown_table
 
-MULTIRUN_YAML = "multirun.yaml"
-MISSING = "\u2014"
 EN_DASH = "\u2013"
 TIMES = "\u00d7"
 MINUS = "\u2212"
@@ -57,17 +55,6 @@ ESTIMATED_STEP = "extra_estimated_step_ms"
 EQUAL_TO_ANALYTIC = "= analytic"
 
 # --- markdown helpers ---------------------------------------------------------------------------
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured table; pipes and line breaks inside cells are escaped, not lost."""
-
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _number(value: Any, digits: int | None = 1) -> str:
@@ -130,16 +117,6 @@ def _header(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:
         "",
         f"Folder: `{sweep_dir}`. {len(frame)} job(s) with a result: {by_status or 'none'}.",
     ]
-
-
-def read_sweep_overrides(sweep_dir: Path) -> tuple[list[str], list[str]] | None:
-    """(task overrides, hydra overrides) from Hydra's `multirun.yaml`; None when unreadable."""
-    try:
-        config = yaml.safe_load((Path(sweep_dir) / MULTIRUN_YAML).read_text())
-        overrides = config["hydra"]["overrides"]
-        return list(overrides.get("task") or []), list(overrides.get("hydra") or [])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _command_section(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:

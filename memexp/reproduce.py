@@ -41,18 +41,17 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from memexp.report import markdown_table, read_sweep_overrides
 from memexp.results import (
-    RESULT_FILE,
     SOURCE_FAKE_TENSORS,
     SOURCE_TENSOR_TRACKER,
     STATUS_OK,
     RunResult,
     read_result,
 )
+from memexp.sweepdir import HYDRA_DIR, JOB_CONFIG, JOB_HYDRA, RESULT_FILE, read_sweep_overrides
+from memexp.text import markdown_table
 
 REPORT_FILE = "reproduction.md"
-HYDRA_DIR = ".hydra"
 REPLAY_DIR = ".replay"  # inside the new sweep folder: the generated experiment configs
 REPLAY_GROUP = "replay"
 
@@ -116,7 +115,7 @@ class SavedJob:
 def read_saved_jobs(sweep_dir: Path) -> list[SavedJob]:
     """Every job folder of `sweep_dir` that Hydra set up, in job order, with its record if any."""
     jobs = []
-    for hydra_yaml in Path(sweep_dir).glob(f"*/{HYDRA_DIR}/hydra.yaml"):
+    for hydra_yaml in Path(sweep_dir).glob(f"*/{JOB_HYDRA}"):
         folder = hydra_yaml.parent.parent
         hydra = OmegaConf.load(hydra_yaml).hydra
         choices = OmegaConf.to_container(hydra.runtime.choices)
@@ -125,7 +124,7 @@ def read_saved_jobs(sweep_dir: Path) -> list[SavedJob]:
             SavedJob(
                 num=int(hydra.job.num),
                 folder=folder,
-                config=OmegaConf.load(folder / HYDRA_DIR / "config.yaml"),
+                config=OmegaConf.load(folder / JOB_CONFIG),
                 choices={
                     group: choice
                     for group, choice in choices.items()

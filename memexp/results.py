@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memexp.sweepdir import RESULT_FILE
+
 SCHEMA_VERSION = 1
-RESULT_FILE = "result.json"
 
 # Job outcomes. Only `error` makes a sweep exit non-zero: the others are answers, not failures.
 STATUS_OK = "ok"

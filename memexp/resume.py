@@ -32,7 +32,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from memexp.config import ConfigError, resolve_device
-from memexp.results import RESULT_FILE, STATUS_OK, RunResult, read_result, write_json_atomic
+from memexp.results import STATUS_OK, RunResult, read_result, write_json_atomic
+from memexp.sweepdir import RESULT_FILE, read_sweep_overrides
 
 # Where the hash lives in a record (`RunResult.extra`), and what it leaves out.
 CONFIG_HASH_KEY = "config_hash"
@@ -140,8 +141,6 @@ def _without_resume(overrides: list[str]) -> list[str]:
 
 def describe_override_change(sweep_dir: Path, overrides: list[str]) -> str | None:
     """A warning when a resumed sweep is launched with other overrides than the ones that made it."""
-    from memexp.report import read_sweep_overrides  # plotting libraries: load them only here
-
     before = read_sweep_overrides(sweep_dir)
     if before is None or _without_resume(before[0]) == _without_resume(overrides):
         return None

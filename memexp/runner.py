@@ -18,13 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import analytic
-from memexp.config import ConfigError, ExperimentSpec, validate
+from memexp.config import FAKE_DEVICE, ConfigError, ExperimentSpec
+from memexp.configure import validate
 from memexp.environment import describe_environment
 from memexp.estimate import (
-    FAKE_DEVICE,
     choose_batch,
     describe_prediction,
-    imagined_device,
     predict_job,
     record_prediction,
     step_flops_without_checkpointing,
@@ -50,10 +49,9 @@ from memexp.results import (
 )
 from memexp.resume import CONFIG_HASH_KEY, config_hash, keep_previous_record
 from memexp.strategies import adaptive, make_plan
+from memexp.sweepdir import TIMELINE_FILE
+from memexp.text import format_bytes
 from memexp.training import build_workload
-
-TIMELINE_FILE = "timeline.json"
-MIB = 2**20
 
 
 def _now() -> str:
@@ -116,7 +114,7 @@ def measure_job(
     result: RunResult, spec: ExperimentSpec, plan: CheckpointPlan, job_dir: Path
 ) -> None:
     """Fill `result` with every figure of one job (FLOPs, times, the memory step, saved bytes)."""
-    multi_tensor = imagined_device(spec) == "cuda"  # PyTorch's default optimizer path on CUDA
+    multi_tensor = spec.imagined_device == "cuda"  # PyTorch's default optimizer path on CUDA
     result.extra.update(analytic.figures(spec, plan, multi_tensor))
     if spec.device == FAKE_DEVICE:
         prediction = predict_job(spec, plan)
@@ -192,8 +190,8 @@ def measure_within_budget(result: RunResult, spec: ExperimentSpec, job_dir: Path
     )
     if result.peak_bytes > budget:
         raise InfeasibleError(
-            f"the measured peak {result.peak_bytes / MIB:.1f} MiB ({result.memory_source}) is "
-            f"still over the budget of {budget / MIB:.1f} MiB after {len(rounds)} plan(s); "
+            f"the measured peak {format_bytes(result.peak_bytes)} ({result.memory_source}) is "
+            f"still over the budget of {format_bytes(budget)} after {len(rounds)} plan(s); "
             "raise strategy.max_rounds or the budget"
         )
 
@@ -214,18 +212,14 @@ def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
     )
 
 
-def _mib_or_dash(value: int | None) -> str:
-    return "-" if value is None else f"{value / MIB:.1f} MiB"
-
-
 def describe_outcome(result: RunResult) -> str:
     if result.status != STATUS_OK:
         return f"[memexp] {result.status}: {result.message}"
     if result.device == FAKE_DEVICE:
         return describe_prediction(result)
     return (
-        f"[memexp] peak {result.peak_bytes / MIB:.1f} MiB ({result.memory_source}), "
-        f"saved activations {_mib_or_dash(result.saved_activation_bytes)} ({result.saved_source}), "
+        f"[memexp] peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
+        f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
         f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}], "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memexp.results import STATUS_ERROR, RunResult
+from memexp.sweepdir import TIMELINE_FILE
+from memexp.text import to_mib
 
 if TYPE_CHECKING:
     import wandb
@@ -28,8 +30,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_PROJECT = "memexp"
 JOB_TYPE_MEASURE = "measure"
 JOB_TYPE_AGGREGATE = "aggregate"
-TIMELINE_FILE = "timeline.json"
-MIB = 2**20
 
 # Each job logs these once as a history row: W&B line plots only take logged numbers as their
 # x axis (not config values), so this row is what lets a report draw figures against seq_len.
@@ -140,7 +140,11 @@ def _job_summary(result: RunResult) -> dict[str, Any]:
     summary = {key: value for key, value in result.to_dict().items() if value is not None}
     for key, value in list(summary.items()):
         if key.endswith("_bytes"):
-            summary[key.removesuffix("_bytes") + "_mib"] = _to_mib(value)
+            mib = key.removesuffix("_bytes") + "_mib"
+            if isinstance(value, dict):
+                summary[mib] = {part: to_mib(count) for part, count in value.items()}
+            else:
+                summary[mib] = to_mib(value)
     return summary
 
 
@@ -148,12 +152,6 @@ def _headline_row(summary: dict[str, Any]) -> dict[str, Any]:
     """seq_len with whichever headline figures were measured; nothing when none were."""
     row = {key: summary[key] for key in HEADLINE_KEYS if key in summary}
     return row if SEQ_LEN_KEY in row and len(row) > 1 else {}
-
-
-def _to_mib(value: int | dict[str, int]) -> float | dict[str, float]:
-    if isinstance(value, dict):
-        return {key: round(count / MIB, 3) for key, count in value.items()}
-    return round(value / MIB, 3)
 
 
 def _timeline_chart(path: Path) -> Any:
@@ -167,7 +165,7 @@ def _timeline_chart(path: Path) -> Any:
     events = json.loads(path.read_text())["events"]
     table = wandb.Table(
         columns=["op_index", "allocated_mib", "phase"],
-        data=[[op, round(allocated / MIB, 3), phase] for op, allocated, phase in events],
+        data=[[op, to_mib(allocated), phase] for op, allocated, phase in events],
     )
     return wandb.plot.line(
         table, "op_index", "allocated_mib", stroke="phase", title="Allocated memory over one step"

@@ -52,7 +52,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from memexp import analytic  # noqa: E402
-from memexp.config import ModelConfig, register_configs  # noqa: E402
+from memexp.config import ModelConfig  # noqa: E402
+from memexp.configure import register_configs  # noqa: E402
 from memexp.plan import CheckpointPlan, Part  # noqa: E402
 from memexp.results import STATUS_OK, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
-from memexp.config import ConfigError, ExperimentSpec, resolve_device, validate
+from memexp.config import ConfigError, ExperimentSpec, resolve_device
+from memexp.configure import validate
 from memexp.strategies import STRATEGIES
 
 ComposeFn = Callable[..., DictConfig]

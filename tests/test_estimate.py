@@ -15,7 +15,8 @@ import pytest
 from omegaconf import DictConfig
 
 from memexp import analytic
-from memexp.config import ConfigError, ExperimentSpec, validate
+from memexp.config import ConfigError, ExperimentSpec
+from memexp.configure import validate
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
     predict,

@@ -48,6 +48,7 @@ def test_other_launchers_get_the_whole_sweep(preset: str, target_class: str) -> 
     assert hydra.sweeper.max_batch_size is None
 
 
+@pytest.mark.slow
 def test_a_basic_sweep_rerun_with_a_process_per_job_gives_the_same_figures(
     run_sweep: Callable[..., SweepRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

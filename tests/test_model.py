@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from memexp.config import ExperimentSpec, validate
+from memexp.config import ExperimentSpec
+from memexp.configure import validate
 from memexp.model import Transformer, parameter_count
 from memexp.plan import CheckpointPlan, Part
 from memexp.strategies import make_plan

@@ -8,8 +8,10 @@ import pytest
 
 from memexp.aggregate import load_results
 from memexp.plots import PlotOutcome
-from memexp.report import markdown_table, read_sweep_overrides, render_summary, write_summary
+from memexp.report import render_summary, write_summary
 from memexp.results import RunResult, write_result
+from memexp.sweepdir import read_sweep_overrides
+from memexp.text import markdown_table
 
 MULTIRUN_YAML = """\
 hydra:

@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from memexp import reproduce
-from memexp.config import register_configs
+from memexp.configure import register_configs
 from memexp.reproduce import (
     EXACT_FIGURES,
     LOSS_RTOL,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from conftest import TINY, SweepRun
 from omegaconf import DictConfig
 
@@ -77,6 +78,7 @@ def test_a_folder_of_results_is_refused_unless_resumed(
     assert not list(sweep_dir.glob("*/result.previous-*"))
 
 
+@pytest.mark.slow
 def test_resuming_reruns_failed_jobs_and_keeps_their_old_records(
     tiny_sweep: SweepRun, tmp_path: Path, run_sweep: Callable[..., SweepRun]
 ) -> None:
@@ -93,6 +95,7 @@ def test_resuming_reruns_failed_jobs_and_keeps_their_old_records(
     assert f"3 job(s) in {sweep_dir}" in resumed.stdout  # the end-of-sweep summary read them all
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumed_measures_every_job_exactly_once(
     tmp_path: Path, run_sweep: Callable[..., SweepRun]
 ) -> None:

@@ -23,7 +23,8 @@ from memexp.config import ExperimentSpec
 from memexp.measure.tracker import CATEGORY_FIELDS
 from memexp.plan import CheckpointPlan
 from memexp.results import RESULT_FILE, RunResult, read_result, write_result
-from memexp.runner import TIMELINE_FILE, run_job
+from memexp.runner import run_job
+from memexp.sweepdir import TIMELINE_FILE
 
 if TYPE_CHECKING:
     from conftest import SweepRun

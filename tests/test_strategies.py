@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from memexp.config import ConfigError, ExperimentSpec, validate
+from memexp.config import ConfigError, ExperimentSpec
+from memexp.configure import validate
 from memexp.measure.flops import flop_counter, step_flops
 from memexp.measure.memory import tracked_step
 from memexp.measure.saved import counting_saved_bytes

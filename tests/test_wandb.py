@@ -24,6 +24,9 @@ from memexp.results import RunResult, read_result, write_result
 from memexp.wandb_report import build_report
 from memexp.wandb_sink import log_aggregate, log_job, sweep_group
 
+# Every test here logs real offline W&B runs (a service process each) or builds a report.
+pytestmark = pytest.mark.slow
+
 MIB = 2**20
 TIMELINE = [[0, 1 * MIB, "forward"], [1, 3 * MIB, "forward"], [2, 2 * MIB, "backward"]]
 # mode=online on purpose: WANDB_MODE=offline in the environment must win over the config.

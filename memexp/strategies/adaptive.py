@@ -35,12 +35,12 @@ from memexp.planner import (
 )
 from memexp.results import InfeasibleError
 from memexp.strategies.base import Strategy
+from memexp.text import MIB
 
 if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
     from memexp.plan import CheckpointPlan
 
-MIB = 2**20
 DEFAULT_BUDGET_RATIO = 0.5
 
 

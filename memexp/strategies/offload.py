@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from memexp.estimate import imagined_device
 from memexp.plan import CheckpointPlan
 from memexp.results import NotApplicableError
 from memexp.strategies.base import Strategy
@@ -26,7 +25,7 @@ class OffloadConfig:
 
 
 def make_plan(cfg: OffloadConfig, spec: ExperimentSpec) -> CheckpointPlan:
-    device = imagined_device(spec)
+    device = spec.imagined_device
     if device != "cuda":
         raise NotApplicableError(
             f"offload moves saved activations from an accelerator to host memory; on {device} "
