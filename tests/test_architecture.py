@@ -1,0 +1,137 @@
+"""The house: every import inside `memexp/` points down the declared layers, and none forms a cycle.
+
+Imports inside functions count as much as those at the top of a module: a deferred import still
+couples two rooms. The layers are declared here, lowest first; docs/architecture.md explains them.
+A module may import any module of a lower layer, and, inside one package, its siblings (a
+strategy imports `strategies.base`); nothing imports upward, and a module missing from the table
+fails the test so that every new room is placed deliberately.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "memexp"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+# Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("text", "sweepdir", "plan"),  # units, folder layout, the plan as data
+    ("results", "config"),  # the record schema; the structured configs and the validated spec
+    ("model", "analytic", "environment", "scaling", "launchers", "resume"),
+    ("training",),  # one training step in phases
+    ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
+    ("estimate",),  # the fake device: prediction on fake tensors, batch search
+    ("devices",),  # one measurement backend per device kind
+    ("planner",),  # the adaptive planner's profile, peak model and solver
+    ("strategies",),  # strategy → CheckpointPlan
+    ("configure",),  # Hydra registration and validation (knows every strategy)
+    ("record",),  # the one room that writes figures into a RunResult
+    ("runner",),  # one job
+    ("aggregate", "wandb_sink"),  # sweep → table; W&B mirror
+    ("plots", "report"),  # table → figures; table → summary.md sections
+    ("summarize", "wandb_report", "reproduce"),  # draw and write a sweep's outputs; reports
+    ("callbacks",),  # Hydra's end-of-sweep hooks
+    ("__main__",),  # the entry point
+)
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def room(module: str) -> str:
+    """`memexp.strategies.sqrt` → `strategies`; `memexp.runner` → `runner`; the package → ``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """Every memexp module `path` imports, at the top or inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
+                prefix = ".".join([*base, node.module] if node.module else base)
+            else:
+                prefix = node.module or ""
+            names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                found.add(name)
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    """memexp module → the memexp modules (files) it imports."""
+    files = {module_name(path): path for path in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        targets = set()
+        for name in imports_of(path, module):
+            # `from memexp.x import y` names y, which may be a function: keep the module part.
+            while name not in files and "." in name:
+                name = name.rsplit(".", 1)[0]
+            if name in files and name != module:
+                targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+GRAPH = module_graph()
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted(m for m in GRAPH if room(m) and room(m) not in RANK)
+    assert not unplaced, f"modules missing from LAYERS: {unplaced}"
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_down(module: str) -> None:
+    if not room(module):
+        return  # the package's __init__ imports nothing of its own
+    upward = []
+    for target in GRAPH[module]:
+        if not room(target):
+            continue
+        if room(target) == room(module):
+            continue  # siblings inside one package; the cycle test still watches them
+        if RANK[room(target)] >= RANK[room(module)]:
+            upward.append(target)
+    assert not upward, f"{module} imports {sorted(upward)} at its own layer or above"
+
+
+def test_no_import_cycles() -> None:
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> None:
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(
+            [*visiting[visiting.index(module) :], module]
+        )
+        visiting.append(module)
+        for target in sorted(GRAPH[module]):
+            visit(target)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(GRAPH):
+        visit(module)
