@@ -11,7 +11,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import resume
-from memexp.callbacks import OUTCOME
 from memexp.configure import register_configs
 from memexp.runner import run_job
 from memexp.wandb_sink import log_job, sweep_group
@@ -46,9 +45,11 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """Exit non-zero only when a job ended in `error` (OOM or infeasible are answers, not failures)."""
+    """Exit 0 unless a callback stopped the process: `memexp.callbacks.SweepSummary` exits 1 when a
+    job ended in `error` (OOM or infeasible are answers, not failures), and
+    `memexp.resume.SweepFolderGuard` exits 2 for a refused folder."""
     main()
-    sys.exit(1 if OUTCOME["errors"] else 0)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

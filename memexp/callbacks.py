@@ -1,7 +1,10 @@
-"""End-of-run Hydra callback: the sweep's summary table and its exit status.
+"""End-of-run Hydra callback: the sweep's summary table, its outputs and its exit status.
 
 It reads the records from disk rather than from memory, so it gives the same answer whichever
-launcher ran the jobs (in this process, in subprocesses, or on a cluster).
+launcher ran the jobs (in this process, in subprocesses, or on a cluster). When a job ended in
+`error` it raises `SystemExit(1)` after everything is printed and written: Hydra turns a
+callback's exceptions into warnings but lets SystemExit through, so the process exits 1 without
+any state shared with the entry point.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
 from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
-# Set by the callback, read by `memexp.__main__.cli` to choose the process exit code.
-OUTCOME = {"errors": 0}
+# The process's exit status when some job ended in `error` (OOM and infeasible are answers).
+ERROR_EXIT_CODE = 1
 
 
 def collect_results(sweep_dir: Path) -> list[RunResult]:
@@ -76,7 +79,6 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def report(results: list[RunResult], where: Path) -> None:
-    OUTCOME["errors"] = sum(r.status == STATUS_ERROR for r in results)
     print(f"\n[memexp] {len(results)} job(s) in {where}")
     print(format_table(results), flush=True)
 
@@ -100,13 +102,23 @@ def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     log_aggregate(config.logger, sweep_dir, sweep_group(sweep_dir), sweep_dir / RESULTS_CSV, plots)
 
 
+def exit_if_any_error(results: list[RunResult]) -> None:
+    """Stop the process with `ERROR_EXIT_CODE` when a job ended in `error`; return otherwise."""
+    if any(r.status == STATUS_ERROR for r in results):
+        raise SystemExit(ERROR_EXIT_CODE)
+
+
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        report(collect_results(sweep_dir), sweep_dir)
+        results = collect_results(sweep_dir)
+        report(results, sweep_dir)
         aggregate_and_log(config, sweep_dir)
+        exit_if_any_error(results)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         if (run_dir / RESULT_FILE).exists():
-            report([read_result(run_dir)], run_dir)
+            results = [read_result(run_dir)]
+            report(results, run_dir)
+            exit_if_any_error(results)

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
 import torch
 from omegaconf import DictConfig
 
-from memexp.callbacks import OUTCOME, collect_results
+from memexp.callbacks import collect_results
 from memexp.results import RESULT_FILE, RunResult
 
 if TYPE_CHECKING:
@@ -85,9 +84,9 @@ def test_an_error_job_makes_the_sweep_exit_one(tiny_sweep: SweepRun) -> None:
 
 
 def test_out_of_memory_alone_exits_zero(
-    run_sweep: Callable[..., SweepRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sweep: SweepRun, run_sweep: Callable[..., SweepRun], tmp_path: Path
 ) -> None:
-    monkeypatch.setitem(OUTCOME, "errors", 1)  # an earlier sweep in this process failed
+    assert tiny_sweep.exit_code == 1  # an earlier sweep in this process failed
     failures = {"sqrt": torch.OutOfMemoryError("simulated")}
     run = run_sweep(tmp_path, failures, "strategy=sqrt", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert run.exit_code == 0
