@@ -1,10 +1,7 @@
-"""Collect a sweep's `result.json` files into one table and compare every job with its baseline.
+"""Collect `result.json` files into one table and compare every job with its baseline.
 
-    python -m memexp.aggregate PATH... [--out FILE]
-
-PATH is a sweep folder, a parent folder holding many sweeps, a job folder, a `result.json`, or a
-glob of any of these (quoted globs are expanded here). Every sweep found gets `results.csv`,
-`plots/*.png` and `summary.md`; `--out` also writes one CSV holding all jobs found.
+This module builds tables only: `memexp.summarize` writes them, with the figures and the page,
+into a sweep folder (and is the command line, `python -m memexp.summarize`).
 
 The table (`load_results`) has one row per job, failed jobs included with their `status`:
 
@@ -13,7 +10,8 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   `plan` -> `plan_<key>`, `environment` -> `env_<key>`, `extra` -> `extra_<key>` (values that
   are themselves lists or dicts stay JSON strings), `phase_bytes` -> `phase_<phase>_bytes`, and
   `overrides` -> one space-separated string;
-* `result_file` (the file read) and `sweep` (the folder holding the job folder);
+* `result_file` (the file read) and `sweep` (the folder the job's aggregate belongs in:
+  `memexp.sweepdir.sweep_of`, the run folder itself for a single run);
 * `workload`: seq_len x batch_size (written with the sign U+00D7, e.g. `256x4`), followed by
   device, precision and attention when those vary in the table; `config`: the model and the
   workload, e.g. `small 256x4`, the label plots and tables use;
@@ -21,8 +19,10 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   so two settings of one strategy stay apart;
 * `<name>_mib` for every `<name>_bytes` column: bytes / 2**20, i.e. MiB, never MB;
 * baseline-relative columns, computed only for `status == ok` rows against the `strategy == none`
-  row with status ok of the same (model, seq_len, batch_size, device, precision, attention) group
-  (the lowest job number wins when there are several), whose job number is `baseline_job_num`:
+  row with status ok of the same (sweep, model, seq_len, batch_size, device, precision,
+  attention) group (the lowest job number wins when there are several), whose sweep and job
+  number are `baseline_sweep` and `baseline_job_num`: a job is never compared with another
+  sweep's baseline, even when several sweeps are read into one table;
   `peak_saved_pct` = 100 * (baseline peak - peak) / baseline peak, and likewise
   `activation_saved_pct` (from `activations_bytes`) and `saved_activation_saved_pct` (from
   `saved_activation_bytes`); `time_overhead_pct` = 100 * (step - baseline step) / baseline step from
@@ -30,21 +30,21 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   saved per % of step time paid. Efficiency is NaN when the overhead is <= 0 (a strategy that costs
   no time has no finite price), and every relative cell is NaN without a baseline or when the
   baseline's figure is missing or zero;
-* `pareto_optimal`: True for ok rows that no other ok row of the same group beats in both
+* `pareto_optimal`: True for ok rows that no other ok row of the same group (one sweep) beats in both
   `step_ms_median` and `peak_bytes` (the memory/time frontier); False otherwise.
 
 Jobs run with `batch=auto` each run at the largest batch that fits, so strategies of one workload
 land in different groups and find no baseline: their relative columns stay empty (memory saved at
-different batches would compare nothing), and `auto_batch_table` compares the batches instead.
+different batches would compare nothing), and `memexp.analysis.auto_batch_table` compares the
+batches instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,7 @@ import pandas as pd
 
 from memexp.results import STATUS_OK, RunResult, read_result
 from memexp.sweepdir import (
-    PLOTS_DIR,
     RESULT_FILE,
-    RESULTS_CSV,
     find_result_files,
     job_folders,
     read_job_overrides,
@@ -63,7 +61,10 @@ from memexp.sweepdir import (
 from memexp.text import MIB
 
 BASELINE_STRATEGY = "none"
+# The workload a job ran: what a reader is told two compared jobs share.
 GROUP_KEYS = ("model", "seq_len", "batch_size", "device", "precision", "attention")
+# Jobs compared with each other (baseline, Pareto frontier): one workload within one sweep.
+COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 
 # Nested record fields and the prefix their keys get as columns.
 NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
@@ -75,34 +76,8 @@ SAVINGS = {
 }
 TIME_COLUMN = "step_ms_median"
 RELATIVE_COLUMNS = (*SAVINGS, "time_overhead_pct", "efficiency")
-MEMORY_SOURCE_LABELS = {
-    "cuda_allocator": "CUDA caching allocator (allocated bytes, GPU)",
-    "tensor_tracker": "tensor tracker (exact bytes, CPU)",
-    "fake_tensors": "fake tensors (bytes from shapes, nothing computed)",
-}
-# A batch=auto job's search: the workload it searched for, and the `extra` figures it recorded.
-AUTO_BATCH_KEYS = ("model", "seq_len", "device", "precision", "attention")
-AUTO_BATCH_EXTRAS = {
-    "extra_auto_batch_size": "found_batch",
-    "extra_auto_batch_budget_bytes": "budget_bytes",
-    "extra_auto_batch_predicted_peak_bytes": "predicted_peak_bytes",
-    "extra_auto_batch_headroom_bytes": "headroom_bytes",
-    "extra_auto_batch_next_peak_bytes": "next_peak_bytes",
-    "extra_auto_batch_limit_reached": "limit_reached",
-    "extra_auto_batch_backoffs": "backoffs",
-    "extra_auto_batch_imagines": "imagines",
-}
 _INT_FIELDS = [f.name for f in fields(RunResult) if str(f.type).startswith("int")]
 _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", "status"]
-
-
-@dataclass
-class AggregateOutput:
-    """What `aggregate_sweep` produced: the table, the files it wrote, what a reader should know."""
-
-    frame: pd.DataFrame
-    written: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 # --- finding and reading records -------------------------------------------------------------
@@ -135,7 +110,8 @@ def _record_columns() -> list[str]:
     return [f.name for f in fields(RunResult) if f.name not in nested] + ["result_file", "sweep"]
 
 
-def _read_rows(files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+def read_rows(files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Flattened records of `files`, and a note for each file that could not be read."""
     rows, notes = [], []
     for path in files:
         try:
@@ -164,14 +140,15 @@ def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 # --- derived columns -------------------------------------------------------------------------
 
 
-def _number(series: pd.Series) -> pd.Series:
+def as_float(series: pd.Series) -> pd.Series:
+    """Numbers as float64, anything unreadable as NaN: one dtype for arithmetic on any column."""
     return pd.to_numeric(series, errors="coerce").astype("float64")
 
 
 def add_mib_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """`<name>_mib` next to every `<name>_bytes`, in MiB (2**20 bytes) as plots and tables show."""
     mib = {
-        column.removesuffix("_bytes") + "_mib": _number(frame[column]) / MIB
+        column.removesuffix("_bytes") + "_mib": as_float(frame[column]) / MIB
         for column in frame.columns
         if column.endswith("_bytes")
     }
@@ -208,26 +185,37 @@ def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _baselines(frame: pd.DataFrame) -> pd.DataFrame:
-    """One ok `none` row per group (lowest job number), its figures renamed `<col>_baseline`."""
+    """One ok `none` row per compared group (lowest job number), figures renamed `<col>_baseline`.
+
+    The sweep is a key, and also kept as `sweep_baseline`, so the table names which job of which
+    sweep each relative figure compares with.
+    """
     candidates = frame[frame.strategy.eq(BASELINE_STRATEGY) & frame.status.eq(STATUS_OK)]
-    chosen = candidates.sort_values("job_num", kind="stable").drop_duplicates(list(GROUP_KEYS))
+    chosen = candidates.sort_values("job_num", kind="stable").drop_duplicates(list(COMPARED_KEYS))
     figures = ["job_num", *SAVINGS.values(), TIME_COLUMN]
-    return chosen[[*GROUP_KEYS, *figures]].rename(columns={c: f"{c}_baseline" for c in figures})
+    renamed = chosen[[*COMPARED_KEYS, *figures]].rename(
+        columns={c: f"{c}_baseline" for c in figures}
+    )
+    return renamed.assign(sweep_baseline=renamed.sweep)
 
 
 def add_baseline_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """Saved %, overhead % and efficiency against the group's baseline (see module docstring)."""
-    merged = frame.merge(_baselines(frame), on=list(GROUP_KEYS), how="left", validate="many_to_one")
+    merged = frame.merge(
+        _baselines(frame), on=list(COMPARED_KEYS), how="left", validate="many_to_one"
+    )
     ok = merged.status.eq(STATUS_OK)
     relative = {}
     for column, measured in SAVINGS.items():
-        base, value = _number(merged[f"{measured}_baseline"]), _number(merged[measured])
+        base, value = as_float(merged[f"{measured}_baseline"]), as_float(merged[measured])
         relative[column] = (100.0 * (base - value) / base).where(ok & (base > 0))
-    base, value = _number(merged[f"{TIME_COLUMN}_baseline"]), _number(merged[TIME_COLUMN])
+    base, value = as_float(merged[f"{TIME_COLUMN}_baseline"]), as_float(merged[TIME_COLUMN])
     overhead = (100.0 * (value - base) / base).where(ok & (base > 0))
     relative["time_overhead_pct"] = overhead
     relative["efficiency"] = (relative["peak_saved_pct"] / overhead).where(overhead > 0)
-    merged = merged.rename(columns={"job_num_baseline": "baseline_job_num"})
+    merged = merged.rename(
+        columns={"job_num_baseline": "baseline_job_num", "sweep_baseline": "baseline_sweep"}
+    )
     dropped = [c for c in merged.columns if c.endswith("_baseline")]
     return merged.drop(columns=dropped).assign(**relative)
 
@@ -244,11 +232,12 @@ def _pareto_mask(times: pd.Series, memory: pd.Series) -> pd.Series:
 
 
 def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
-    """`pareto_optimal` per group over (step time, peak memory), ok rows with both figures only."""
+    """`pareto_optimal` per compared group (one workload in one sweep) over (step time, peak
+    memory), ok rows with both figures only."""
     optimal = pd.Series(False, index=frame.index, dtype=bool)
     measured = frame[frame.status.eq(STATUS_OK)].dropna(subset=["peak_bytes", TIME_COLUMN])
-    for _, group in measured.groupby(list(GROUP_KEYS), dropna=False):
-        mask = _pareto_mask(_number(group[TIME_COLUMN]), _number(group.peak_bytes))
+    for _, group in measured.groupby(list(COMPARED_KEYS), dropna=False):
+        mask = _pareto_mask(as_float(group[TIME_COLUMN]), as_float(group.peak_bytes))
         optimal[mask.index] = mask
     return frame.assign(pareto_optimal=optimal)
 
@@ -268,9 +257,9 @@ def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
     """The table of every readable `result.json` under `paths` (folders, files or globs).
 
     Columns are described in the module docstring. Unreadable files are skipped here;
-    `aggregate_sweep` names them in its notes.
+    `read_rows` names them.
     """
-    rows, _ = _read_rows(find_result_files(paths))
+    rows, _ = read_rows(find_result_files(paths))
     return build_frame(rows)
 
 
@@ -303,7 +292,7 @@ def baseline_notes(frame: pd.DataFrame) -> list[str]:
     """
     notes = []
     auto = ran_auto_batch(frame)
-    for _, group in frame.groupby(list(GROUP_KEYS), dropna=False, sort=False):
+    for _, group in frame.groupby(list(COMPARED_KEYS), dropna=False, sort=False):
         config = group.config.iloc[0]
         nones = group[group.strategy.eq(BASELINE_STRATEGY)]
         ok_nones = nones[nones.status.eq(STATUS_OK)]
@@ -375,154 +364,12 @@ def data_notes(frame: pd.DataFrame) -> list[str]:
     return baseline_notes(frame) + auto_batch_notes(frame) + duplicate_notes(frame)
 
 
-# --- labels shared by plots and report ----------------------------------------------------------
-
-
-def config_order(frame: pd.DataFrame) -> list[str]:
-    """Configs from the smallest model and workload to the largest, the way a reader scans them."""
-    keys = frame.assign(
-        _params=_number(frame.param_count).groupby(frame.model, dropna=False).transform("max")
-    ).sort_values(["_params", "model", "seq_len", "batch_size", "config"], na_position="last")
-    return list(dict.fromkeys(keys.config))
-
-
-def model_order(frame: pd.DataFrame) -> list[str]:
-    """Models in the order `config_order` puts their configs: smallest first."""
-    model_of = frame.drop_duplicates("config").set_index("config").model
-    return list(dict.fromkeys(model_of[c] for c in config_order(frame)))
-
-
-def strategy_order(frame: pd.DataFrame) -> list[str]:
-    """The baseline first, then the other labels alphabetically: stable colours and order."""
-    labels = sorted(set(frame.strategy_label))
-    return sorted(labels, key=lambda label: (label.split()[0] != BASELINE_STRATEGY, label))
-
-
-def describe_memory_sources(frame: pd.DataFrame) -> str:
-    """Where the memory figures of the ok rows came from, in words."""
-    sources = frame.loc[frame.status.eq(STATUS_OK), "memory_source"].dropna().unique()
-    return "; ".join(MEMORY_SOURCE_LABELS.get(s, str(s)) for s in sorted(sources)) or "unknown"
-
-
-def _span(values: pd.Series) -> str:
-    present = sorted({int(v) for v in values.dropna()})
-    if not present:
-        return "?"
-    return str(present[0]) if len(present) == 1 else f"{present[0]}\u2013{present[-1]}"
-
-
-def describe_times(frame: pd.DataFrame) -> str:
-    """How the step times were taken: `median of N repeats (min-max)` plus the timer used.
-
-    Only timed rows count: a fake-device job predicts memory and has no measured step.
-    """
-    ok = frame[frame.status.eq(STATUS_OK) & frame[TIME_COLUMN].notna()]
-    if ok.empty:
-        return "not measured (no ok job timed a step; fake-device jobs only predict memory)"
-    timers = ", ".join(sorted(ok.time_source.dropna().unique())) or "timer unknown"
-    return (
-        f"median of {_span(ok.time_repeats)} repeats (min\u2013max) after "
-        f"{_span(ok.time_warmup)} warm-up step(s), {timers}"
-    )
-
-
-# --- batch=auto ---------------------------------------------------------------------------------
-
-
 def ran_auto_batch(frame: pd.DataFrame) -> pd.Series:
     """Rows of jobs that searched their batch: each records the search's budget or its answer."""
     columns = [c for c in ("extra_auto_batch_size", "extra_auto_batch_budget_bytes") if c in frame]
     return frame[columns].notna().any(axis=1) if columns else pd.Series(False, frame.index)
 
 
-def auto_batch_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per batch=auto job: the batch it ran at and how many times the `none` job's batch.
-
-    `batch` is the batch an ok job ran at (on a GPU, after any out-of-memory back-off), else the
-    batch its search found: NaN when even the first batch tried did not fit, and then the record's
-    `batch_size` and `peak_bytes` are that first batch and its predicted peak. `times_none` = batch / batch of the ok `none` job of the same
-    (model, seq_len, device, precision, attention), the lowest job number winning; ok rows only.
-    """
-    jobs = frame[ran_auto_batch(frame)]
-    extras = {
-        name: _number(jobs[column]) if column in jobs else pd.Series(float("nan"), jobs.index)
-        for column, name in AUTO_BATCH_EXTRAS.items()
-        if name not in ("limit_reached", "imagines")
-    }
-    limit = jobs.get("extra_auto_batch_limit_reached", pd.Series(False, jobs.index))
-    ok = jobs.status.eq(STATUS_OK)
-    table = jobs[
-        [*AUTO_BATCH_KEYS, "job_num", "strategy", "strategy_label", "status", "message"]
-    ].assign(
-        batch=_number(jobs.batch_size).where(ok, extras["found_batch"]),
-        peak_bytes=_number(jobs.peak_bytes),
-        batch_size=_number(jobs.batch_size),
-        limit_reached=limit.eq(True),
-        imagines=jobs.get("extra_auto_batch_imagines", pd.Series(None, jobs.index, dtype=object)),
-        **extras,
-    )
-    found = table[table.strategy.eq(BASELINE_STRATEGY) & table.status.eq(STATUS_OK)]
-    none = (
-        found.dropna(subset=["batch"])
-        .sort_values("job_num", kind="stable")
-        .drop_duplicates(list(AUTO_BATCH_KEYS))[[*AUTO_BATCH_KEYS, "batch"]]
-        .rename(columns={"batch": "none_batch"})
-    )
-    table = table.merge(none, on=list(AUTO_BATCH_KEYS), how="left", validate="many_to_one")
-    table["times_none"] = (table.batch / table.none_batch).where(table.status.eq(STATUS_OK))
-    return table
-
-
-# --- whole sweeps -------------------------------------------------------------------------------
-
-
-def aggregate_sweep(sweep_dir: Path) -> AggregateOutput:
-    """Write `results.csv`, `plots/*.png` and `summary.md` into one sweep folder.
-
-    Meant for the end of a Hydra multirun, so odd data (no baseline, failed jobs, one job, no job)
-    becomes notes in the output rather than an exception that would hide the sweep's results.
-    """
-    from memexp import plots, report
-
-    sweep_dir = Path(sweep_dir)
-    rows, read_notes = _read_rows(find_result_files([sweep_dir]))
-    frame = build_frame(rows)
-    # Failed jobs get their own table in the summary; these notes are everything else.
-    notes = read_notes + missing_result_notes(sweep_dir) + data_notes(frame)
-    csv_path = sweep_dir / RESULTS_CSV
-    frame.to_csv(csv_path, index=False)
-    figures = plots.draw_all(frame, sweep_dir / PLOTS_DIR)
-    summary = report.write_summary(sweep_dir, frame, notes, figures)
-    written = [csv_path, *(f.path for f in figures if f.path), summary]
-    figure_notes = [f.note for f in figures if f.note]
-    return AggregateOutput(frame, written, failure_notes(frame) + notes + figure_notes)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m memexp.aggregate",
-        description="Aggregate sweeps: results.csv, plots/ and summary.md in every sweep folder.",
-    )
-    parser.add_argument("paths", nargs="+", help="sweep folders, parents of sweeps, or globs")
-    parser.add_argument("--out", type=Path, help="also write every job found into this CSV")
-    args = parser.parse_args(argv)
-
-    files = find_result_files(args.paths)
-    if not files:
-        print(f"no {RESULT_FILE} under {' '.join(args.paths)}", file=sys.stderr)
-        return 1
-    for sweep in sorted({sweep_of(f) for f in files}):
-        output = aggregate_sweep(sweep)
-        ok = int(output.frame.status.eq(STATUS_OK).sum())
-        print(f"{sweep}: {len(output.frame)} jobs ({ok} ok), wrote {len(output.written)} files")
-        for note in output.notes:
-            print(f"  note: {note}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        load_results(files).to_csv(args.out, index=False)
-        print(f"all {len(files)} jobs: {args.out}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command line moved up to the module that also draws and writes; say where, not nothing.
+    sys.exit("python -m memexp.aggregate is now python -m memexp.summarize (same arguments)")

@@ -86,10 +86,10 @@ def report(results: list[RunResult], where: Path) -> None:
 def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     """results.csv, plots and summary.md for the sweep, mirrored to W&B; problems become notes."""
     # Imported here: plotting libraries are only needed once per sweep, not in every job process.
-    from memexp.aggregate import aggregate_sweep
+    from memexp.summarize import summarize_sweep
 
     try:
-        output = aggregate_sweep(sweep_dir)
+        output = summarize_sweep(sweep_dir)
     except Exception as error:  # the jobs' records are safe on disk; say why and move on
         print(f"[memexp] aggregation failed ({type(error).__name__}: {error}); records are intact")
         return

@@ -16,24 +16,25 @@ from typing import Any
 
 import pandas as pd
 
-from memexp.aggregate import (
+from memexp.aggregate import BASELINE_STRATEGY, GROUP_KEYS, first_line
+from memexp.analysis import (
     AUTO_BATCH_KEYS,
-    BASELINE_STRATEGY,
-    GROUP_KEYS,
+    FIT_POINTS,
     MEMORY_SOURCE_LABELS,
+    MIN_SEQ_LENS,
+    SCALING_KEYS,
+    SCALING_VALUES,
     auto_batch_table,
     config_order,
     describe_memory_sources,
     describe_times,
-    first_line,
     model_order,
+    seq_len_exponents,
     strategy_order,
 )
-from memexp.config import FAKE_DEVICE
 from memexp.estimate import TIME_SOURCE_ESTIMATE
-from memexp.plots import PlotOutcome
+from memexp.figures import AUTO_BATCH_PNG, SCALING_PNG, PlotOutcome
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_INFEASIBLE, STATUS_OK
-from memexp.scaling import scaling_exponents
 from memexp.sweepdir import MULTIRUN_YAML, SUMMARY_MD, read_sweep_overrides
 from memexp.text import MIB, MISSING, format_bytes, markdown_table
 
@@ -41,14 +42,6 @@ EN_DASH = "\u2013"
 TIMES = "\u00d7"
 MINUS = "\u2212"
 
-# Sequence-length scaling: a row per configuration that ran at MIN_SEQ_LENS lengths or more,
-# k fitted over its FIT_POINTS longest, for each memory figure (column: what the table calls it).
-SCALING_KEYS = ("model", "strategy_label", "attention", "batch_size", "precision", "device")
-SCALING_VALUES = {"peak_bytes": "peak", "saved_activation_bytes": "kept for backward"}
-MIN_SEQ_LENS = 3
-FIT_POINTS = 3
-SCALING_FIGURE = "scaling_seq_len.png"
-AUTO_BATCH_FIGURE = "auto_batch.png"
 ANALYTIC_SAVED = "extra_analytic_saved_activation_bytes"
 ANALYTIC_NOTE = "extra_analytic_saved_activation_note"
 ESTIMATED_STEP = "extra_estimated_step_ms"
@@ -179,11 +172,16 @@ def _results_section(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _predicted(rows: pd.DataFrame) -> pd.Series:
+    """Rows whose memory was predicted on fake tensors rather than measured on a real step."""
+    return rows.memory_source.eq(SOURCE_FAKE_TENSORS)
+
+
 def _workload_line(rows: pd.DataFrame) -> str:
-    """The config's workload, and for the fake device that its figures are predictions."""
+    """The config's workload, and when its memory was predicted (fake tensors), that it was."""
     first = rows.iloc[0]
     line = ", ".join(f"{key} {_code(str(first[key]))}" for key in GROUP_KEYS) + "."
-    if first.device == FAKE_DEVICE:
+    if _predicted(rows).any():
         imagined = _values(rows, "extra_fake_imagines")
         line += (
             f" Predicted, not measured: the step ran on fake tensors (shapes only, nothing "
@@ -297,25 +295,6 @@ def _in_reading_order(rows: pd.DataFrame, frame: pd.DataFrame, *then: str) -> pd
     )
 
 
-def seq_len_exponents(frame: pd.DataFrame) -> pd.DataFrame:
-    """k in memory ∝ seq_len^k per configuration (`SCALING_KEYS`) that ran at `MIN_SEQ_LENS`
-    sequence lengths or more, fitted over its `FIT_POINTS` longest, for each of `SCALING_VALUES`.
-
-    Columns: the keys, then `<value>_exponent`, `_local_exponent`, `_points`, `_seq_len_min`,
-    `_seq_len_max` per value (NaN where that value was not recorded). Ok jobs only.
-    """
-    keys = list(SCALING_KEYS)
-    ok = frame[frame.status.eq(STATUS_OK)]
-    lengths = ok.groupby(keys, dropna=False).seq_len.transform("nunique")
-    eligible = ok[lengths >= MIN_SEQ_LENS]
-    fits = []
-    for value in SCALING_VALUES:
-        numeric = eligible.assign(**{value: pd.to_numeric(eligible[value]).astype(float)})
-        fit = scaling_exponents(numeric, value=value, by=keys, largest=FIT_POINTS)
-        fits.append(fit.drop(columns="value").set_index(keys).add_prefix(f"{value}_"))
-    return pd.concat(fits, axis=1).reset_index()
-
-
 def _fit_range(row: pd.Series) -> str:
     """The sequence lengths k was fitted over; both figures' ranges when they differ."""
     ranges = {
@@ -334,8 +313,8 @@ def _scaling_section(
     fits = seq_len_exponents(frame)
     names = {"strategy_label": "strategy", "batch_size": "batch"}
     headers = [names.get(k, k) for k in SCALING_KEYS]
+    ok = frame[frame.status.eq(STATUS_OK)]
     if fits.empty:
-        ok = frame[frame.status.eq(STATUS_OK)]
         most = ok.groupby(list(SCALING_KEYS), dropna=False).seq_len.nunique().max()
         return Section(
             title,
@@ -343,6 +322,7 @@ def _scaling_section(
             f"({', '.join(headers)}) with ok jobs; the most in this sweep is "
             f"{0 if pd.isna(most) else int(most)}",
         )
+    fitted = ok.merge(fits[list(SCALING_KEYS)], on=list(SCALING_KEYS))
     headers += [f"k of {name}" for name in SCALING_VALUES.values()] + ["fit over seq_len"]
     rows = []
     for _, row in _in_reading_order(fits, frame).iterrows():
@@ -357,10 +337,10 @@ def _scaling_section(
         "O(s) per layer and stay near 1. The peak also holds weights and optimizer state, which "
         "do not grow with s, so its k stays lower until activations dominate. Kept for "
         "backward: bytes autograd saves for backward."
-        + (" Device `fake`: predicted, not measured." if fits.device.eq(FAKE_DEVICE).any() else ""),
+        + (" Device `fake`: predicted, not measured." if _predicted(fitted).any() else ""),
         "",
         markdown_table(headers, rows),
-        *_figure_link(sweep_dir, figures, SCALING_FIGURE),
+        *_figure_link(sweep_dir, figures, SCALING_PNG["seq_len"]),
     ]
     return Section(title, lines)
 
@@ -423,7 +403,7 @@ def _auto_batch_section(
         f"{BASELINE_STRATEGY} = that batch / the batch of the ok `{BASELINE_STRATEGY}` job of the "
         f"same {', '.join(AUTO_BATCH_KEYS)} ({MISSING} without one). Memory: MiB = 2^20 bytes, "
         "GiB = 2^30 bytes.",
-        *_figure_link(sweep_dir, figures, AUTO_BATCH_FIGURE),
+        *_figure_link(sweep_dir, figures, AUTO_BATCH_PNG),
     ]
     ordered = _in_reading_order(table, frame, "seq_len", "device", "precision", "attention")
     for key, rows in ordered.groupby(list(AUTO_BATCH_KEYS), dropna=False, sort=False):
@@ -470,7 +450,7 @@ def _saved_vs_closed_form_section(frame: pd.DataFrame) -> Section:
         f"(`extra.analytic_saved_activation_bytes`; fp32, no op-level policy). "
         f"`{EQUAL_TO_ANALYTIC}`: equal to the byte; otherwise run \u2212 closed form in bytes.",
     ]
-    predicted = ok.memory_source.eq(SOURCE_FAKE_TENSORS)
+    predicted = _predicted(ok)
     kinds = (
         ("measured", ok[~predicted], "Measured on a real step"),
         ("predicted", ok[predicted], "Predicted on fake tensors (nothing computed)"),
@@ -514,7 +494,7 @@ def _estimated_time_section(frame: pd.DataFrame) -> Section:
     ok = frame[frame.status.eq(STATUS_OK)]
     estimated = ok[ok[ESTIMATED_STEP].notna()] if ESTIMATED_STEP in ok else ok.iloc[:0]
     if estimated.empty:
-        fake = ok.device.eq(FAKE_DEVICE).any()
+        fake = _predicted(ok).any()
         why = (
             "the fake-device jobs had no `device.peak_tflops` (TFLOP/s of the imagined device), "
             "so no step time was estimated; they measure none"

@@ -9,8 +9,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from memexp import aggregate
-from memexp.aggregate import aggregate_sweep, load_results
+from memexp import aggregate, summarize
+from memexp.aggregate import load_results
+from memexp.results import RunResult, write_result
+from memexp.summarize import summarize_sweep
 from tests import records
 
 WORKLOAD = {
@@ -145,8 +147,8 @@ def test_pareto_marks_the_strategies_no_other_beats_in_both(tmp_path: Path) -> N
     assert optimal.to_dict() == {"none": True, "full": True, "sqrt": False}
 
 
-def test_aggregate_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
-    output = aggregate_sweep(pair)
+def test_summarize_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
+    output = summarize_sweep(pair)
     assert (pair / "results.csv") in output.written and (pair / "summary.md") in output.written
     assert (pair / "plots" / "comparison.png") in output.written
     assert all(path.is_file() for path in output.written)
@@ -155,13 +157,13 @@ def test_aggregate_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
     assert "scaling vs seq_len skipped: only one sequence length in the sweep" in output.notes
 
 
-def test_aggregate_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path) -> None:
+def test_summarize_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path) -> None:
     write_job(tmp_path, 0, "full", peak_bytes=600)
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "result.json").write_text("{not json")
     (tmp_path / "2" / ".hydra").mkdir(parents=True)
     (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- strategy=sqrt\n")
-    output = aggregate_sweep(tmp_path)
+    output = summarize_sweep(tmp_path)
     assert len(output.frame) == 1
     notes = "\n".join(output.notes)
     assert f"could not read {tmp_path / '1' / 'result.json'}: JSONDecodeError" in notes
@@ -169,8 +171,8 @@ def test_aggregate_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path
     assert (tmp_path / "summary.md").is_file()
 
 
-def test_aggregate_sweep_of_an_empty_folder_says_so(tmp_path: Path) -> None:
-    output = aggregate_sweep(tmp_path)
+def test_summarize_sweep_of_an_empty_folder_says_so(tmp_path: Path) -> None:
+    output = summarize_sweep(tmp_path)
     assert output.frame.empty
     assert "no result.json found" in output.notes
     assert "No job wrote a result." in (tmp_path / "summary.md").read_text()
@@ -186,7 +188,7 @@ def two_sweeps(tmp_path: Path) -> Path:
 
 def test_cli_on_a_parent_folder_aggregates_every_sweep(two_sweeps: Path, capsys) -> None:
     out = two_sweeps / "all.csv"
-    assert aggregate.main([str(two_sweeps), "--out", str(out)]) == 0
+    assert summarize.main([str(two_sweeps), "--out", str(out)]) == 0
     for name in ("sweep_a", "sweep_b"):
         assert (two_sweeps / name / "summary.md").is_file()
         assert (two_sweeps / name / "results.csv").is_file()
@@ -197,11 +199,75 @@ def test_cli_on_a_parent_folder_aggregates_every_sweep(two_sweeps: Path, capsys)
 
 
 def test_cli_expands_a_quoted_glob(two_sweeps: Path) -> None:
-    assert aggregate.main([str(two_sweeps / "*_b")]) == 0
+    assert summarize.main([str(two_sweeps / "*_b")]) == 0
     assert (two_sweeps / "sweep_b" / "summary.md").is_file()
     assert not (two_sweeps / "sweep_a" / "summary.md").exists()
 
 
 def test_cli_fails_when_nothing_is_found(tmp_path: Path, capsys) -> None:
-    assert aggregate.main([str(tmp_path)]) == 1
+    assert summarize.main([str(tmp_path)]) == 1
     assert "no result.json" in capsys.readouterr().err
+
+
+@pytest.fixture
+def two_different_sweeps(tmp_path: Path) -> Path:
+    """Two sweeps of one workload whose baselines differ: A's machine is twice as fast as B's."""
+    for name, scale in (("sweep_a", 1.0), ("sweep_b", 2.0)):
+        write_job(tmp_path / name, 0, "none", peak_bytes=1000, step_ms_median=100.0 * scale)
+        write_job(tmp_path / name, 1, "full", peak_bytes=600, step_ms_median=125.0 * scale)
+        write_job(tmp_path / name, 2, "sqrt", peak_bytes=700, step_ms_median=110.0 * scale)
+    return tmp_path
+
+
+def test_sweeps_read_together_compare_each_job_within_its_own_sweep(
+    two_different_sweeps: Path,
+) -> None:
+    frame = load_results([two_different_sweeps])
+    frame = frame.assign(sweep=frame.sweep.map(lambda s: Path(s).name))
+    columns = ["sweep", "strategy", "time_overhead_pct", "peak_saved_pct", "baseline_job_num"]
+    assert frame[columns].values.tolist() == [
+        ["sweep_a", "none", 0.0, 0.0, 0],
+        ["sweep_a", "full", 25.0, 40.0, 0],
+        ["sweep_a", "sqrt", 10.0, 30.0, 0],
+        ["sweep_b", "none", 0.0, 0.0, 0],  # not 100 % slower than A's none
+        ["sweep_b", "full", 25.0, 40.0, 0],
+        ["sweep_b", "sqrt", 10.0, 30.0, 0],
+    ]
+    assert list(frame.baseline_sweep.map(lambda s: Path(s).name)) == list(frame.sweep)
+
+
+def test_pareto_marks_are_found_within_each_sweep(two_different_sweeps: Path) -> None:
+    frame = load_results([two_different_sweeps])
+    optimal = frame.assign(sweep=frame.sweep.map(lambda s: Path(s).name))
+    marked = optimal.groupby("sweep").apply(
+        lambda rows: sorted(rows.strategy[rows.pareto_optimal]), include_groups=False
+    )
+    # Mixed, A's jobs would beat every job of B and B would have no Pareto point at all.
+    assert marked.to_dict() == {
+        "sweep_a": ["full", "none", "sqrt"],
+        "sweep_b": ["full", "none", "sqrt"],
+    }
+
+
+def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
+    """`python -m memexp` without -m writes `<date>/<time>/result.json`: its outputs go beside it."""
+    run = tmp_path / "2026-12-01" / "12-00-00"
+    write_result(run, RunResult(status="ok", job_num=None, strategy="none", peak_bytes=1000,
+                                step_ms_median=10.0, **WORKLOAD))  # fmt: skip
+    assert summarize.main([str(tmp_path / "2026-12-01")]) == 0
+    assert sorted(p.name for p in run.iterdir()) == [
+        "plots",
+        "result.json",
+        "results.csv",
+        "summary.md",
+    ]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["12-00-00"]
+    table = pd.read_csv(run / "results.csv")
+    assert (table.sweep.tolist(), table.baseline_sweep.tolist()) == ([str(run)], [str(run)])
+
+
+def test_summarize_sweep_takes_the_figure_drawer_as_a_parameter(pair: Path) -> None:
+    output = summarize_sweep(pair, draw=summarize.no_figures)
+    assert output.written == [pair / "results.csv", pair / "summary.md"]
+    assert not (pair / "plots").exists()
+    assert "## Plots" in (pair / "summary.md").read_text()

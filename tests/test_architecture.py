@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("text", "sweepdir", "plan"),  # units, folder layout, the plan as data
+    ("text", "sweepdir", "plan", "figures"),  # units, folder layout, plan and figures as data
     ("results", "config"),  # the record schema; the structured configs and the validated spec
     ("model", "analytic", "environment", "scaling", "launchers", "resume"),
     ("training",),  # one training step in phases
@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("record",),  # the one room that writes figures into a RunResult
     ("runner",),  # one job
     ("aggregate", "wandb_sink"),  # sweep → table; W&B mirror
+    ("analysis",),  # table → orders, descriptions and derived tables plots and report share
     ("plots", "report"),  # table → figures; table → summary.md sections
     ("summarize", "wandb_report", "reproduce"),  # draw and write a sweep's outputs; reports
     ("callbacks",),  # Hydra's end-of-sweep hooks

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from memexp import plots
+from memexp import aggregate, plots
 from memexp.aggregate import load_results
 from memexp.results import RunResult, write_json_atomic, write_result
 
@@ -92,6 +92,102 @@ def test_figures_are_readable_sizes(drawn: list[plots.PlotOutcome]) -> None:
         with Image.open(outcome.path) as image:
             width, height = image.size
         assert 600 <= width <= 4000 and 400 <= height <= 4000, outcome.path.name
+
+
+def figure(drawn: list[plots.PlotOutcome], name: str) -> pd.DataFrame:
+    """The data the figure saved as `name` drew."""
+    (outcome,) = [o for o in drawn if o.path and o.path.name == name]
+    return outcome.data
+
+
+def peak_bytes(model: str, seq_len: int, batch: int, strategy: str) -> int:
+    """What `write_job` records: parameters, gradients and optimizer state, then activations."""
+    params = 50_000 if model == "tiny" else 200_000
+    return 4 * params + int(seq_len * batch * 1000 * STRATEGIES[strategy])
+
+
+def test_comparison_draws_a_bar_per_ok_job_with_its_peak_and_savings(drawn) -> None:
+    data = figure(drawn, "comparison.png").set_index(["model", "workload", "strategy_label"])
+    data = data.sort_index()
+    workloads = {("tiny", 256, 4), ("tiny", 512, 4), ("tiny", 256, 8), ("small", 256, 4)}
+    expected = {
+        (m, f"{s}\u00d7{b}", strategy): peak_bytes(m, s, b, strategy) / 2**20
+        for m, s, b in workloads
+        for strategy in STRATEGIES
+    }
+    assert data.peak_mib.to_dict() == expected  # the OOM job has no bar
+    saved = data.peak_saved_pct.xs(("tiny", "256\u00d74"))
+    assert saved.to_dict() == pytest.approx(
+        {"none": 0.0, "full": 100 * 614_400 / 1_224_000, "sqrt": 100 * 409_600 / 1_224_000}
+    )
+    overhead = data.time_overhead_pct.xs(("tiny", "256\u00d74"))
+    assert overhead.to_dict() == pytest.approx({"none": 0.0, "full": 60.0, "sqrt": 40.0})
+
+
+def test_scaling_draws_one_line_per_strategy_and_batch(drawn) -> None:
+    data = figure(drawn, "scaling_seq_len.png")
+    none = data[data.strategy_label.eq("none")]
+    assert none[["model", "batch_size", "seq_len"]].values.tolist() == [
+        ["tiny", 4, 256],
+        ["tiny", 4, 512],
+        ["tiny", 8, 256],
+    ]
+    assert none.peak_mib.tolist() == [
+        peak_bytes("tiny", 256, 4, "none") / 2**20,
+        peak_bytes("tiny", 512, 4, "none") / 2**20,
+        peak_bytes("tiny", 256, 8, "none") / 2**20,
+    ]
+    assert set(data.model) == {"tiny"}  # small ran at one length only
+
+
+def test_tradeoff_draws_each_config_and_marks_its_pareto_points(drawn) -> None:
+    data = figure(drawn, "tradeoff.png").set_index(["config", "strategy_label"])
+    assert sorted(set(data.index.get_level_values("config"))) == [
+        "small 256\u00d74",
+        "tiny 256\u00d74",
+        "tiny 256\u00d78",
+        "tiny 512\u00d74",
+    ]
+    tiny = data.xs("tiny 256\u00d74")
+    assert tiny.step_ms_median.to_dict() == pytest.approx(
+        {"none": 10.24, "full": 16.384, "sqrt": 14.336}
+    )
+    # sqrt is faster than full and smaller than none: no strategy beats another in both.
+    assert tiny.pareto_optimal.to_dict() == {"none": True, "full": True, "sqrt": True}
+
+
+def test_tradeoff_leaves_a_beaten_strategy_off_the_frontier(frame, tmp_path: Path) -> None:
+    """sqrt slower than full at a larger peak: the table's frontier leaves it off, and so does the
+    figure."""
+    slower = frame.assign(
+        step_ms_median=frame.step_ms_median.where(frame.strategy.ne("sqrt"), 100.0)
+    ).drop(columns="pareto_optimal")
+    beaten = aggregate.add_pareto_column(slower)
+    data = plots.plot_tradeoff(one_workload(beaten), tmp_path).data
+    assert data.set_index("strategy_label").pareto_optimal.to_dict() == {
+        "none": True,
+        "full": True,
+        "sqrt": False,
+    }
+
+
+def test_breakdown_stacks_the_recorded_parts_under_the_peak(drawn) -> None:
+    data = figure(drawn, "breakdown.png").set_index(["config", "strategy_label"])
+    full = data.loc[("tiny 256\u00d74", "full")]
+    parts = ["params_mib", "grads_mib", "optimizer_state_mib", "activations_mib"]
+    assert full[parts].tolist() == [v / 2**20 for v in (50_000, 50_000, 100_000, 409_600)]
+    assert full.peak_mib == peak_bytes("tiny", 256, 4, "full") / 2**20
+    assert len(data) == 12
+
+
+def test_timeline_draws_each_recorded_event_through_the_step(drawn) -> None:
+    data = figure(drawn, "timeline.png")
+    none = data[data.config.eq("tiny 256\u00d74") & data.strategy_label.eq("none")]
+    assert none.fraction.tolist() == [0.0, 1 / 3, 2 / 3, 1.0]
+    allocated = [50_000, 50_000 + 1_024_000, 50_000 + 512_000, 100_000]
+    assert none.allocated_mib.tolist() == [b / 2**20 for b in allocated]
+    assert none.phase.tolist() == ["forward", "forward", "backward", "optimizer"]
+    assert none.phase_starts.tolist() == [True, False, True, True]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from memexp.aggregate import load_results
-from memexp.plots import PlotOutcome
+from memexp.figures import PlotOutcome
 from memexp.report import render_summary, write_summary
 from memexp.results import RunResult, write_result
 from memexp.sweepdir import read_sweep_overrides

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from memexp import aggregate, plots
-from memexp.aggregate import auto_batch_table, load_results
-from memexp.plots import PlotOutcome
-from memexp.report import render_summary, seq_len_exponents
+from memexp.aggregate import load_results
+from memexp.analysis import auto_batch_table, seq_len_exponents
+from memexp.figures import PlotOutcome
+from memexp.report import render_summary
 from tests import records
 
 GIB = 2**30
@@ -176,6 +177,21 @@ def test_auto_batch_figure_is_drawn_and_linked(auto_sweep: Path) -> None:
     outcome = plots.plot_auto_batch(load_results([auto_sweep]), auto_sweep / "plots")
     assert outcome.path == auto_sweep / "plots" / "auto_batch.png"
     assert outcome.path.read_bytes().startswith(PNG_SIGNATURE)
+    drawn = outcome.data.set_index(["model", "strategy_label"])
+    # One bar per ok job at the batch it found; the infeasible job is a status, not a bar.
+    assert drawn.batch.dropna().to_dict() == {
+        ("small", "none"): 8.0,
+        ("small", "full"): 20.0,
+        ("small", "sqrt"): 26.0,
+        ("tiny", "full"): 64.0,
+    }
+    assert drawn.status[("small", "selective")] == "infeasible"
+    assert drawn.times_none.dropna().to_dict() == {
+        ("small", "none"): 1.0,
+        ("small", "full"): 2.5,
+        ("small", "sqrt"): 3.25,
+    }
+    assert set(drawn.panel) == {"seq 256 \u00b7 fake \u00b7 fp32 \u00b7 naive"}
     text = section(summary(auto_sweep, [outcome]), "Largest batch that fits")
     assert "Figure: [Largest batch that fits](plots/auto_batch.png)" in text
 

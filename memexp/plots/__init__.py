@@ -1,0 +1,71 @@
+"""The figures of one sweep, drawn from the table `memexp.aggregate.load_results` builds.
+
+One module per figure. Each `plot_*` function takes that table and a folder and returns a
+`PlotOutcome` (`memexp.figures`): the PNG it wrote with the tidy data it drew, or a one-line note
+saying why the sweep's data cannot support the figure (one sequence
+length gives no scaling curve; that is not an error). Only ok rows are drawn, one per config and
+strategy label. Memory is in MiB (2**20 bytes), times in ms with min-max bars or bands, and every
+figure names its memory source in a footer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from memexp.figures import PlotOutcome
+from memexp.plots.auto_batch import plot_auto_batch
+from memexp.plots.breakdown import plot_breakdown
+from memexp.plots.comparison import comparison_panels, plot_comparison
+from memexp.plots.scaling import plot_scaling, scaling_panels
+from memexp.plots.timeline import plot_timeline, read_timeline
+from memexp.plots.tradeoff import plot_tradeoff
+
+__all__ = [
+    "FIGURES",
+    "PlotOutcome",
+    "comparison_panels",
+    "draw_all",
+    "plot_auto_batch",
+    "plot_breakdown",
+    "plot_comparison",
+    "plot_scaling",
+    "plot_timeline",
+    "plot_tradeoff",
+    "read_timeline",
+    "scaling_panels",
+]
+
+FIGURES: tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...] = (
+    ("comparison", plot_comparison),
+    ("scaling vs seq_len", functools.partial(plot_scaling, axis="seq_len")),
+    ("scaling vs batch_size", functools.partial(plot_scaling, axis="batch_size")),
+    ("memory-time trade-off", plot_tradeoff),
+    ("memory breakdown", plot_breakdown),
+    ("memory over one step", plot_timeline),
+    ("largest batch that fits", plot_auto_batch),
+)
+
+
+def draw_all(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
+    """Every figure the data supports, into `out_dir`.
+
+    A figure that fails on data no one foresaw becomes a note instead of an exception: this runs at
+    the end of a sweep, and one bad figure must not cost the table and the other figures.
+    Figures of an earlier aggregation are removed first (they are derived, not measured), so a
+    figure the data no longer supports does not linger beside the new ones.
+    """
+    for stale in Path(out_dir).glob("*.png"):
+        stale.unlink()
+    outcomes = []
+    for name, draw in FIGURES:
+        try:
+            outcomes.append(draw(frame, Path(out_dir)))
+        except Exception as error:
+            outcomes.append(
+                PlotOutcome(name, note=f"{name} failed: {type(error).__name__}: {error}")
+            )
+    return outcomes

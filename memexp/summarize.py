@@ -1,0 +1,107 @@
+"""Write a sweep's outputs: `results.csv`, `plots/*.png` and `summary.md`; the command line.
+
+    python -m memexp.summarize PATH... [--out FILE]
+
+PATH is a sweep folder, a parent folder holding many sweeps, a job folder, a `result.json`, or a
+glob of any of these (quoted globs are expanded here). Every sweep found gets `results.csv`,
+`plots/*.png` and `summary.md` (a single run's folder gets its own, beside its `result.json`);
+`--out` also writes one CSV holding all jobs found.
+
+The one place that draws and writes: `memexp.aggregate` builds the table, `memexp.plots` draws
+it, `memexp.report` writes the page. The figure drawer is a parameter, so a caller that wants
+only the table and the page (a test, a quick look) passes one that draws nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from memexp import plots
+from memexp.aggregate import (
+    build_frame,
+    data_notes,
+    failure_notes,
+    load_results,
+    missing_result_notes,
+    read_rows,
+)
+from memexp.figures import PlotOutcome
+from memexp.report import write_summary
+from memexp.results import STATUS_OK
+from memexp.sweepdir import PLOTS_DIR, RESULT_FILE, RESULTS_CSV, find_result_files, sweep_of
+
+# Draws every figure the table supports into a folder and says what it drew or why not.
+Drawer = Callable[[pd.DataFrame, Path], list[PlotOutcome]]
+
+
+@dataclass
+class SweepOutput:
+    """What `summarize_sweep` produced: the table, the files it wrote, what a reader should know."""
+
+    frame: pd.DataFrame
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def no_figures(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
+    """A drawer that draws nothing: the table and the page without the seconds plotting takes."""
+    return []
+
+
+def summarize_sweep(sweep_dir: Path, draw: Drawer = plots.draw_all) -> SweepOutput:
+    """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md`.
+
+    Meant for the end of a Hydra multirun, so odd data (no baseline, failed jobs, one job, no job)
+    becomes notes in the output rather than an exception that would hide the sweep's results.
+    Only records whose aggregate belongs in `sweep_dir` are read (`sweepdir.sweep_of`).
+    """
+    sweep_dir = Path(sweep_dir)
+    found = find_result_files([sweep_dir])
+    mine = [path for path in found if sweep_of(path) == sweep_dir.resolve()]
+    rows, read_notes = read_rows(mine)
+    frame = build_frame(rows)
+    # Failed jobs get their own table in the summary; these notes are everything else.
+    notes = read_notes + missing_result_notes(sweep_dir) + data_notes(frame)
+    csv_path = sweep_dir / RESULTS_CSV
+    frame.to_csv(csv_path, index=False)
+    figures = draw(frame, sweep_dir / PLOTS_DIR)
+    summary = write_summary(sweep_dir, frame, notes, figures)
+    written = [csv_path, *(f.path for f in figures if f.path), summary]
+    figure_notes = [f.note for f in figures if f.note]
+    return SweepOutput(frame, written, failure_notes(frame) + notes + figure_notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m memexp.summarize",
+        description="Aggregate sweeps: results.csv, plots/ and summary.md in every sweep folder.",
+    )
+    parser.add_argument("paths", nargs="+", help="sweep folders, parents of sweeps, or globs")
+    parser.add_argument("--out", type=Path, help="also write every job found into this CSV")
+    args = parser.parse_args(argv)
+
+    files = find_result_files(args.paths)
+    if not files:
+        print(f"no {RESULT_FILE} under {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    for sweep in sorted({sweep_of(f) for f in files}):
+        output = summarize_sweep(sweep)
+        ok = int(output.frame.status.eq(STATUS_OK).sum())
+        print(f"{sweep}: {len(output.frame)} jobs ({ok} ok), wrote {len(output.written)} files")
+        for note in output.notes:
+            print(f"  note: {note}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        load_results(files).to_csv(args.out, index=False)
+        print(f"all {len(files)} jobs: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
