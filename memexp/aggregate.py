@@ -30,8 +30,8 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   saved per % of step time paid. Efficiency is NaN when the overhead is <= 0 (a strategy that costs
   no time has no finite price), and every relative cell is NaN without a baseline or when the
   baseline's figure is missing or zero;
-* `pareto_optimal`: True for ok rows that no other ok row of the same group (one sweep) beats in both
-  `step_ms_median` and `peak_bytes` (the memory/time frontier); False otherwise.
+* `pareto_optimal`: True for ok rows that no other ok row of the same group (within one sweep)
+  beats in both `step_ms_median` and `peak_bytes` (the memory/time frontier); False otherwise.
 
 Jobs run with `batch=auto` each run at the largest batch that fits, so strategies of one workload
 land in different groups and find no baseline: their relative columns stay empty (memory saved at

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from memexp.aggregate import BASELINE_STRATEGY, TIME_COLUMN, as_float, ran_auto_batch
-from memexp.results import STATUS_OK
+from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK
 from memexp.scaling import scaling_exponents
 
 MEMORY_SOURCE_LABELS = {
@@ -132,6 +132,11 @@ def auto_batch_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = table.merge(none, on=list(compared), how="left", validate="many_to_one")
     table["times_none"] = (table.batch / table.none_batch).where(table.status.eq(STATUS_OK))
     return table
+
+
+def predicted_memory(rows: pd.DataFrame) -> pd.Series:
+    """Rows whose memory was predicted on fake tensors rather than measured on a real step."""
+    return rows.memory_source.eq(SOURCE_FAKE_TENSORS)
 
 
 # --- sequence-length scaling --------------------------------------------------------------------
