@@ -250,7 +250,7 @@ def test_pareto_marks_are_found_within_each_sweep(two_different_sweeps: Path) ->
 
 
 def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
-    """`python -m memexp` without -m writes `<date>/<time>/result.json`: its outputs go beside it."""
+    """`python -m memexp` without -m writes `<date>/<time>/result.json`: outputs go beside it."""
     run = tmp_path / "2026-12-01" / "12-00-00"
     write_result(run, RunResult(status="ok", job_num=None, strategy="none", peak_bytes=1000,
                                 step_ms_median=10.0, **WORKLOAD))  # fmt: skip
