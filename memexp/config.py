@@ -80,7 +80,7 @@ class DeviceConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adam"
-    lr: float = 1e-3
+    lr: float = 1e-4  # the seed's
 
 
 @dataclass
