@@ -138,7 +138,7 @@ def test_preset_has_the_seeds_shape_and_parameters(preset: str, compose_cfg: Com
     )
     with torch.device("meta"):
         reference = reference_for(spec)
-        work = build_workload(spec, CheckpointPlan.nothing(model.layers), "meta")
+    work = build_workload(spec, CheckpointPlan.nothing(model.layers), "meta")
     reference_shapes = {name: p.shape for name, p in reference.named_parameters()}
     memexp_shapes = {reference_name(name): p.shape for name, p in work.model.named_parameters()}
     assert memexp_shapes == reference_shapes
