@@ -166,13 +166,20 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
 def parameter_sizes(model: ModelConfig) -> list[int]:
     """Elements of every parameter tensor, in the order the model registers them.
 
-    Embeddings (tokens; positions up to max_seq_len); per layer a LayerNorm (weight, bias), the
-    bias-free qkv projection, the output projection (weight, bias), a LayerNorm, the FFN's up
-    and down projections (weight, bias each); the final LayerNorm; the untied head.
+    Embeddings (tokens; positions, one row per `max_seq_len`, the resolved table); per layer a
+    LayerNorm (weight, bias), the qkv and output projections, a LayerNorm, the FFN's up and down
+    projections (each projection a weight, and a bias only when `model.bias`); the final
+    LayerNorm; the untied head, never with a bias.
     """
     h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-    layer = [h, h, 3 * h * h, h * h, h, h, h, f * h, f, h * f, h]
-    return [v * h, model.max_seq_len * h, *layer * model.layers, h, h, v * h, v]
+
+    def projection(outputs: int, inputs: int) -> list[int]:
+        return [outputs * inputs, outputs] if model.bias else [outputs * inputs]
+
+    attention = [h, h, *projection(3 * h, h), *projection(h, h)]
+    feed_forward = [h, h, *projection(f, h), *projection(h, f)]
+    positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
+    return [v * h, positions, *(attention + feed_forward) * model.layers, h, h, v * h]
 
 
 def parameter_count(model: ModelConfig) -> int:
@@ -180,7 +187,8 @@ def parameter_count(model: ModelConfig) -> int:
 
 
 def parameter_tensor_count(model: ModelConfig) -> int:
-    """11 tensors a layer (5 attention, 6 FFN) and 6 outside (2 embeddings, norm, head)."""
+    """8 tensors a layer (2 LayerNorms of 2, 4 projection weights), 12 with biases; 5 outside
+    (2 embeddings, the final LayerNorm's 2, the head's weight)."""
     return len(parameter_sizes(model))
 
 

@@ -38,7 +38,14 @@ class ModelConfig:
     layers: int = MISSING
     heads: int = MISSING
     ffn_hidden: int = MISSING
-    max_seq_len: int = MISSING
+    # Rows of the learned position table. None: exactly the job's seq.len, as the seed builds
+    # its model (max_seq_len=seq_len); a number fixes a larger table (GPT-2 has 1024 positions)
+    # and caps seq.len. `memexp.configure.validate` resolves it: a spec's model holds a number.
+    max_seq_len: int | None = None
+    # Biases on the qkv, output and both FFN projections: GPT-2 has them, the seed and LLaMA do
+    # not. The vocabulary head never has one (the seed's is bias-free, GPT-2's is the tied,
+    # bias-free token embedding).
+    bias: bool = False
     attention: str = "naive"
     # The preset's own workload, used when seq/batch are left at their `default` option.
     seq_len: int = MISSING
@@ -73,7 +80,7 @@ class DeviceConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adam"
-    lr: float = 1e-3
+    lr: float = 1e-4  # the seed's
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """From Hydra's composed config to a validated ExperimentSpec, and the schemas Hydra composes with.
 
 Hydra checks types when it composes; everything that depends on two fields at once (hidden
-divisible by heads, sequence within the model's maximum) or on the machine (is there a GPU?)
-is checked here, so a bad sweep value fails with one sentence instead of a traceback. This room
-sits above the strategies because each strategy brings its own schema and checks.
+divisible by heads, the position table sized from the sequence) or on the machine (is there a
+GPU?) is checked or resolved here, so a bad sweep value fails with one sentence instead of a
+traceback. This room sits above the strategies because each strategy brings its own schema and
+checks.
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -108,6 +110,18 @@ def _memory_budget_bytes(batch: BatchConfig, device_memory: int | None) -> int |
     return budget
 
 
+def _position_rows(model: ModelConfig, seq_len: int) -> int:
+    """Rows of the position table: exactly `seq_len`, as the seed builds its model, unless the
+    preset fixes a table (GPT-2's 1024 positions), which `seq_len` may not outgrow."""
+    if model.max_seq_len is None:
+        return seq_len
+    if seq_len > model.max_seq_len:
+        raise ConfigError(
+            "seq.len", seq_len, f"at most model.max_seq_len={model.max_seq_len} for {model.name}"
+        )
+    return model.max_seq_len
+
+
 def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentSpec:
     """Turn a composed config into an ExperimentSpec, or raise ConfigError naming the bad field."""
     import torch
@@ -115,8 +129,10 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     model: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
-    for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden", "max_seq_len"):
+    for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden"):
         _require_positive(f"model.{name}", getattr(model, name))
+    if model.max_seq_len is not None:
+        _require_positive("model.max_seq_len", model.max_seq_len)
     if model.hidden % model.heads:
         divisors = [d for d in range(1, model.hidden + 1) if model.hidden % d == 0]
         shown = ", ".join(map(str, divisors[:12])) + (", ..." if len(divisors) > 12 else "")
@@ -128,10 +144,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
     seq_len = int(cfg.seq.len)
     batch_size = int(cfg.batch.size)
     _require_positive("seq.len", seq_len)
-    if seq_len > model.max_seq_len:
-        raise ConfigError(
-            "seq.len", seq_len, f"at most model.max_seq_len={model.max_seq_len} for {model.name}"
-        )
+    model = replace(model, max_seq_len=_position_rows(model, seq_len))
     _require_positive("batch.size", batch_size)
 
     _require_choice("device.type", cfg.device.type, DEVICE_TYPES)

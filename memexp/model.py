@@ -1,10 +1,12 @@
 """The transformer under study, and the one place a CheckpointPlan is executed.
 
-The layer is the seed's: a pre-LayerNorm attention sub-block (bias-free QKV projection, the
-explicit softmax(QKᵀ/√d)·V that materialises the seq×seq scores, output projection, residual)
-and a pre-LayerNorm FFN sub-block (hidden→ffn, GELU, ffn→hidden, residual). `attention: sdpa`
-swaps the explicit core for torch's fused scaled_dot_product_attention. There is no causal
-mask and no dropout, as in the seed: neither changes which tensors dominate memory.
+The layer is the seed's: a pre-LayerNorm attention sub-block (QKV projection, the explicit
+softmax(QKᵀ/√d)·V that materialises the seq×seq scores, output projection, residual) and a
+pre-LayerNorm FFN sub-block (hidden→ffn, GELU, ffn→hidden, residual). As in the seed no linear
+layer has a bias; `bias: true` gives the four projections of a layer one, as GPT-2 has (the
+vocabulary head stays bias-free). `attention: sdpa` swaps the explicit core for torch's fused
+scaled_dot_product_attention. There is no causal mask and no dropout, as in the seed: neither
+changes which tensors dominate memory.
 """
 
 from __future__ import annotations
@@ -75,12 +77,12 @@ ATTENTION_CORES = {"naive": naive_attention_core, "sdpa": fused_attention_core}
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, kind: str) -> None:
+    def __init__(self, hidden: int, heads: int, kind: str, bias: bool) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.out = nn.Linear(hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
+        self.out = nn.Linear(hidden, hidden, bias=bias)
         self.core = ATTENTION_CORES[kind]
 
     def forward(self, x: torch.Tensor, recompute_core: bool = False) -> torch.Tensor:
@@ -93,11 +95,11 @@ class AttentionBlock(nn.Module):
 
 
 class FeedForwardBlock(nn.Module):
-    def __init__(self, hidden: int, ffn_hidden: int) -> None:
+    def __init__(self, hidden: int, ffn_hidden: int, bias: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.up = nn.Linear(hidden, ffn_hidden)
-        self.down = nn.Linear(ffn_hidden, hidden)
+        self.up = nn.Linear(hidden, ffn_hidden, bias=bias)
+        self.down = nn.Linear(ffn_hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.down(F.gelu(self.up(self.norm(x))))
@@ -106,8 +108,8 @@ class FeedForwardBlock(nn.Module):
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attention = AttentionBlock(cfg.hidden, cfg.heads, cfg.attention)
-        self.ffn = FeedForwardBlock(cfg.hidden, cfg.ffn_hidden)
+        self.attention = AttentionBlock(cfg.hidden, cfg.heads, cfg.attention, cfg.bias)
+        self.ffn = FeedForwardBlock(cfg.hidden, cfg.ffn_hidden, cfg.bias)
 
     def forward(self, x: torch.Tensor, parts: frozenset[Part] = frozenset()) -> torch.Tensor:
         if Part.ATTENTION in parts:
@@ -118,7 +120,10 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token + learned position embeddings, L layers, final LayerNorm, untied vocabulary head."""
+    """Token + learned position embeddings, L layers, final LayerNorm, untied bias-free head.
+
+    `cfg` is a validated spec's model: its `max_seq_len` is the resolved number of positions.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -127,7 +132,7 @@ class Transformer(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.hidden)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.plan = CheckpointPlan.nothing(cfg.layers)
         self.context_fn: ContextFactory | None = None
 

@@ -19,7 +19,7 @@ from memexp.measure.timing import time_steps
 from memexp.model import Transformer, parameter_count
 from memexp.plan import CheckpointPlan, Part
 from memexp.strategies import make_plan
-from memexp.training import build_workload, forward_loss
+from memexp.training import build_workload, forward_loss, train_step
 
 SpecFn = Callable[..., ExperimentSpec]
 
@@ -85,7 +85,9 @@ def test_core_recomputation_keeps_the_same_bytes_for_both_kernels() -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-@pytest.mark.parametrize("shape", [(), ODD_SHAPE], ids=["tiny", "odd shape"])
+@pytest.mark.parametrize(
+    "shape", [(), ODD_SHAPE, (*ODD_SHAPE, "model.bias=true")], ids=["tiny", "odd shape", "biases"]
+)
 def test_static_memory_and_optimizer_peak_equal_a_measured_cpu_step(
     optimizer: str, shape: tuple[str, ...], tiny_spec: SpecFn
 ) -> None:
@@ -101,12 +103,24 @@ def test_static_memory_and_optimizer_peak_equal_a_measured_cpu_step(
     assert phases["optimizer_peak"] == analytic.optimizer_step_peak_bytes(spec, False)
 
 
-def test_adam_state_is_two_moments_and_a_step_per_tensor(tiny_spec: SpecFn) -> None:
-    spec = tiny_spec()
-    tensors = analytic.parameter_tensor_count(spec.model)
-    assert tensors == 11 * 4 + 6
+@pytest.mark.parametrize(
+    ("overrides", "tensors"),
+    [((), 8 * 4 + 5), (("model.bias=true",), 12 * 4 + 5)],
+    ids=["bias-free", "biases"],
+)
+def test_adam_state_is_two_moments_and_a_step_per_tensor(
+    overrides: tuple[str, ...], tensors: int, tiny_spec: SpecFn
+) -> None:
+    """A layer has 8 parameter tensors (2 LayerNorms of 2, 4 projection weights), 12 with
+    biases; outside the layers 5 (2 embeddings, the final LayerNorm's 2, the head's weight)."""
+    spec = tiny_spec(*overrides)
+    assert analytic.parameter_tensor_count(spec.model) == tensors
     expected = 2 * 4 * analytic.parameter_count(spec.model) + 4 * tensors
     assert analytic.optimizer_state_bytes(spec) == expected
+    work = build_workload(spec, make_plan(spec), "cpu")
+    train_step(work)
+    state = [t for s in work.optimizer.state.values() for t in s.values()]
+    assert sum(t.numel() * t.element_size() for t in state) == expected
 
 
 def test_record_figures_name_their_units_and_say_when_there_is_no_closed_form(

@@ -41,6 +41,39 @@ def test_seq_and_batch_overrides_win_over_the_preset(compose_cfg: ComposeFn) -> 
     assert (spec.seq_len, spec.batch_size, spec.tokens_per_step) == (1024, 8, 8192)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "positions"),
+    [
+        (("model=small",), 256),
+        (("model=small", "seq.len=1024"), 1024),  # a seq.len sweep needs no max_seq_len
+        (("model=medium", "seq.len=4096"), 4096),
+        (("model=llama7b",), 4096),
+        (("model=gpt2_medium", "seq.len=256"), 1024),  # GPT-2's table is fixed
+        (("model=small", "model.max_seq_len=2048"), 2048),
+    ],
+)
+def test_the_position_table_follows_the_workload_unless_the_preset_fixes_it(
+    overrides: tuple[str, ...], positions: int, tiny_spec: SpecFn
+) -> None:
+    """The spec's model holds the resolved rows: the model, the closed form, the planner and
+    the fake device all read this one number."""
+    assert tiny_spec(*overrides).model.max_seq_len == positions
+
+
+@pytest.mark.parametrize(
+    ("preset", "bias"),
+    [
+        ("tiny", False),
+        ("small", False),
+        ("medium", False),
+        ("llama7b", False),
+        ("gpt2_medium", True),
+    ],
+)
+def test_only_gpt2_has_biases(preset: str, bias: bool, tiny_spec: SpecFn) -> None:
+    assert tiny_spec(f"model={preset}").model.bias is bias
+
+
 def test_every_strategy_option_is_a_registered_strategy() -> None:
     assert set(STRATEGY_OPTIONS) == set(STRATEGIES)
 
@@ -76,7 +109,13 @@ POSITIVE = ["a positive integer"]
 CHOICE_ERRORS = [
     # (overrides, field, value, fragments of the allowed text)
     (["model.heads=5"], "model.heads", 5, ["a divisor of model.hidden=32", "1, 2, 4, 8, 16, 32"]),
-    (["seq.len=129"], "seq.len", 129, ["at most model.max_seq_len=128", "tiny"]),
+    (
+        ["model.max_seq_len=128", "seq.len=129"],
+        "seq.len",
+        129,
+        ["at most model.max_seq_len=128", "tiny"],
+    ),
+    (["model=gpt2_medium", "seq.len=1025"], "seq.len", 1025, ["at most model.max_seq_len=1024"]),
     (["model.vocab_size=0"], "model.vocab_size", 0, POSITIVE),
     (["model.hidden=-32"], "model.hidden", -32, POSITIVE),
     (["model.layers=0"], "model.layers", 0, POSITIVE),

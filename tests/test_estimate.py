@@ -47,6 +47,7 @@ WORKLOADS = {
     "tiny naive full": ("strategy=full",),
     "tiny naive sqrt": ("strategy=sqrt",),
     "tiny bf16 sqrt": ("strategy=sqrt", "precision=bf16"),
+    "odd shape biases naive sqrt": (*ODD_SHAPE, "model.bias=true", "strategy=sqrt"),
     "odd shape sdpa none": (*ODD_SHAPE, "model.attention=sdpa", "strategy=none"),
     "odd shape sdpa full sublayer": (
         *ODD_SHAPE, "model.attention=sdpa", "strategy=full", "strategy.granularity=sublayer",

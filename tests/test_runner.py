@@ -104,7 +104,7 @@ def test_figures_of_the_baseline_job(
     assert (record["flops_recompute"], record["recompute_flops_pct"]) == (0, 0.0)
     assert record["params_bytes"] == 4 * record["param_count"]  # fp32
     # Adam: two fp32 moments per parameter and a 0-d fp32 step count per parameter tensor
-    parameter_tensors = 2 + 4 * 11 + 2 + 2  # embeddings, 4 layers, final norm, head
+    parameter_tensors = 2 + 4 * 8 + 2 + 1  # embeddings, 4 bias-free layers, final norm, head
     assert record["optimizer_state_bytes"] == 2 * record["params_bytes"] + 4 * parameter_tensors
     step = [record[f"step_ms_{s}"] for s in ("min", "median", "max")]
     assert step == sorted(step)
