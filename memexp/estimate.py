@@ -26,18 +26,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
-from memexp.measure.saved import record_saved_bytes
 from memexp.measure.timing import first_step
-from memexp.model import ContextFactory, parameter_count
+from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
-from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError, RunResult
+from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
@@ -104,7 +102,6 @@ def predict(
     spec: ExperimentSpec,
     plan: CheckpointPlan,
     imagine: str,
-    context_fn: ContextFactory | None = None,
     counts: bool = True,
 ) -> Prediction:
     """The step of `spec` under `plan` on fake tensors, following `imagine`'s code paths.
@@ -112,7 +109,7 @@ def predict(
     `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
     warm-up step also counts saved bytes and FLOPs.
     """
-    mode, work = fake_workload(spec, plan, context_fn)
+    mode, work = fake_workload(spec, plan)
     offload_to_host = plan.offload and imagine == "cuda"
     saved = flops = None
     with mode:
@@ -162,59 +159,6 @@ def estimated_step_ms(flops: int, peak_tflops: float, utilization: float) -> flo
     return flops / (peak_tflops * 1e12 * utilization) * 1e3
 
 
-def record_prediction(result: RunResult, spec: ExperimentSpec, prediction: Prediction) -> None:
-    """The fake device's figures; measured time fields stay empty, estimates go to `extra`."""
-    settings = spec.device_settings
-    result.param_count = prediction.param_count
-    record_saved_bytes(result, prediction.saved_activation_bytes)
-    extra: dict[str, Any] = {"fake_imagines": settings.imagine}
-    if prediction.host_peak_bytes is not None:
-        extra["offloaded_host_peak_bytes"] = prediction.host_peak_bytes
-    if spec.device_memory_bytes is not None:
-        headroom = spec.device_memory_bytes - prediction.memory.peak_bytes
-        extra.update(
-            device_memory_bytes=spec.device_memory_bytes,
-            fits_device_memory=headroom >= 0,
-            device_headroom_bytes=headroom,
-        )
-    if settings.peak_tflops is not None:
-        step_ms = estimated_step_ms(
-            prediction.flops_step, settings.peak_tflops, settings.utilization
-        )
-        result.time_source = TIME_SOURCE_ESTIMATE
-        extra.update(
-            estimated_step_ms=step_ms,
-            estimated_tokens_per_s=spec.tokens_per_step / (step_ms / 1e3),
-            estimate_peak_tflops=settings.peak_tflops,
-            estimate_utilization=settings.utilization,
-        )
-    result.extra.update(extra)
-
-
-def describe_prediction(result: RunResult) -> str:
-    """The one line a fake-device job prints: predicted, with its sources, never 'measured'."""
-    extra = result.extra
-    text = (
-        f"[memexp] predicted peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
-        f"saved activations {format_bytes(result.saved_activation_bytes)}, "
-        f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
-    )
-    if "offloaded_host_peak_bytes" in extra:
-        text += f", host memory peak {format_bytes(extra['offloaded_host_peak_bytes'])} (offloaded)"
-    if "device_memory_bytes" in extra:
-        verdict = "fits" if extra["fits_device_memory"] else "does NOT fit"
-        text += (
-            f"; {verdict} in {format_bytes(extra['device_memory_bytes'])} "
-            f"(headroom {format_bytes(extra['device_headroom_bytes'])})"
-        )
-    if "estimated_step_ms" in extra:
-        text += (
-            f"; step ≈ {extra['estimated_step_ms']:,.1f} ms ({TIME_SOURCE_ESTIMATE}: "
-            f"{extra['estimate_utilization']:.0%} of {extra['estimate_peak_tflops']:g} TFLOP/s)"
-        )
-    return text
-
-
 # --- batch=auto ----------------------------------------------------------------------------
 
 
@@ -226,6 +170,7 @@ class BatchSearch:
     probes: dict[int, int]  # batch size → predicted peak bytes, in the order tried
     batch_size: int | None  # None: even the first batch tried does not fit
     limit_reached: bool = False  # every batch up to MAX_AUTO_BATCH fit
+    imagine: str | None = None  # whose code paths the predictions followed
 
     @property
     def peak_bytes(self) -> int:
@@ -274,14 +219,11 @@ def search_largest_batch(
 
 
 def choose_batch(
-    result: RunResult,
-    spec: ExperimentSpec,
-    plan_for: Callable[[ExperimentSpec], CheckpointPlan],
-) -> ExperimentSpec:
-    """The job at the largest batch predicted to fit its budget, recorded in `result.extra`.
+    spec: ExperimentSpec, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+) -> BatchSearch:
+    """The search for the largest batch predicted to fit the job's budget, from its own batch up.
 
     Each batch tried is planned afresh (`plan_for`), since a planner may adapt to the batch.
-    Raises InfeasibleError, with the first batch's peak recorded, when even that does not fit.
     """
     imagine = spec.imagined_device
 
@@ -292,23 +234,15 @@ def choose_batch(
     budget = spec.memory_budget_bytes
     assert budget is not None, "validate() requires a budget for batch=auto"
     search = search_largest_batch(peak_of, budget, start=spec.batch_size)
-    result.extra.update(
-        auto_batch_budget_bytes=budget,
-        auto_batch_probes=[[batch, peak] for batch, peak in search.probes.items()],
-        auto_batch_source=SOURCE_FAKE_TENSORS,
-        auto_batch_imagines=imagine,
-    )
+    return replace(search, imagine=imagine)
+
+
+def at_chosen_batch(spec: ExperimentSpec, search: BatchSearch) -> ExperimentSpec:
+    """The job at the batch `search` chose; InfeasibleError when even its first batch did not fit."""
     if search.batch_size is None:
-        result.peak_bytes, result.memory_source = search.peak_bytes, SOURCE_FAKE_TENSORS
         raise InfeasibleError(
             f"batch {spec.batch_size} already needs {format_bytes(search.peak_bytes)} "
-            f"(predicted peak, {SOURCE_FAKE_TENSORS}), over the budget of {format_bytes(budget)}"
+            f"(predicted peak, {SOURCE_FAKE_TENSORS}), over the budget of "
+            f"{format_bytes(search.budget_bytes)}"
         )
-    result.extra.update(
-        auto_batch_size=search.batch_size,
-        auto_batch_predicted_peak_bytes=search.peak_bytes,
-        auto_batch_headroom_bytes=search.headroom_bytes,
-        auto_batch_next_peak_bytes=search.probes.get(search.batch_size + 1),
-        auto_batch_limit_reached=search.limit_reached,
-    )
     return replace(spec, batch_size=search.batch_size)

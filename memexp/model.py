@@ -136,17 +136,12 @@ class Transformer(nn.Module):
         self.plan = CheckpointPlan.nothing(cfg.layers)
         self.context_fn: ContextFactory | None = None
 
-    def apply_plan(self, plan: CheckpointPlan, context_fn: ContextFactory | None = None) -> None:
-        """Execute `plan` from the next forward on.
-
-        Segments run under `context_fn` when given, else under the plan's own `op_policy`.
-        """
+    def apply_plan(self, plan: CheckpointPlan) -> None:
+        """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
         if plan.num_layers != self.cfg.layers:
             raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
         self.plan = plan
-        self.context_fn = (
-            context_fn if context_fn is not None else op_policy_context(plan.op_policy)
-        )
+        self.context_fn = op_policy_context(plan.op_policy)
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for index in range(start, end):

@@ -19,6 +19,10 @@ class Part(str, Enum):
     FFN = "ffn"  # the whole FFN sub-block
 
 
+# The largest unit a plan recomputes: one whole layer (a one-layer segment).
+LAYER = "layer"
+
+
 @dataclass(frozen=True)
 class CheckpointPlan:
     """Which units are recomputed in backward instead of keeping their activations.

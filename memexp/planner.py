@@ -50,7 +50,8 @@ is why the model is positional rather than "all kept activations plus the larges
 unit plus all gradients" (an upper bound that would buy needless recomputation). On the CPU the
 prediction equals the tensor tracker's measurement byte for byte (tests check it, fp32 and
 bf16, explicit and fused attention); on a GPU the allocator rounds and caches and the kernels
-differ from the CPU's the profile ran, so the runner measures every plan and re-plans.
+differ from the CPU's the profile ran, so the adaptive strategy measures every plan and
+re-plans.
 
 Solver. Minimise the recompute FLOPs subject to every highest point being within the budget:
 a dynamic program over the layers whose state is what the layers so far keep and hold. A
@@ -62,7 +63,6 @@ Ties go to the lower predicted peak.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -74,11 +74,9 @@ from memexp import analytic
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
-from memexp.model import ATTENTION_CORES, TransformerLayer
-from memexp.plan import CheckpointPlan, Part
-from memexp.training import Workload, autocast_context, backward, forward_loss
+from memexp.plan import LAYER, CheckpointPlan, Part
+from memexp.training import Workload, backward, forward_loss
 
-LAYER = "layer"
 LayerOption = tuple[str, ...]  # the units one layer recomputes
 OPTIONS: tuple[LayerOption, ...] = (
     (),
@@ -512,40 +510,3 @@ def leanest(profile: StepProfile) -> Solution:
     )
     assert solution is not None  # without a limit every plan is a candidate
     return solution
-
-
-# --- measured time, kept beside the FLOPs ---------------------------------------------------
-
-
-def time_units(spec: ExperimentSpec) -> dict[str, float]:
-    """Milliseconds one forward of each unit takes on the job's device, timed once after a
-    warm-up forward of the layer: what its recomputation costs in time. The solver uses FLOPs
-    (deterministic); these are recorded beside them, with the noise of a single timing."""
-    device = torch.device(spec.device)
-    torch.manual_seed(spec.seed)
-    model = spec.model
-    with torch.device(device):
-        layer = TransformerLayer(model)
-        x = torch.randn(spec.batch_size, spec.seq_len, model.hidden, requires_grad=True)
-        head_shape = (spec.batch_size, model.heads, spec.seq_len, model.hidden // model.heads)
-        q, k, v = (torch.randn(head_shape, requires_grad=True) for _ in range(3))
-    core = ATTENTION_CORES[model.attention]
-    units: dict[str, Callable[[], Any]] = {
-        Part.ATTENTION_CORE.value: lambda: core(q, k, v),
-        Part.ATTENTION.value: lambda: layer.attention(x),
-        Part.FFN.value: lambda: layer.ffn(x),
-        LAYER: lambda: layer(x),
-    }
-
-    def milliseconds(run: Callable[[], Any]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1000.0
-
-    with autocast_context(spec, device.type):
-        layer(x)
-        return {unit: milliseconds(run) for unit, run in units.items()}

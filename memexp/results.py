@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memexp.plan import CheckpointPlan
 from memexp.sweepdir import RESULT_FILE
 
 SCHEMA_VERSION = 1
@@ -67,7 +68,7 @@ class RunResult:
     param_count: int | None = None
 
     # --- the checkpoint plan ----------------------------------------------------------------
-    plan: dict[str, Any] | None = None
+    plan: CheckpointPlan | None = None  # stored as CheckpointPlan.to_dict()
     plan_summary: str | None = None
 
     # --- memory of one tracked training step ------------------------------------------------
@@ -122,13 +123,18 @@ class RunResult:
     duration_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for `result.json`: the plan in its own serialised form."""
+        data = asdict(self)
+        data["plan"] = self.plan.to_dict() if self.plan is not None else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """Read a record, keeping unknown keys in `extra` so newer records still load."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        if kwargs.get("plan") is not None:
+            kwargs["plan"] = CheckpointPlan.from_dict(kwargs["plan"])
         unknown = {k: v for k, v in data.items() if k not in known}
         result = cls(**kwargs)
         result.extra.update(unknown)

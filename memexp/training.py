@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memexp.config import ExperimentSpec
-from memexp.model import ContextFactory, Transformer
+from memexp.model import Transformer
 from memexp.plan import CheckpointPlan
 
 
@@ -55,13 +55,12 @@ def build_workload(
     spec: ExperimentSpec,
     plan: CheckpointPlan,
     device: torch.device | str,
-    context_fn: ContextFactory | None = None,
 ) -> Workload:
     """Same seed ⇒ same initial weights and batch, whatever the plan: losses are comparable."""
     torch.manual_seed(spec.seed)
     with torch.device(device):  # built in place: no host copy of a large model first
         model = Transformer(spec.model)
-    model.apply_plan(plan, context_fn)
+    model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)
     return Workload(spec, model, optimizer, tokens, targets, plan)

@@ -11,26 +11,16 @@ saved activations (saved-tensor hooks), the step's peak (tensor tracker), recomp
 steps after one warm-up). Time overhead is the ratio of medians against `none`; its range
 pairs each job's fastest step with `none`'s slowest and the reverse, so it shows the noise.
 
-Theory columns, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models") adapted to this architecture. The paper's per-layer activation memory,
-34·sbh + 5·a·s²·b bytes in 16-bit with dropout, becomes here, in fp32 (4 bytes) with no
-dropout masks or dropout outputs and no causal mask:
-
-    attention sub-block  (LayerNorm input, QKV input, Q, Kᵀ, V, output-projection input) 6·sbh
-                         + the softmax output a·s²·b (explicit core) or a logsumexp a·s·b (fused)
-    FFN sub-block        (LayerNorm input, up input, GELU input, down input) 2·sbh + 2·sbf
-    per layer            (16·sbh + a·s²·b) × 4 bytes with f = 4h
-
-A recomputed unit keeps its input instead (sbh; the attention core keeps q, k, v: 3·sbh, which
-replace the Q, Kᵀ, V copies, so only the s² term goes); a checkpointed segment keeps its input;
-the `op` policy keeps every matmul output (qkv 3·sbh, QKᵀ a·s²·b, ·V sbh, out sbh, up sbf,
-down sbh) and its segment's input. What lies outside the layers (token ids, final LayerNorm,
-head input, log-probabilities b·s·V) is added from `memexp.analytic`. Theory recompute FLOPs
-are the forward FLOPs of the recomputed units over the step's 3 × forward FLOPs (per layer
-24·sbh² + 4·b·s²·h, head 2·sbhV): one extra forward of the layers for `full`. Measured
-recompute is lower: non-reentrant checkpointing stops once every saved tensor is back, so each
-checkpoint's last matmul, whose output nothing inside it saves, is not redone; the "early stop"
-column subtracts exactly that.
+Closed-form columns. "analytic saved" is memexp's own derivation of the bytes autograd keeps
+(`memexp.analytic.saved_activation_bytes`, recorded by every job as
+`extra.analytic_saved_activation_bytes`); an op-level policy has no closed form there, so its
+row shows "-". The recompute columns are a reference, not memexp's model: the FLOP counting of
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models")
+applied to this architecture's units: the recomputed units' forward FLOPs over the step's
+3 × forward FLOPs (per layer 24·sbh² + 4·b·s²·h, head 2·sbhV), one extra forward of the layers
+for `full`. Measured recompute is lower: non-reentrant checkpointing stops once every saved
+tensor is back, so each checkpoint's last matmul, whose output nothing inside it saves, is not
+redone; the "early stop" column subtracts exactly that.
 """
 
 from __future__ import annotations
@@ -51,15 +41,13 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from memexp import analytic  # noqa: E402
 from memexp.config import ModelConfig  # noqa: E402
 from memexp.configure import register_configs  # noqa: E402
 from memexp.plan import CheckpointPlan, Part  # noqa: E402
 from memexp.results import STATUS_OK, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
+from memexp.text import MIB  # noqa: E402
 
-MIB = 2**20
-FLOAT = analytic.FLOAT_BYTES
 # (label, overrides): every strategy, and the variants of those that have them.
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("none", ("strategy=none",)),
@@ -85,16 +73,10 @@ class Shape:
     f: int
     vocab: int
     layers: int
-    fused: bool
 
     @property
     def sbh(self) -> int:
         return self.s * self.b * self.h
-
-    @property
-    def scores(self) -> int:
-        """What the attention core keeps besides q, k, v: the softmax output, or a logsumexp."""
-        return self.a * self.s * self.b * (1 if self.fused else self.s)
 
 
 def shape_of(record: RunResult, model: ModelConfig) -> Shape:
@@ -106,44 +88,14 @@ def shape_of(record: RunResult, model: ModelConfig) -> Shape:
         model.ffn_hidden,
         model.vocab_size,
         model.layers,
-        model.attention == "sdpa",
     )
 
 
-def theory_layer_elements(x: Shape, recomputed: frozenset[Part]) -> int:
-    """Activations one layer keeps (elements) when `recomputed` parts run again in backward."""
-    if Part.ATTENTION in recomputed:
-        attention = x.sbh
-    elif Part.ATTENTION_CORE in recomputed:
-        attention = 6 * x.sbh
-    else:
-        attention = 6 * x.sbh + x.scores
-    ffn = x.sbh if Part.FFN in recomputed else 2 * x.sbh + 2 * x.s * x.b * x.f
-    return attention + ffn
-
-
-def theory_op_layer_elements(x: Shape) -> int:
-    """`save_matmuls`: the layer's input and every matmul output (QKᵀ only with the explicit core)."""
-    qk = 0 if x.fused else x.a * x.s * x.s * x.b
-    return x.sbh + 3 * x.sbh + qk + x.sbh + x.sbh + x.s * x.b * x.f + x.sbh
-
-
-def theory_saved_bytes(x: Shape, plan: CheckpointPlan) -> int:
-    in_segment = {i for start, end in plan.segments for i in range(start, end)}
-    elements = len(plan.segments) * x.sbh
-    if plan.op_policy is not None:
-        elements = x.layers * theory_op_layer_elements(x)
-    else:
-        for layer in range(x.layers):
-            if layer not in in_segment:
-                elements += theory_layer_elements(x, plan.parts_of(layer))
-    return elements * FLOAT + analytic.outside_layers_bytes(x.b, x.s, x.h, x.vocab)
-
-
-def theory_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) -> float:
-    """Forward FLOPs of the recomputed units, % of the step's; with `early_stop`, less each
-    checkpoint's last matmul (·V for the core, the output projection for the attention block,
-    the down projection for the FFN block, a layer or a segment)."""
+def reference_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) -> float:
+    """Korthikanti et al.'s FLOP counting: forward FLOPs of the recomputed units, % of the
+    step's; with `early_stop`, less each checkpoint's last matmul (·V for the core, the output
+    projection for the attention block, the down projection for the FFN block, a layer or a
+    segment)."""
     core = 4 * x.b * x.s * x.s * x.h  # QKᵀ and ·V
     attention = 8 * x.sbh * x.h + core
     ffn = 4 * x.sbh * x.f
@@ -193,8 +145,8 @@ def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConf
         f"## {model}: hidden {config.hidden}, {config.layers} layers, {config.heads} heads, "
         f"vocabulary {config.vocab_size}, seq {baseline.seq_len} × batch {baseline.batch_size}",
         "",
-        "| strategy | saved act MiB | theory saved MiB | peak MiB | recompute FLOPs % | "
-        "theory recompute % | theory, early stop % | step ms median [min–max] | "
+        "| strategy | saved act MiB | analytic saved MiB | peak MiB | recompute FLOPs % | "
+        "reference recompute % | reference, early stop % | step ms median [min–max] | "
         "time overhead % vs none [range] |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -204,14 +156,14 @@ def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConf
             lines.append(f"| {label} | {record.status} | | | | | | | |")
             notes.append(f"- {label}: {record.status} — {record.message}")
             continue
-        plan = CheckpointPlan.from_dict(record.plan)
+        plan = record.plan
         shape = shape_of(record, config)
         step = f"{record.step_ms_median:,.0f} [{record.step_ms_min:,.0f}–{record.step_ms_max:,.0f}]"
         lines.append(
             f"| {label} | {mib(record.saved_activation_bytes)} | "
-            f"{mib(theory_saved_bytes(shape, plan))} | {mib(record.peak_bytes)} | "
-            f"{record.recompute_flops_pct:.1f} | {theory_recompute_pct(shape, plan, False):.1f} | "
-            f"{theory_recompute_pct(shape, plan, True):.1f} | {step} | {overhead(record, baseline)} |"
+            f"{mib(record.extra.get('analytic_saved_activation_bytes'))} | {mib(record.peak_bytes)} | "
+            f"{record.recompute_flops_pct:.1f} | {reference_recompute_pct(shape, plan, False):.1f} | "
+            f"{reference_recompute_pct(shape, plan, True):.1f} | {step} | {overhead(record, baseline)} |"
         )
         if "adaptive" in record.extra:
             adaptive = record.extra["adaptive"]
@@ -271,8 +223,9 @@ def main() -> None:
         "outputs/bench_strategies/. Device cpu, fp32, Adam. saved act: bytes autograd keeps "
         "for backward (saved-tensor hooks); peak: the whole step's peak (tensor tracker, "
         "parameters, gradients and optimizer state included); recompute FLOPs: % of the step "
-        "without checkpointing (FlopCounterMode, matmuls only); theory: Korthikanti et al. "
-        "2022 adapted (see the script's docstring).",
+        "without checkpointing (FlopCounterMode, matmuls only); analytic: memexp.analytic's "
+        "closed form; reference: Korthikanti et al. 2022's FLOP counting (see the script's "
+        "docstring).",
         "",
     ]
     for model in args.models:

@@ -24,9 +24,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import callbacks, runner
+from memexp import callbacks
 from memexp.config import ExperimentSpec
 from memexp.configure import register_configs, validate
+from memexp.devices import BACKENDS, Backend, Figures
+from memexp.plan import CheckpointPlan
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Every test config: the tiny model and no experiment tracker.
@@ -103,16 +105,34 @@ def tiny_spec() -> Callable[..., ExperimentSpec]:
     return make
 
 
+@dataclass(frozen=True)
+class FailingBackend:
+    """A device backend whose measurements of the named strategies' jobs raise; every other
+    job is measured by `backend` as usual. The failure comes where a real one would, once the
+    job is configured and its plan recorded."""
+
+    backend: Backend
+    failures: dict[str, BaseException]  # strategy name → what its jobs raise
+
+    def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if spec.strategy.name in self.failures:
+            raise self.failures[spec.strategy.name]
+        return self.backend.measure(spec, plan)
+
+    def time_units(self, spec: ExperimentSpec) -> dict[str, float]:
+        return self.backend.time_units(spec)
+
+    def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
+        return self.backend.theory(spec, plan)
+
+
 def _fail_strategies(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
-    """Make the named strategies' jobs fail at their first measurement; the others run as usual."""
-    real_step_flops = runner.step_flops
-
-    def step_flops(spec: ExperimentSpec, *args: Any, **kwargs: Any) -> int:
-        if spec.strategy.name in failures:
-            raise failures[spec.strategy.name]
-        return real_step_flops(spec, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "step_flops", step_flops)
+    """Make the named strategies' jobs fail at their first measurement, through the backend
+    registry (the seam `memexp.devices` documents); the others run as usual."""
+    if not failures:
+        return
+    for kind, backend in list(BACKENDS.items()):
+        monkeypatch.setitem(BACKENDS, kind, FailingBackend(backend, failures))
 
 
 @dataclass

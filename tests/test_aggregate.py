@@ -11,6 +11,7 @@ import pytest
 
 from memexp import aggregate, summarize
 from memexp.aggregate import load_results
+from memexp.plan import CheckpointPlan
 from memexp.results import RunResult, write_result
 from memexp.summarize import summarize_sweep
 from tests import records
@@ -117,11 +118,11 @@ def test_nested_fields_are_flattened_into_prefixed_columns(tmp_path: Path) -> No
     write_job(
         tmp_path, 0, "full", peak_bytes=2**20,
         overrides=["strategy=full", "strategy.granularity=sublayer"],
-        plan={"checkpointed": [0, 1], "segments": 2}, environment={"torch": "2.6.0"},
+        plan=CheckpointPlan(4, segments=((0, 2), (2, 4))), environment={"torch": "2.6.0"},
         extra={"budget_bytes": 5}, phase_bytes={"forward_peak": 3 * 2**20},
     )  # fmt: skip
     job = load_results([tmp_path]).iloc[0]
-    assert (job.plan_checkpointed, job.plan_segments) == ("[0, 1]", 2)
+    assert (job.plan_num_layers, job.plan_segments) == (4, "[[0, 2], [2, 4]]")
     assert (job.env_torch, job.extra_budget_bytes) == ("2.6.0", 5)
     assert (job.phase_forward_peak_bytes, job.phase_forward_peak_mib) == (3 * 2**20, 3.0)
     assert job.overrides == "strategy=full strategy.granularity=sublayer"

@@ -10,6 +10,7 @@ fails the test so that every new room is placed deliberately.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,56 @@ def test_no_import_cycles() -> None:
 
     for module in sorted(GRAPH):
         visit(module)
+
+
+# What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
+STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
+
+
+def names_in(path: Path) -> set[str]:
+    """Every identifier and imported module part in `path`, and every word of its string
+    literals other than docstrings."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.update(node.name.split("."))
+            names.add(node.asname or "")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(node.module.split("."))
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            names.update(re.findall(r"\w+", node.value))
+    return names
+
+
+def test_the_runner_names_no_strategy_and_no_device() -> None:
+    named = names_in(ROOT / "runner.py") & {*STRATEGY_NAMES, *DEVICE_NAMES}
+    assert not named, f"memexp/runner.py names {sorted(named)}: reach them through interfaces"
+
+
+def test_the_name_check_sees_strings_and_imports(tmp_path: Path) -> None:
+    source = tmp_path / "source.py"
+    source.write_text(
+        '"""Mentions cuda in a docstring only."""\n'
+        "from memexp.strategies import adaptive\n"
+        "from memexp.config import FAKE_DEVICE\n"
+        'DEVICE = f"{adaptive} on cpu"\n'
+    )
+    assert names_in(source) & {*STRATEGY_NAMES, *DEVICE_NAMES} == {"adaptive", "FAKE_DEVICE", "cpu"}

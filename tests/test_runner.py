@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from memexp import analytic, results
 from memexp.callbacks import collect_results
-from memexp.config import ExperimentSpec
+from memexp.config import DEVICE_TYPES, ExperimentSpec
+from memexp.devices import BACKENDS
 from memexp.measure.tracker import CATEGORY_FIELDS
 from memexp.plan import CheckpointPlan
 from memexp.results import RESULT_FILE, RunResult, read_result, write_result
@@ -133,6 +134,7 @@ def test_timeline_is_written_next_to_the_record(record: dict) -> None:
 
 def test_record_round_trips(record: dict) -> None:
     result = RunResult.from_dict(record)
+    assert result.plan == CheckpointPlan.nothing(4)
     assert result.to_dict() == record
     assert RunResult.from_dict(result.to_dict()) == result
 
@@ -169,3 +171,7 @@ def test_invalid_config_is_recorded_not_raised(
     assert not (tmp_path / TIMELINE_FILE).exists()
     assert "traceback" not in result.extra  # the message says it all
     assert f"[memexp] error: {result.message}" in capsys.readouterr().out
+
+
+def test_every_device_a_job_runs_on_has_a_measurement_backend() -> None:
+    assert set(BACKENDS) == set(DEVICE_TYPES) - {"auto"}  # validation resolves `auto`

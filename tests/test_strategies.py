@@ -28,7 +28,8 @@ from memexp.model import TransformerLayer
 from memexp.plan import CheckpointPlan, Part
 from memexp.results import STATUS_NOT_APPLICABLE, STATUS_OK, read_result
 from memexp.runner import run_job
-from memexp.strategies import make_plan
+from memexp.strategies import STRATEGIES, make_plan
+from memexp.strategies.base import Outcome
 from memexp.training import autocast_context, backward, build_workload, forward_loss
 
 SpecFn = Callable[..., ExperimentSpec]
@@ -261,3 +262,12 @@ def test_bf16_is_applied_and_recorded(
         forward_loss(work, in_place=True)
         fp32_saved = saved_so_far()
     assert record.saved_activation_bytes < fp32_saved
+
+
+@pytest.mark.parametrize("name", ["none", "full", "sqrt", "selective", "every_n", "op"])
+def test_a_strategy_plans_once_and_measures_once(name: str, tiny_spec: SpecFn) -> None:
+    spec = tiny_spec(f"strategy={name}")
+    measured: list[CheckpointPlan] = []
+    outcome = STRATEGIES[name].execute(spec, measured.append)
+    assert measured == [make_plan(spec)]
+    assert outcome == Outcome()

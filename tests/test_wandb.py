@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from memexp import wandb_report, wandb_sink
+from memexp.plan import CheckpointPlan
 from memexp.results import RunResult, read_result, write_result
 from memexp.wandb_report import build_report
 from memexp.wandb_sink import log_aggregate, log_job, sweep_group
@@ -100,7 +101,7 @@ def _results(sweep_dir: Path) -> list[RunResult]:
         timeline_file="timeline.json",
         step_ms_median=12.5,
         flops_step=123_456_789,
-        plan={"checkpointed": [0, 1]},
+        plan=CheckpointPlan(2, segments=((0, 1), (1, 2))),
         **common,
     )
     error = RunResult(

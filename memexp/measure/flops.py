@@ -13,7 +13,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from memexp.config import ExperimentSpec
-from memexp.model import ContextFactory
 from memexp.plan import CheckpointPlan
 from memexp.training import Workload, backward, build_workload, forward_loss
 
@@ -38,20 +37,16 @@ def count_flops(run: Callable[[], None]) -> FlopCounterMode:
     return counter
 
 
-def fake_workload(
-    spec: ExperimentSpec, plan: CheckpointPlan, context_fn: ContextFactory | None = None
-) -> tuple[FakeTensorMode, Workload]:
+def fake_workload(spec: ExperimentSpec, plan: CheckpointPlan) -> tuple[FakeTensorMode, Workload]:
     mode = FakeTensorMode()
     with mode:
-        work = build_workload(spec, plan, "cpu", context_fn)
+        work = build_workload(spec, plan, "cpu")
     return mode, work
 
 
-def step_flops(
-    spec: ExperimentSpec, plan: CheckpointPlan, context_fn: ContextFactory | None = None
-) -> int:
+def step_flops(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     """FLOPs of forward, loss and backward (recomputation included) under `plan`."""
-    mode, work = fake_workload(spec, plan, context_fn)
+    mode, work = fake_workload(spec, plan)
     with mode:
         counter = count_flops(lambda: backward(forward_loss(work)))
     return int(counter.get_total_flops())

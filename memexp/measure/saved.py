@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memexp.results import RunResult
-
 SAVED_SOURCE = "saved_tensors_hooks"
 
 
@@ -40,17 +38,8 @@ def counting_saved_bytes(model: nn.Module) -> Iterator[Callable[[], int]]:
         yield lambda: sum(seen.values())
 
 
+# Why a plan with an op-level policy records no saved-bytes figure.
 OP_POLICY_NOTE = (
     "not recorded: an op-level policy keeps its outputs in the selective-checkpoint cache, "
     "which saved-tensor hooks do not see; activations_bytes (tensor tracker) includes them"
 )
-
-
-def record_saved_bytes(result: RunResult, counted: int | None) -> None:
-    """Record the count, unless the plan keeps tensors where the hooks cannot see them."""
-    result.saved_source = SAVED_SOURCE
-    if result.plan and result.plan.get("op_policy"):
-        result.saved_activation_bytes = None
-        result.extra["saved_activation_note"] = OP_POLICY_NOTE
-    else:
-        result.saved_activation_bytes = counted

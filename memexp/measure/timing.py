@@ -10,11 +10,22 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from memexp.config import ExperimentSpec
 from memexp.measure.saved import counting_saved_bytes
-from memexp.training import Workload, backward, forward_loss, optimizer_step, train_step
+from memexp.model import ATTENTION_CORES, TransformerLayer
+from memexp.plan import LAYER, Part
+from memexp.training import (
+    Workload,
+    autocast_context,
+    backward,
+    forward_loss,
+    optimizer_step,
+    train_step,
+)
 
 PHASES = ("forward", "backward", "optimizer", "step")
 
@@ -91,3 +102,35 @@ def time_steps(work: Workload, warmup: int, repeat: int) -> Timings:
         for phase, ms in phases.items():
             timings.samples_ms[phase].append(ms)
     return timings
+
+
+def time_units(spec: ExperimentSpec) -> dict[str, float]:
+    """Milliseconds one forward of each recomputable unit takes on the job's device, timed once
+    after a warm-up forward of the layer: what its recomputation costs in time. The adaptive
+    planner solves with FLOPs (deterministic); these are recorded beside them, with the noise
+    of a single timing."""
+    device = torch.device(spec.device)
+    now = _clock(device)
+    torch.manual_seed(spec.seed)
+    model = spec.model
+    with torch.device(device):
+        layer = TransformerLayer(model)
+        x = torch.randn(spec.batch_size, spec.seq_len, model.hidden, requires_grad=True)
+        head_shape = (spec.batch_size, model.heads, spec.seq_len, model.hidden // model.heads)
+        q, k, v = (torch.randn(head_shape, requires_grad=True) for _ in range(3))
+    core = ATTENTION_CORES[model.attention]
+    units: dict[str, Callable[[], Any]] = {
+        Part.ATTENTION_CORE.value: lambda: core(q, k, v),
+        Part.ATTENTION.value: lambda: layer.attention(x),
+        Part.FFN.value: lambda: layer.ffn(x),
+        LAYER: lambda: layer(x),
+    }
+
+    def milliseconds(run: Callable[[], Any]) -> float:
+        start = now()
+        run()
+        return (now() - start) * 1000.0
+
+    with autocast_context(spec, device.type):
+        layer(x)
+        return {unit: milliseconds(run) for unit, run in units.items()}

@@ -1,4 +1,8 @@
-"""The strategy registry: one module per strategy, each exporting `STRATEGY`."""
+"""The strategy registry: one module per strategy, each exporting `STRATEGY`.
+
+`STRATEGIES` is where configuration, validation and the runner (`strategy_for`) look a
+strategy up by its name.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +23,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 def make_plan(spec: ExperimentSpec) -> CheckpointPlan:
     return STRATEGIES[spec.strategy.name].make_plan(spec.strategy, spec)
+
+
+def strategy_for(spec: ExperimentSpec) -> Strategy:
+    return STRATEGIES[spec.strategy.name]

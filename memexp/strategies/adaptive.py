@@ -9,18 +9,21 @@ With neither, the job's memory budget (`batch.budget_gb`, or the imagined device
 
 Planning (memexp.planner) profiles the job's layer under each of its seven recomputation options
 on fake tensors, predicts the step's peak for any per-layer plan and solves for the cheapest
-plan within the budget exactly. The runner then measures the plan's real peak and, if it is
+plan within the budget exactly. `execute` then measures the plan's real peak and, if it is
 over budget (on a GPU the allocator rounds and the kernels differ from the profiled ones),
 tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
 A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
+What it planned, predicted and measured goes to the record as `extra["adaptive"]`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memexp.config import ConfigError
+from memexp.devices import backend_for
 from memexp.planner import (
     PROFILE_SOURCE,
     UNITS,
@@ -34,8 +37,8 @@ from memexp.planner import (
     profile_step,
 )
 from memexp.results import InfeasibleError
-from memexp.strategies.base import Strategy
-from memexp.text import MIB
+from memexp.strategies.base import Measure, Outcome, Strategy
+from memexp.text import MIB, format_bytes
 
 if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
@@ -171,4 +174,59 @@ def make_plan(cfg: AdaptiveConfig, spec: ExperimentSpec) -> CheckpointPlan:
     return BudgetPlanner(cfg, spec).decide().plan
 
 
-STRATEGY = Strategy("adaptive", AdaptiveConfig, make_plan, validate)
+class BudgetStrategy(Strategy):
+    """Adaptive's execution: each plan is measured and held to the budget it was planned for."""
+
+    def execute(self, spec: ExperimentSpec, measure: Measure) -> Outcome:
+        """Measure the plan; while its measured peak is over the budget, tighten the planning
+        budget by the overshoot and plan again (at most `strategy.max_rounds` plans).
+
+        Planning time (profile, unit timings, solving) is recorded as `planning_s`: what
+        adaptive adds to a job besides measuring its plan.
+        """
+        started = time.monotonic()
+        planner = BudgetPlanner(spec.strategy, spec)
+        record = planner.record(backend_for(spec).time_units(spec))
+        outcome = Outcome(extra={"adaptive": record})
+        rounds: list[dict[str, Any]] = []
+        record["rounds"] = rounds
+        budget = planner.budget.bytes
+        margin = 0
+        try:
+            for _ in range(spec.strategy.max_rounds):
+                decision = planner.decide(margin)
+                rounds.append(
+                    {
+                        "planning_budget_bytes": decision.planning_budget_bytes,
+                        "predicted_peak_bytes": decision.prediction.peak_bytes,
+                        "plan_layers": describe_choices(decision.solution),
+                    }
+                )
+                if len(rounds) == 1:
+                    record["planning_s"] = round(time.monotonic() - started, 3)
+                figures = measure(decision.plan)
+                rounds[-1]["measured_peak_bytes"] = figures.peak_bytes
+                if figures.peak_bytes <= budget:
+                    break
+                margin += figures.peak_bytes - budget
+        except InfeasibleError as error:  # no plan fits: the rounds so far are the record
+            outcome.verdict = error
+            return outcome
+        record.update(
+            predicted_peak_bytes=decision.prediction.peak_bytes,
+            predicted_peak_at=decision.prediction.where,
+            predicted_recompute_flops=decision.solution.recompute_flops,
+            measured_peak_bytes=figures.peak_bytes,
+            measured_recompute_flops=figures.flops_recompute,
+            plan_layers=describe_choices(decision.solution),
+        )
+        if figures.peak_bytes > budget:
+            outcome.verdict = InfeasibleError(
+                f"the measured peak {format_bytes(figures.peak_bytes)} ({figures.memory.source}) "
+                f"is still over the budget of {format_bytes(budget)} after {len(rounds)} "
+                "plan(s); raise strategy.max_rounds or the budget"
+            )
+        return outcome
+
+
+STRATEGY = BudgetStrategy("adaptive", AdaptiveConfig, make_plan, validate)
