@@ -52,12 +52,14 @@ def register_configs() -> None:
     resume.register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="memexp_schema", node=Config)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="seq", name="schema", node=SeqConfig)
-    cs.store(group="batch", name="schema", node=BatchConfig)
-    cs.store(group="device", name="schema", node=DeviceConfig)
+    # In a group of their own, not beside the presets: `model=schema` is Hydra's "could not
+    # find" error. A preset extends one with `defaults: [/schema/model@_here_]`.
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="seq", node=SeqConfig)
+    cs.store(group="schema", name="batch", node=BatchConfig)
+    cs.store(group="schema", name="device", node=DeviceConfig)
     for name, strategy in STRATEGIES.items():
-        cs.store(group="strategy", name=f"schema_{name}", node=strategy.config_class)
+        cs.store(group="schema/strategy", name=name, node=strategy.config_class)
 
 
 def _require_positive(name: str, value: int) -> None:
