@@ -11,10 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import CONF_DIR, resume
-from memexp.callbacks import OUTCOME
 from memexp.configure import register_configs
-from memexp.runner import run_job
-from memexp.wandb_sink import log_job, sweep_group
 
 register_configs()
 
@@ -22,6 +19,10 @@ register_configs()
 # Absolute, so the `memexp` console script (whose module is not `__main__`) finds it too.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Here, not at the top: `--help` and `--cfg` never import the runner, W&B or pandas.
+    from memexp.runner import run_job
+    from memexp.wandb_sink import log_job, sweep_group
+
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     identity = {
@@ -47,6 +48,8 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """Exit non-zero only when a job ended in `error` (OOM or infeasible are answers, not failures)."""
     main()
+    from memexp.callbacks import OUTCOME
+
     sys.exit(1 if OUTCOME["errors"] else 0)
 
 
