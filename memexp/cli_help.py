@@ -74,7 +74,7 @@ def format_groups() -> str:
     blocks = []
     for group in listed_groups():
         options = sorted(loader.get_group_options(group))
-        width = max(map(len, options))
+        width = max(map(len, options), default=0)
         chosen = _chosen(group)
         lines = [f"{group}:"]
         for option in options:
