@@ -31,4 +31,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check memexp tests scripts
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs build dist

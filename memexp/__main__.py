@@ -10,18 +10,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import resume
+from memexp import CONF_DIR, resume
 from memexp.configure import register_configs
-from memexp.runner import run_job
-from memexp.wandb_sink import log_job, sweep_group
 
 register_configs()
-# Absolute, so the `memexp` console script (whose module is not `__main__`) finds conf/ too.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+# Absolute, so the `memexp` console script (whose module is not `__main__`) finds it too.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Here, not at the top: `--help` and `--cfg` never import the runner, W&B or pandas.
+    from memexp.runner import run_job
+    from memexp.wandb_sink import log_job, sweep_group
+
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     identity = {

@@ -15,7 +15,8 @@ from dataclasses import replace
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import launchers, resume
+from memexp import cli_help, launchers, resume
+from memexp.cli_help import SCHEMA_GROUP
 from memexp.config import (
     ATTENTION_KINDS,
     DEVICE_TYPES,
@@ -47,19 +48,23 @@ def register_configs() -> None:
 
     Also registers the resolvers the configs use: `${memexp_unique:}` (cached, so every job of
     one sweep sees the same value: Hydra copies the resolver cache to each job's config), and
-    those of memexp.launchers and memexp.resume.
+    those of memexp.launchers, memexp.resume and memexp.cli_help.
     """
     OmegaConf.register_new_resolver("memexp_unique", _unique_suffix, use_cache=True, replace=True)
     launchers.register_resolvers()
     resume.register_resolvers()
+    cli_help.register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="memexp_schema", node=Config)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="seq", name="schema", node=SeqConfig)
-    cs.store(group="batch", name="schema", node=BatchConfig)
-    cs.store(group="device", name="schema", node=DeviceConfig)
+    # In a group of their own, not beside the presets: `--help` does not list them, and
+    # `model=schema` is Hydra's "could not find" error. A preset extends one with
+    # `defaults: [/schema/model@_here_]`.
+    cs.store(group=SCHEMA_GROUP, name="model", node=ModelConfig)
+    cs.store(group=SCHEMA_GROUP, name="seq", node=SeqConfig)
+    cs.store(group=SCHEMA_GROUP, name="batch", node=BatchConfig)
+    cs.store(group=SCHEMA_GROUP, name="device", node=DeviceConfig)
     for name, strategy in STRATEGIES.items():
-        cs.store(group="strategy", name=f"schema_{name}", node=strategy.config_class)
+        cs.store(group=f"{SCHEMA_GROUP}/strategy", name=name, node=strategy.config_class)
 
 
 def _require_positive(name: str, value: int) -> None:

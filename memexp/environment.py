@@ -10,22 +10,33 @@ from typing import Any
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+import memexp
+
+# The folder that holds the `memexp` package: a checkout's top, or an install's site-packages.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+PACKAGE_FILE = "memexp/__init__.py"  # what a checkout of memexp tracks
 
 
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """The project's commit (with a `+dirty` mark), or None outside a git checkout."""
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def git_commit(package_parent: Path = PACKAGE_PARENT) -> str | None:
+    """memexp's own commit (with a `+dirty` mark) when it runs from a git checkout of itself.
+
+    That is: `package_parent` is the top of a git work tree that tracks the package. An
+    installed copy inside some other repository (a venv in a project, the folder a user stands
+    in) has no commit of its own: None, never the other repository's commit.
+    """
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        top = Path(_git(package_parent, "rev-parse", "--show-toplevel")).resolve()
+        if top != package_parent.resolve():
+            return None
+        _git(package_parent, "ls-files", "--error-unmatch", PACKAGE_FILE)
+        commit = _git(package_parent, "rev-parse", "HEAD")
+        dirty = _git(package_parent, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -46,5 +57,6 @@ def describe_environment(device: str) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "host": socket.gethostname(),
+        "memexp_version": memexp.__version__,
         "git_commit": git_commit(),
     }

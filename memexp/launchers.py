@@ -1,4 +1,4 @@
-"""Hydra launchers as memexp runs them: the presets in conf/hydra/launcher/ and the one rule they need.
+"""Hydra launchers as memexp runs them: the presets in memexp/conf/hydra/launcher/ and the one rule they need.
 
     hydra/launcher=process_per_job   every job in a fresh process on this machine, one at a time
                                      (submitit's local executor)
@@ -29,5 +29,5 @@ def jobs_per_batch(launcher_target: str) -> int | None:
 
 
 def register_resolvers() -> None:
-    """`${memexp_jobs_per_batch:${hydra.launcher._target_}}`, used by conf/config.yaml."""
+    """`${memexp_jobs_per_batch:${hydra.launcher._target_}}`, used by memexp/conf/config.yaml."""
     OmegaConf.register_new_resolver("memexp_jobs_per_batch", jobs_per_batch, replace=True)

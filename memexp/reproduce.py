@@ -6,7 +6,7 @@
 Each job of SWEEP_DIR is replayed from what Hydra saved in its folder: the composed config
 (`.hydra/config.yaml`) and the config-group choices (`.hydra/hydra.yaml`, `hydra.runtime.choices`)
 become one Hydra experiment config (`<out>/.replay/replay/job_<n>.yaml`, `@package _global_`), and
-one multirun sweeps over them in job order. The preset files in conf/ may have changed since; the
+one multirun sweeps over them in job order. The preset files in memexp/conf/ may have changed since; the
 replayed jobs still get the values the original jobs ran with. The launcher is the original's
 (`hydra/launcher` choice, whose `hydra.launcher._target_` is shown) with its command-line settings,
 unless `--launcher` names another. The new sweep goes to `<SWEEP_DIR>_repro_<time>` next to it.

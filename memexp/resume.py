@@ -3,7 +3,7 @@
     python -m memexp -m model=tiny strategy=none,full,sqrt resume=outputs/multirun/<day>/<time>_<tag>
 
 `resume=DIR` makes DIR the sweep folder (`hydra.sweep.dir`, or `hydra.run.dir` for a single run;
-see `conf/config.yaml`). Each job then looks at its own folder: an `ok` record made with the same
+see `memexp/conf/config.yaml`). Each job then looks at its own folder: an `ok` record made with the same
 config means the job is done and is skipped; anything else is measured again, and the end-of-sweep
 callback aggregates every record on disk, old and new.
 
@@ -48,7 +48,7 @@ def resume_or(resume: str | None, fresh_dir: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${memexp_resume_or:${resume},<fresh folder>}`, used by conf/config.yaml's `hydra` section."""
+    """`${memexp_resume_or:${resume},<fresh folder>}`, used by memexp/conf/config.yaml's `hydra` section."""
     OmegaConf.register_new_resolver("memexp_resume_or", resume_or, replace=True)
 
 

@@ -40,10 +40,11 @@ CLI = ("model=llama7b", "strategy=full", "device=fake", "device.memory_gb=141", 
 def spec_for(*overrides: str) -> Any:
     from hydra import compose, initialize_config_dir
 
+    from memexp import CONF_DIR
     from memexp.configure import register_configs, validate
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return validate(compose("config", overrides=list(overrides)), cuda_available=False)
 
 

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from memexp import CONF_DIR  # noqa: E402
 from memexp.config import ModelConfig  # noqa: E402
 from memexp.configure import register_configs  # noqa: E402
 from memexp.plan import CheckpointPlan, Part  # noqa: E402
@@ -114,7 +115,7 @@ def reference_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) ->
 
 def compose_overrides(*overrides: str) -> DictConfig:
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: configs composed from the project's own conf/, and one tiny in-process sweep.
+"""Shared fixtures: configs composed from the package's own presets (memexp/conf/), and one tiny in-process sweep.
 
 Configs come from Hydra's compose API, so a test of a config is a test of what a user gets. The
 sweep runs the command line once per session (its one measured job takes seconds); the runner
@@ -24,13 +24,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import callbacks
+from memexp import CONF_DIR, callbacks
 from memexp.config import ExperimentSpec
 from memexp.configure import register_configs, validate
 from memexp.devices import BACKENDS, Backend, Figures
 from memexp.plan import CheckpointPlan
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Every test config: the tiny model and no experiment tracker.
 TINY = ("model=tiny", "logger=none")
 # Hydra otherwise installs its own root log handlers in the test process.
@@ -51,7 +50,7 @@ def one_cpu_thread() -> Iterator[None]:
 
 
 def compose_config(*overrides: str, hydra_config: bool = False) -> DictConfig:
-    """conf/config.yaml with `overrides`, composed by Hydra's compose API."""
+    """memexp/conf/config.yaml with `overrides`, composed by Hydra's compose API."""
     register_configs()
     GlobalHydra.instance().clear()
     try:
@@ -85,7 +84,7 @@ def tiny_config(*overrides: str) -> DictConfig:
 
 @pytest.fixture(scope="session")
 def compose_cfg() -> Callable[..., DictConfig]:
-    """`compose_cfg(*overrides, hydra_config=False)`: conf/config.yaml as the command line sees it."""
+    """`compose_cfg(*overrides, hydra_config=False)`: memexp/conf/config.yaml as the command line sees it."""
     return compose_config
 
 

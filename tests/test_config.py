@@ -1,15 +1,15 @@
-"""Composition of conf/ and every validation error: a bad value fails early, naming itself."""
+"""Composition of memexp/conf/ and every validation error: a bad value fails early, naming itself."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
+from memexp import CONF_DIR
 from memexp.config import ConfigError, ExperimentSpec, resolve_device
 from memexp.configure import validate
 from memexp.strategies import STRATEGIES
@@ -17,7 +17,6 @@ from memexp.strategies import STRATEGIES
 ComposeFn = Callable[..., DictConfig]
 SpecFn = Callable[..., ExperimentSpec]
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 STRATEGY_OPTIONS = sorted(path.stem for path in (CONF_DIR / "strategy").glob("*.yaml"))
 
 

@@ -65,7 +65,7 @@ def test_a_replayed_job_composes_to_its_saved_config_whatever_the_presets_say(
     sweep_dir = copy_sweep(tiny_sweep, tmp_path / "original")
     saved = sweep_dir / "0" / ".hydra" / "config.yaml"
     config = OmegaConf.load(saved)
-    config.model.hidden = 64  # as if conf/model/tiny.yaml had said 64 when the sweep ran
+    config.model.hidden = 64  # as if memexp/conf/model/tiny.yaml had said 64 when the sweep ran
     OmegaConf.save(config, saved)
     (job, *_) = read_saved_jobs(sweep_dir)
     group_dir = tmp_path / "replay_conf" / reproduce.REPLAY_GROUP
