@@ -196,7 +196,11 @@ class Sweep:
 
     @property
     def command(self) -> str:
-        return shlex.join(["python", "-m", "memexp", "-m", *self.overrides, self.dir_override])
+        """As typed in the project's root (where it runs): the folder relative to it if inside."""
+        folder = self.folder.relative_to(ROOT) if self.folder.is_relative_to(ROOT) else self.folder
+        return shlex.join(
+            ["python", "-m", "memexp", "-m", *self.overrides, f"hydra.sweep.dir={folder}"]
+        )
 
     @property
     def dir_override(self) -> str:
@@ -545,7 +549,9 @@ def backoffs(record: RunResult) -> int:
 def auto_verdict(run: CheckRun) -> Verdict:
     records = run.records(AUTO)
     if not records:
-        return Verdict("batch=auto out-of-memory back-off", FAIL, "no record (see Sweeps)")
+        return Verdict(
+            "batch=auto out-of-memory back-off", FAIL, "no record (see Notes and Sweeps)"
+        )
     record = records[0]
     if record.status != STATUS_OK:
         return Verdict(
