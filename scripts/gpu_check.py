@@ -906,8 +906,8 @@ def prediction_section(run: CheckRun) -> list[str]:
         "The same jobs on `device=fake` (`device.imagine=cuda`, `device.memory_gb` = this "
         "card's memory) and on `device=cuda`. Peaks over the whole step; error = predicted − "
         "measured (MiB; % of measured). What a GPU adds that fake tensors do not see: "
-        "allocator rounding, cuBLAS/cuDNN workspaces, CUDA kernels' own saved tensors "
-        "(docs/memory_model.md).",
+        "allocator rounding, cuBLAS/cuDNN workspaces, CUDA kernels' own saved tensors, and in "
+        "bf16 CUDA's autocast op lists, which differ from the CPU's (docs/memory_model.md).",
         "",
         *summary,
         *([""] if summary else []),
@@ -975,7 +975,9 @@ def sweeps_section(run: CheckRun) -> list[str]:
         "",
         "Run side by side in stages: the CUDA and fake grids (and the batch=auto probes) "
         "together, the adaptive sweeps once the fake grid's predictions exist, batch=auto last "
-        "and alone on the GPU.",
+        "and alone on the GPU. Jobs of one sweep share a process (Hydra's basic launcher; memexp "
+        "empties the CUDA cache between jobs); sweeps share the GPU, whose allocator figures are "
+        "per process, so they stay each job's own, while step times do not and are not reported.",
         "",
         markdown_table(("sweep", "outcome", "wall s", "records"), rows),
         "",

@@ -34,7 +34,7 @@ def load_script() -> ModuleType:
     return module
 
 
-gc = load_script()
+gpu_check = load_script()
 
 # device=fake, model=small, fp32: none and full; model=medium fp32 none.
 SMALL_NONE_PREDICTED = {
@@ -94,7 +94,7 @@ def measured(
 
 
 def sweep(name: str, role: str, records: list[RunResult], expected: int, **fields: Any) -> Any:
-    return gc.Sweep(
+    return gpu_check.Sweep(
         name=name,
         role=role,
         overrides=["model=small"],
@@ -179,16 +179,16 @@ def check_run() -> Any:
             }
         },
     )
-    return gc.CheckRun(
+    return gpu_check.CheckRun(
         command="python scripts/gpu_check.py",
         started_at="2026-12-02 10:00 UTC",
         wall_s=301.4,
         device={"torch": "2.6.0+cu124", "cuda": "12.4", "device_name": "NVIDIA H200"},
         sweeps=[
-            sweep("measured-small-fp32", gc.MEASURED, [small_measured, offload], 8),
+            sweep("measured-small-fp32", gpu_check.MEASURED, [small_measured, offload], 8),
             sweep(
                 "measured-medium-fp32",
-                gc.MEASURED,
+                gpu_check.MEASURED,
                 [medium_measured],
                 8,
                 stopped=True,
@@ -196,19 +196,19 @@ def check_run() -> Any:
             ),
             sweep(
                 "predicted-small-fp32",
-                gc.PREDICTED,
+                gpu_check.PREDICTED,
                 [predicted("small", "none", SMALL_NONE_PREDICTED)],
                 8,
             ),
             sweep(
                 "predicted-medium-fp32",
-                gc.PREDICTED,
+                gpu_check.PREDICTED,
                 [predicted("medium", "none", MEDIUM_NONE_PREDICTED)],
                 8,
             ),
-            sweep("adaptive-small", gc.ADAPTIVE, [within], 1),
-            sweep("adaptive-medium", gc.ADAPTIVE, [infeasible], 1),
-            sweep("auto", gc.AUTO, [auto], 1, note="budget 137.972 GiB: as planned"),
+            sweep("adaptive-small", gpu_check.ADAPTIVE, [within], 1),
+            sweep("adaptive-medium", gpu_check.ADAPTIVE, [infeasible], 1),
+            sweep("auto", gpu_check.AUTO, [auto], 1, note="budget 137.972 GiB: as planned"),
         ],
     )
 
@@ -228,7 +228,7 @@ def test_without_cuda_it_exits_at_once_saying_nothing_was_checked(tmp_path: Path
         text=True,
         timeout=300,
     )
-    assert child.returncode == gc.EXIT_NOTHING_CHECKED == 3
+    assert child.returncode == gpu_check.EXIT_NOTHING_CHECKED == 3
     (line,) = child.stderr.strip().splitlines()
     assert line.startswith("gpu_check: nothing was checked: ")
     assert not out.exists() and not work.exists()
@@ -239,9 +239,13 @@ def test_without_cuda_it_exits_at_once_saying_nothing_was_checked(tmp_path: Path
 def test_a_torch_without_cuda_is_asked_and_nothing_is_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(gc, "cuda_driver_problem", lambda: None)  # as on a machine with a driver
-    code = gc.main(["--out", str(tmp_path / "report.md"), "--work-dir", str(tmp_path / "work")])
-    assert code == gc.EXIT_NOTHING_CHECKED
+    monkeypatch.setattr(
+        gpu_check, "cuda_driver_problem", lambda: None
+    )  # as on a machine with a driver
+    code = gpu_check.main(
+        ["--out", str(tmp_path / "report.md"), "--work-dir", str(tmp_path / "work")]
+    )
+    assert code == gpu_check.EXIT_NOTHING_CHECKED
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (
         f"gpu_check: nothing was checked: torch {torch.__version__} sees no CUDA device "
@@ -255,7 +259,7 @@ def test_adaptive_budgets_lie_midway_between_and_at_the_predicted_peaks(tmp_path
         predicted("small", "full", {"peak_bytes": SMALL_FULL_PREDICTED_PEAK}),
         predicted("medium", "none", MEDIUM_NONE_PREDICTED),
     ]
-    sweeps, notes = gc.adaptive_sweeps(records, tmp_path)
+    sweeps, notes = gpu_check.adaptive_sweeps(records, tmp_path)
     (small,) = sweeps
     # midway: (741,314,024 + 604,110,432) / 2 / 2^20 = 641.548 → 641.5; full: 576.125 → 576.1
     assert "strategy.budget_mb=576.1,641.5" in small.overrides
@@ -267,27 +271,27 @@ def test_adaptive_budgets_lie_midway_between_and_at_the_predicted_peaks(tmp_path
 
 
 def test_auto_budget_lets_the_prediction_pick_two_samples_more_than_fit(tmp_path: Path) -> None:
-    fake = gc.batch_line(
+    fake = gpu_check.batch_line(
         [
             record("small", "fp32", "none", batch_size=b, peak_bytes=p)
             for b, p in AUTO_PREDICTED_PEAKS.items()
         ]
     )
     # 3,287,180,776 − 1,831,309,864 = 1,455,870,912 a sample; 375,438,952 fixed
-    assert fake == gc.Line(fixed=375_438_952, per_sample=1_455_870_912)
-    allocator = gc.Line(fixed=400_000_000, per_sample=1_500_000_000)
-    auto = gc.auto_sweep(150_000_000_000, allocator, fake, tmp_path)
+    assert fake == gpu_check.Line(fixed=375_438_952, per_sample=1_455_870_912)
+    allocator = gpu_check.Line(fixed=400_000_000, per_sample=1_500_000_000)
+    auto = gpu_check.auto_sweep(150_000_000_000, allocator, fake, tmp_path)
     # fits: (150e9 − 0.4e9) // 1.5e9 = 99; target 101; budget = 375,438,952 + 101 × 1,455,870,912
     # + 1,455,870,912 // 2 = 148,146,336,520 bytes = 137.972028 GiB
     assert "batch.budget_gb=137.972028" in auto.overrides
     assert "about 99 samples fit" in auto.note and "should pick 101" in auto.note
-    unknown = gc.auto_sweep(150_000_000_000, None, fake, tmp_path)
+    unknown = gpu_check.auto_sweep(150_000_000_000, None, fake, tmp_path)
     # 150e9 bytes = 139.698386 GiB, + 2 GiB
     assert "batch.budget_gb=141.698386" in unknown.overrides
 
 
 def test_prediction_errors_are_computed_per_job_and_summarised() -> None:
-    report = gc.render_report(check_run())
+    report = gpu_check.render_report(check_run())
     # small: predicted 741,314,024 − measured 720,342,504 = +20 MiB = +2.91 % of measured
     assert row_of(
         report,
@@ -310,7 +314,7 @@ def test_prediction_errors_are_computed_per_job_and_summarised() -> None:
 
 
 def test_allocator_offload_auto_and_adaptive_tables() -> None:
-    report = gc.render_report(check_run())
+    report = gpu_check.render_report(check_run())
     headers = row_of(report, "| model | precision | strategy | status | after_setup MiB")
     assert (
         "| fwd+bwd peak MiB | peak allocated MiB | peak reserved MiB | memory_source |" in headers
@@ -329,8 +333,8 @@ def test_allocator_offload_auto_and_adaptive_tables() -> None:
 
 def test_verdicts_name_what_failed_and_nothing_is_dropped() -> None:
     run = check_run()
-    results = {v.check: v for v in gc.verdicts(run)}
-    assert results["batch=auto out-of-memory back-off"] == gc.Verdict(
+    results = {v.check: v for v in gpu_check.verdicts(run)}
+    assert results["batch=auto out-of-memory back-off"] == gpu_check.Verdict(
         "batch=auto out-of-memory back-off",
         "pass",
         "predicted batch 97, 2 back-off(s), ran at batch 95",
@@ -343,7 +347,7 @@ def test_verdicts_name_what_failed_and_nothing_is_dropped() -> None:
     assert results["offload (pinned host memory)"].detail.startswith(
         "small bf16 offload: no record (none: no record)"
     )
-    report = gc.render_report(run)
+    report = gpu_check.render_report(run)
     assert (
         "- measured-medium-fp32: 7 of 8 job(s) left no record (stopped at its limit (330 s after the start))"
         in report
@@ -352,20 +356,22 @@ def test_verdicts_name_what_failed_and_nothing_is_dropped() -> None:
 
     # a single plan within budget never exercised re-planning; one over budget is a failure
     run.sweeps = [s for s in run.sweeps if s.name != "adaptive-medium"]
-    assert gc.adaptive_verdict(run).outcome == "not exercised"
-    (small,) = run.records(gc.ADAPTIVE)
+    assert gpu_check.adaptive_verdict(run).outcome == "not exercised"
+    (small,) = run.records(gpu_check.ADAPTIVE)
     small.peak_bytes = 700 * MIB
-    assert gc.adaptive_verdict(run).outcome == "FAIL"
+    assert gpu_check.adaptive_verdict(run).outcome == "FAIL"
 
 
 def test_a_saved_run_renders_the_same_report(tmp_path: Path) -> None:
     run = check_run()
-    gc.save_run(run, tmp_path / gc.RUN_FILE)
-    assert gc.render_report(gc.load_run(tmp_path / gc.RUN_FILE)) == gc.render_report(run)
+    gpu_check.save_run(run, tmp_path / gpu_check.RUN_FILE)
+    assert gpu_check.render_report(
+        gpu_check.load_run(tmp_path / gpu_check.RUN_FILE)
+    ) == gpu_check.render_report(run)
 
 
 @pytest.mark.gpu
 def test_the_probes_see_the_gpu() -> None:
-    assert gc.cuda_driver_problem() is None
-    info = gc.probe_cuda()
+    assert gpu_check.cuda_driver_problem() is None
+    info = gpu_check.probe_cuda()
     assert info["available"] and 0 < info["free_bytes"] <= info["total_bytes"]
