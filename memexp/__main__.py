@@ -8,13 +8,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from memexp import resume
-from memexp.callbacks import OUTCOME
+from memexp.callbacks import OUTCOME, summarize_interrupted
 from memexp.configure import register_configs
-from memexp.runner import run_job
-from memexp.wandb_sink import log_job, sweep_group
+from memexp.interrupts import INTERRUPTED_EXIT_CODE, stop_on_sigterm
+from memexp.job import run_guarded
 
 register_configs()
 # Absolute, so the `memexp` console script (whose module is not `__main__`) finds conf/ too.
@@ -31,23 +30,22 @@ def main(cfg: DictConfig) -> None:
         "overrides": list(hydra_cfg.overrides.task),
     }
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    if resume.already_measured(cfg, job_dir):
-        return
-    result = run_job(cfg, job_dir, identity)
     group_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
-    log_job(
-        cfg.logger,
-        OmegaConf.to_container(cfg, resolve=True),
-        result,
-        job_dir,
-        sweep_id=sweep_group(group_dir),
-        run_name=" ".join(identity["overrides"]) or "defaults",
-    )
+    run_guarded(cfg, job_dir, identity, group_dir)
 
 
 def cli() -> None:
-    """Exit non-zero only when a job ended in `error` (OOM or infeasible are answers, not failures)."""
-    main()
+    """Exit non-zero only when a job ended in `error` (OOM or infeasible are answers, not failures).
+
+    Ctrl-C or SIGTERM: the running job has recorded `interrupted`; what finished is summarized
+    and aggregated, and the exit status is 130, with no traceback.
+    """
+    stop_on_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt:
+        summarize_interrupted()
+        sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(1 if OUTCOME["errors"] else 0)
 
 

@@ -12,18 +12,31 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from memexp.results import SOURCE_FAKE_TENSORS, STATUS_ERROR, RunResult, read_result
+from memexp.results import (
+    SOURCE_FAKE_TENSORS,
+    STATUS_ERROR,
+    DamagedRecord,
+    RunResult,
+    read_result,
+)
 from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
 from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
-# Set by the callback, read by `memexp.__main__.cli` to choose the process exit code.
-OUTCOME = {"errors": 0}
+# Set by the callback, read by `memexp.__main__.cli` to choose the process exit code; `started`
+# is the sweep (or run) config, kept so that an interrupted sweep can still be summarized.
+OUTCOME: dict[str, Any] = {"errors": 0, "started": None}
 
 
 def collect_results(sweep_dir: Path) -> list[RunResult]:
-    """Records of every job under `sweep_dir`, in job order."""
-    return [read_result(path) for path in result_files_in(sweep_dir)]
+    """Records of every job under `sweep_dir`, in job order; a damaged one is named and left out."""
+    results = []
+    for path in result_files_in(sweep_dir):
+        try:
+            results.append(read_result(path))
+        except DamagedRecord as damaged:
+            print(f"[memexp] left out: {damaged}", flush=True)
+    return results
 
 
 def _ms(value: float | None) -> str:
@@ -100,13 +113,44 @@ def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     log_aggregate(config.logger, sweep_dir, sweep_group(sweep_dir), sweep_dir / RESULTS_CSV, plots)
 
 
+def summarize_sweep(config: DictConfig) -> None:
+    sweep_dir = Path(config.hydra.sweep.dir)
+    report(collect_results(sweep_dir), sweep_dir)
+    aggregate_and_log(config, sweep_dir)
+
+
+def summarize_run(config: DictConfig) -> None:
+    run_dir = Path(config.hydra.run.dir)
+    if not (run_dir / RESULT_FILE).exists():
+        return
+    try:
+        report([read_result(run_dir)], run_dir)
+    except DamagedRecord as damaged:
+        print(f"[memexp] left out: {damaged}", flush=True)
+
+
+def summarize_interrupted() -> None:
+    """After Ctrl-C or SIGTERM: the table and the aggregate of what finished (Hydra's end hooks
+    do not run when a sweep is interrupted)."""
+    config, multirun = OUTCOME["started"] or (None, False)
+    print("\n[memexp] interrupted; summarizing what finished", flush=True)
+    if config is None:
+        return
+    if multirun:
+        summarize_sweep(config)
+    else:
+        summarize_run(config)
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        OUTCOME["started"] = (config, True)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        OUTCOME["started"] = (config, False)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        report(collect_results(sweep_dir), sweep_dir)
-        aggregate_and_log(config, sweep_dir)
+        summarize_sweep(config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir)
-        if (run_dir / RESULT_FILE).exists():
-            report([read_result(run_dir)], run_dir)
+        summarize_run(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from memexp.config import ConfigError, resolve_device
-from memexp.results import STATUS_OK, RunResult, read_result, write_json_atomic
-from memexp.sweepdir import RESULT_FILE, read_sweep_overrides
+from memexp.results import (
+    STATUS_OK,
+    DamagedRecord,
+    RunResult,
+    read_result,
+    set_aside_damaged,
+    write_json_atomic,
+)
+from memexp.sweepdir import (
+    HYDRA_DIR,
+    RECORD_FILE_PATTERNS,
+    RECORD_HYDRA_DIR,
+    RESULT_FILE,
+    job_folders,
+    new_job_folder,
+    read_sweep_overrides,
+    result_files_in,
+)
 
 # Where the hash lives in a record (`RunResult.extra`), and what it leaves out.
 CONFIG_HASH_KEY = "config_hash"
@@ -70,15 +87,101 @@ def recorded_hash(record: RunResult) -> str | None:
     return record.extra.get(CONFIG_HASH_KEY)
 
 
-def already_measured(cfg: DictConfig, job_dir: Path) -> bool:
-    """True (and says so) when resuming and `job_dir` holds an `ok` record of this very config."""
+def _hash_or_none(cfg: DictConfig) -> str | None:
+    """The config's hash; None when it cannot be resolved (the job records that error itself)."""
+    try:
+        return config_hash(cfg)
+    except Exception:  # any resolution failure: an interpolation, a resolver, a missing value
+        return None
+
+
+def read_own_record(job_dir: Path) -> RunResult | None:
+    """The record in `job_dir`; a damaged one is named, set aside and counts as none."""
     path = Path(job_dir) / RESULT_FILE
-    if cfg.get("resume") is None or not path.is_file():
+    if not path.is_file():
+        return None
+    try:
+        return read_result(path)
+    except DamagedRecord as damaged:
+        kept = set_aside_damaged(path)
+        print(f"[memexp] {damaged}; kept as {kept.name}, the job runs again", flush=True)
+        return None
+
+
+def ok_record_of(digest: str, sweep_dir: Path) -> Path | None:
+    """Where `sweep_dir` holds an `ok` record of the config hashed `digest` (damaged ones are
+    skipped: the job whose folder holds one reports it)."""
+    candidates = [Path(sweep_dir) / RESULT_FILE, *result_files_in(sweep_dir)]
+    for path in candidates:
+        with contextlib.suppress(DamagedRecord, OSError):
+            record = read_result(path)
+            if record.status == STATUS_OK and recorded_hash(record) == digest:
+                return path
+    return None
+
+
+def snapshot_job_configs(sweep_dir: Path) -> None:
+    """Before any job of a resumed sweep starts: copy each job folder's `.hydra/` beside its record.
+
+    Hydra rewrites `.hydra/` with the new job's config before memexp runs; the copy is what a
+    record of another config is moved away with. An existing copy (from a resume that stopped
+    before its job ran) is the older, right one and stays.
+    """
+    for folder in job_folders(sweep_dir):
+        snapshot = folder / RECORD_HYDRA_DIR
+        if (folder / RESULT_FILE).is_file() and not snapshot.exists():
+            shutil.copytree(folder / HYDRA_DIR, snapshot)
+
+
+def _restore_snapshot(job_dir: Path) -> None:
+    """Put the record's own `.hydra/` back: the folder is again exactly as the record left it."""
+    snapshot = job_dir / RECORD_HYDRA_DIR
+    if snapshot.is_dir():
+        shutil.rmtree(job_dir / HYDRA_DIR)
+        snapshot.rename(job_dir / HYDRA_DIR)
+
+
+def _move_records(job_dir: Path, sweep_dir: Path) -> Path:
+    """Move the records of another config, their timelines and their `.hydra/` to a new job folder."""
+    target = new_job_folder(sweep_dir)
+    for pattern in RECORD_FILE_PATTERNS:
+        for path in job_dir.glob(pattern):
+            path.rename(target / path.name)
+    snapshot = job_dir / RECORD_HYDRA_DIR
+    if snapshot.is_dir():
+        snapshot.rename(target / HYDRA_DIR)
+    print(
+        f"[memexp] {job_dir} held a record of another config: moved with its config to {target}",
+        flush=True,
+    )
+    return target
+
+
+def already_measured(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None = None) -> bool:
+    """True (and says so) when resuming and the sweep holds an `ok` record of this very config.
+
+    Jobs are matched by config, never by folder: an `ok` record of the config anywhere in
+    `sweep_dir` (default: `job_dir`, a single run) means the job is done. A record of another
+    config in `job_dir` is never lost: when this job is skipped the folder is put back as it
+    was; when this job runs, the record moves to a new job folder with its own `.hydra/`.
+    """
+    if cfg.get("resume") is None:
         return False
-    record = read_result(path)
-    if record.status != STATUS_OK or recorded_hash(record) != config_hash(cfg):
+    job_dir = Path(job_dir)
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else job_dir
+    own = read_own_record(job_dir)
+    digest = _hash_or_none(cfg)
+    measured = ok_record_of(digest, sweep_dir) if digest is not None else None
+    another_config = own is not None and (digest is None or recorded_hash(own) != digest)
+    if another_config and measured is not None:
+        _restore_snapshot(job_dir)
+    elif another_config and sweep_dir != job_dir:
+        _move_records(job_dir, sweep_dir)
+    else:  # a single run's own older record is kept beside the new one (keep_previous_record)
+        shutil.rmtree(job_dir / RECORD_HYDRA_DIR, ignore_errors=True)
+    if measured is None:
         return False
-    print(f"[memexp] already measured with this config: {path} (kept, job skipped)", flush=True)
+    print(f"[memexp] already measured with this config: {measured} (kept, job skipped)", flush=True)
     return True
 
 
@@ -90,9 +193,10 @@ def keep_previous_record(job_dir: Path) -> Path | None:
     """Move a record this job is about to replace (and its timeline) aside; returns where it went.
 
     The kept record is rewritten only to point at its kept timeline; every figure stays as it was.
+    A damaged record is set aside as `result.damaged-<n>.json` instead.
     """
     record_path = Path(job_dir) / RESULT_FILE
-    if not record_path.is_file():
+    if read_own_record(job_dir) is None:
         return None
     index = 1
     while _previous_name(record_path, index).exists():
@@ -168,6 +272,7 @@ class SweepFolderGuard(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         _stop_on_refusal(sweep_dir, config.get("resume"), multirun=True)
         if config.get("resume") is not None:
+            snapshot_job_configs(sweep_dir)
             warning = describe_override_change(sweep_dir, list(config.hydra.overrides.task))
             if warning:
                 print(warning, flush=True)

@@ -28,6 +28,7 @@ from memexp.estimate import (
     record_prediction,
     step_flops_without_checkpointing,
 )
+from memexp.interrupts import describe_interrupt
 from memexp.measure.flops import FLOPS_SOURCE, step_flops
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.saved import record_saved_bytes
@@ -38,6 +39,7 @@ from memexp.planner import time_units
 from memexp.results import (
     STATUS_ERROR,
     STATUS_INFEASIBLE,
+    STATUS_INTERRUPTED,
     STATUS_NOT_APPLICABLE,
     STATUS_OK,
     STATUS_OOM,
@@ -58,7 +60,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fill_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
+def fill_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
     """What the job was asked to be, before validation: an invalid job's record still says."""
     for field_name, key in (
         ("model", "model.name"),
@@ -241,7 +243,7 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
     result = RunResult(status=STATUS_ERROR, started_at=_now(), job_dir=str(job_dir), **identity)
     try:
         result.extra[CONFIG_HASH_KEY] = config_hash(cfg)
-        _fill_identity_from_config(result, cfg)
+        fill_identity_from_config(result, cfg)
         spec = validate(cfg)
         _fill_identity(result, spec)
         result.environment = describe_environment(spec.device)
@@ -275,6 +277,9 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
     except Exception as error:
         result.message, result.error_type = str(error) or repr(error), type(error).__name__
         result.extra["traceback"] = traceback.format_exc()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: record it, then stop the sweep
+        result.status, result.message = STATUS_INTERRUPTED, describe_interrupt(interrupt)
+        raise
     finally:
         result.finished_at = _now()
         result.duration_s = round(time.monotonic() - started, 3)
