@@ -25,6 +25,7 @@ from memexp.config import (
     ConfigError,
     DeviceConfig,
     ExperimentSpec,
+    LoggerConfig,
     MeasureConfig,
     ModelConfig,
     OptimizerConfig,
@@ -56,6 +57,7 @@ def register_configs() -> None:
     cs.store(group="seq", name="schema", node=SeqConfig)
     cs.store(group="batch", name="schema", node=BatchConfig)
     cs.store(group="device", name="schema", node=DeviceConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
     for name, strategy in STRATEGIES.items():
         cs.store(group="strategy", name=f"schema_{name}", node=strategy.config_class)
 
