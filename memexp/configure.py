@@ -8,6 +8,7 @@ sits above the strategies because each strategy brings its own schema and checks
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 
 from hydra.core.config_store import ConfigStore
@@ -110,12 +111,62 @@ def _memory_budget_bytes(batch: BatchConfig, device_memory: int | None) -> int |
     return budget
 
 
+# The config groups and sections whose keys are closed: each node holds its schema's fields only.
+SCHEMAS = {
+    "model": ModelConfig,
+    "seq": SeqConfig,
+    "batch": BatchConfig,
+    "device": DeviceConfig,
+    "logger": LoggerConfig,
+    "optimizer": OptimizerConfig,
+    "measure": MeasureConfig,
+}
+
+
+def _require_known_keys(section: str, node: DictConfig, schema: type) -> None:
+    """`+model.hiden=64` adds a key that nothing reads: refuse it, naming the keys there are."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    unknown = [key for key in node if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}",
+            OmegaConf.to_container(node, resolve=False)[unknown[0]],  # type: ignore[index]
+            f"a key {section} knows: {', '.join(known)}",
+        )
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys still `???`, found without resolving anything (an interpolation may need them)."""
+    found = []
+    for key in node:
+        child = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig):
+            found += _missing_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def require_values(cfg: DictConfig) -> None:
+    """A `???` left in the config (e.g. `model=schema`, the schema rather than a preset)."""
+    missing = _missing_keys(cfg)
+    if missing:
+        raise ConfigError(
+            missing[0],
+            "???",
+            "a value: choose a preset (e.g. model=tiny) or set it on the command line",
+        )
+
+
 def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentSpec:
     """Turn a composed config into an ExperimentSpec, or raise ConfigError naming the bad field."""
     import torch
 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
+    require_values(cfg)
+    for section, schema in SCHEMAS.items():
+        _require_known_keys(section, cfg[section], schema)
     model: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
     for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden", "max_seq_len"):
         _require_positive(f"model.{name}", getattr(model, name))
@@ -159,6 +210,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
 
     strategy_name = cfg.strategy.get("name")
     _require_choice("strategy.name", strategy_name, tuple(STRATEGIES))
+    _require_known_keys("strategy", cfg.strategy, STRATEGIES[strategy_name].config_class)
     strategy = OmegaConf.to_object(cfg.strategy)
     STRATEGIES[strategy_name].validate(strategy, model)
 

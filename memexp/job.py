@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import resume
+from memexp.config import ConfigError
+from memexp.configure import require_values
 from memexp.interrupts import describe_interrupt, stop_on_sigterm
 from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, write_result
 from memexp.runner import describe_outcome, fill_identity_from_config, run_job
@@ -33,7 +35,8 @@ def record_failure(
     else:
         result.message = str(failure) or repr(failure)
         result.error_type = type(failure).__name__
-        result.extra["traceback"] = "".join(traceback.format_exception(failure))
+        if not isinstance(failure, ConfigError):  # a config error is its own explanation
+            result.extra["traceback"] = "".join(traceback.format_exception(failure))
     write_result(job_dir, result)
     print(describe_outcome(result), flush=True)
     return result
@@ -64,6 +67,7 @@ def run_guarded(
     try:
         if resume.already_measured(cfg, job_dir, sweep_dir):
             return None
+        require_values(cfg)  # `model=schema`: the schema, not a preset
         OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails fails here
         result = run_job(cfg, job_dir, identity)
     except Exception as error:  # before run_job's own guard (run_job records everything after)
