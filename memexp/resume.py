@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,18 @@ def check_folder(folder: Path, resume: str | None, multirun: bool) -> None:
         )
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, in one line naming it, a folder this process cannot create or write into."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            key, str(folder), f"a folder this process can write ({error.strerror or error})"
+        ) from error
+
+
 def _without_resume(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
 
@@ -258,6 +271,7 @@ def describe_override_change(sweep_dir: Path, overrides: list[str]) -> str | Non
 def _stop_on_refusal(folder: Path, resume: str | None, multirun: bool) -> None:
     try:
         check_folder(folder, resume, multirun)
+        check_writable(folder, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     except ConfigError as error:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway;
         # SystemExit is what stops it before the first job.
