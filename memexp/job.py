@@ -45,9 +45,9 @@ def record_failure(
 def _resolved(cfg: DictConfig) -> dict[str, Any]:
     """The config W&B shows: resolved, or as written when it does not resolve."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
     except Exception:  # the record already says why it does not resolve
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
 
 
 def mirror(cfg: DictConfig, result: RunResult, job_dir: Path, group_dir: Path, name: str) -> None:
