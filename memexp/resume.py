@@ -134,6 +134,13 @@ def snapshot_job_configs(sweep_dir: Path) -> None:
             shutil.copytree(folder / HYDRA_DIR, snapshot)
 
 
+def drop_snapshots(sweep_dir: Path) -> None:
+    """After a resumed sweep: the copies left are of folders no job ran in, whose `.hydra/` is
+    still the record's own."""
+    for snapshot in Path(sweep_dir).glob(f"*/{RECORD_HYDRA_DIR}"):
+        shutil.rmtree(snapshot)
+
+
 def _restore_snapshot(job_dir: Path) -> None:
     """Put the record's own `.hydra/` back: the folder is again exactly as the record left it."""
     snapshot = job_dir / RECORD_HYDRA_DIR
@@ -293,3 +300,6 @@ class SweepFolderGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _stop_on_refusal(Path(config.hydra.run.dir), config.get("resume"), multirun=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        drop_snapshots(Path(config.hydra.sweep.dir))
