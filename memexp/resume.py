@@ -3,8 +3,8 @@
     python -m memexp -m model=tiny strategy=none,full,sqrt resume=outputs/multirun/<day>/<time>_<tag>
 
 `resume=DIR` makes DIR the sweep folder (`hydra.sweep.dir`, or `hydra.run.dir` for a single run;
-see `conf/config.yaml`). Each job then looks at its own folder: an `ok` record made with the same
-config means the job is done and is skipped; anything else is measured again, and the end-of-sweep
+see `conf/config.yaml`). A job whose config has an `ok` record anywhere in the sweep is skipped;
+anything else (missing, failed, interrupted, damaged) is measured again, and the end-of-sweep
 callback aggregates every record on disk, old and new.
 
 "The same config" is a hash of the job's resolved config, stored in the record, because job
@@ -13,9 +13,11 @@ order holds another job. The hash leaves out `resume` and `logger` (they change 
 not what is measured) and replaces `device.type: auto` by the device it means on this machine, so
 a CPU sweep resumed on a GPU machine is measured again rather than mixed.
 
-Nothing measured is overwritten: a record about to be replaced (failed, or made with another
-config) is kept beside it as `result.previous-<n>.json`, and a folder that already holds records is
-refused unless `resume` names it.
+Nothing measured is lost: a failed record of the same config is kept beside the new one as
+`result.previous-<n>.json`; a record of another config in the folder a job now runs in moves,
+with the `.hydra/` it was made with (copied before any job starts, since Hydra rewrites it) and
+its timeline, to a new numbered folder; a damaged record is kept as `result.damaged-<n>.json`. A
+folder that already holds records is refused unless `resume` names it.
 """
 
 from __future__ import annotations

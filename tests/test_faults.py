@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,3 +185,66 @@ def test_a_resumed_record_keeps_every_other_file_in_place(tmp_path: Path) -> Non
     assert not (tmp_path / "1" / ".hydra.of-record").exists()
     shutil.rmtree(tmp_path / "0" / ".hydra.of-record")
     assert json.loads((tmp_path / "0" / RESULT_FILE).read_text())["status"] == STATUS_OK
+
+
+def _start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_sweep_through_every_fault_then_resumed_loses_nothing(tmp_path: Path) -> None:
+    """Killed (SIGKILL), a damaged record, interrupted (SIGINT), a job that never resolves:
+    `resume` then leaves a record for every job and an aggregate of all of them."""
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "memexp", "-m", "model=tiny", "logger=none", "measure.repeat=1",
+        "strategy=none,sqrt", "seq.len=16,${model.maxlen}", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    # jobs: 0 none/16, 1 none/unresolvable, 2 sqrt/16, 3 sqrt/unresolvable
+    killed = _start(command, tmp_path)
+    _wait_for(sweep_dir / "0" / RESULT_FILE, killed)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+
+    (sweep_dir / "0" / RESULT_FILE).write_text(DAMAGED["truncated"])
+    interrupted = _start([*command[:-1], f"resume={sweep_dir}"], tmp_path)
+    _wait_for(sweep_dir / "2" / HYDRA_DIR, interrupted)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    output, _ = interrupted.communicate()
+    assert interrupted.returncode == 130
+    assert "interrupted; summarizing what finished" in output
+    assert "Traceback" not in output
+    assert "is not a readable record" in output
+
+    resumed = subprocess.run(
+        [*command[:-1], f"resume={sweep_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed.returncode == 1  # the unresolvable jobs are errors
+    statuses = {n: read_result(sweep_dir / str(n)).status for n in range(4)}
+    assert statuses == {0: STATUS_OK, 1: STATUS_ERROR, 2: STATUS_OK, 3: STATUS_ERROR}
+    assert (sweep_dir / "0" / "result.damaged-1.json").read_text() == DAMAGED["truncated"]
+    assert "model.maxlen" in read_result(sweep_dir / "3").message
+    assert "4 job(s) in" in resumed.stdout
+    rows = (sweep_dir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
+    assert not list(sweep_dir.glob("*/.hydra.of-record"))
