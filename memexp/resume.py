@@ -182,7 +182,8 @@ def already_measured(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None = No
     own = read_own_record(job_dir)
     digest = _hash_or_none(cfg)
     measured = ok_record_of(digest, sweep_dir) if digest is not None else None
-    another_config = own is not None and (digest is None or recorded_hash(own) != digest)
+    # A config that does not resolve has no hash; its own earlier record has none either.
+    another_config = own is not None and recorded_hash(own) != digest
     if another_config and measured is not None:
         _restore_snapshot(job_dir)
     elif another_config and sweep_dir != job_dir:
@@ -296,7 +297,8 @@ class SweepFolderGuard(Callback):
         _stop_on_refusal(sweep_dir, config.get("resume"), multirun=True)
         if config.get("resume") is not None:
             snapshot_job_configs(sweep_dir)
-            warning = describe_override_change(sweep_dir, list(config.hydra.overrides.task))
+            overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+            warning = describe_override_change(sweep_dir, list(overrides))  # type: ignore[arg-type]
             if warning:
                 print(warning, flush=True)
 
