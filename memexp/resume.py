@@ -274,7 +274,7 @@ def describe_override_change(sweep_dir: Path, overrides: list[str]) -> str | Non
     return (
         f"[memexp] warning: the sweep in {sweep_dir} was made with overrides "
         f"{' '.join(_without_resume(before[0]))!r}, now {' '.join(_without_resume(overrides))!r}; "
-        "jobs are matched by config, so a job whose folder holds another config is measured again"
+        "jobs are matched by config: one measured ok anywhere in the sweep is skipped"
     )
 
 
