@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memexp.config import LoggerConfig, WandbMode
 from memexp.results import STATUS_ERROR, RunResult
 from memexp.sweepdir import TIMELINE_FILE
 from memexp.text import to_mib
@@ -51,9 +52,7 @@ _ENV_OVERRIDES = {
     "dir": "WANDB_DIR",
 }
 _CONFIG_DEFAULTS = {"mode": "offline", "project": DEFAULT_PROJECT, "entity": None, "dir": None}
-DEFAULT_INIT_TIMEOUT_S = 30.0
-ONLINE = "online"
-WANDB_OFFLINE = "offline"
+DEFAULT_INIT_TIMEOUT_S = LoggerConfig.init_timeout_s
 # Once W&B could not start a run (no network: after init_timeout_s), this process stops trying:
 # one warning, not one stall per job.
 _GAVE_UP: dict[str, str | None] = {"reason": None}  # why, once it gave up
@@ -232,7 +231,7 @@ def _log_run(
             wandb_dir = Path(_setting(logger_cfg, "dir") or default_dir)
             wandb_dir.mkdir(parents=True, exist_ok=True)
             mode = _setting(logger_cfg, "mode")
-            if mode == ONLINE:
+            if mode == WandbMode.online.value:
                 _require_credentials(wandb)
             timeout = float(logger_cfg.get("init_timeout_s") or DEFAULT_INIT_TIMEOUT_S)
             try:
@@ -253,7 +252,7 @@ def _log_run(
                 exit_code = write(run)
             finally:
                 run.finish(exit_code=exit_code)
-            if run.settings.mode == WANDB_OFFLINE:
+            if run.settings.mode == WandbMode.offline.value:
                 LOG.info("W&B %s saved offline: wandb sync %s", what, run.settings.sync_dir)
         finally:
             wandb.teardown()
