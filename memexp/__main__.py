@@ -8,10 +8,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from memexp import CONF_DIR, resume
+from memexp import CONF_DIR
 from memexp.configure import register_configs
+from memexp.interrupts import INTERRUPTED_EXIT_CODE, stop_on_sigterm
 
 register_configs()
 
@@ -20,8 +21,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     # Here, not at the top: `--help` and `--cfg` never import the runner, W&B or pandas.
-    from memexp.runner import run_job
-    from memexp.wandb_sink import log_job, sweep_group
+    from memexp.job import run_guarded
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -31,25 +31,26 @@ def main(cfg: DictConfig) -> None:
         "overrides": list(hydra_cfg.overrides.task),
     }
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    if resume.already_measured(cfg, job_dir):
-        return
-    result = run_job(cfg, job_dir, identity)
     group_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
-    log_job(
-        cfg.logger,
-        OmegaConf.to_container(cfg, resolve=True),
-        result,
-        job_dir,
-        sweep_id=sweep_group(group_dir),
-        run_name=" ".join(identity["overrides"]) or "defaults",
-    )
+    run_guarded(cfg, job_dir, identity, group_dir)
 
 
 def cli() -> None:
     """Exit 0 unless a callback stopped the process: `memexp.callbacks.SweepSummary` exits 1 when a
     job ended in `error` (OOM or infeasible are answers, not failures), and
-    `memexp.resume.SweepFolderGuard` exits 2 for a refused folder."""
-    main()
+    `memexp.resume.SweepFolderGuard` exits 2 for a refused folder.
+
+    Ctrl-C or SIGTERM: the running job has recorded `interrupted`; what finished is summarized
+    and aggregated, and the exit status is 130, with no traceback.
+    """
+    stop_on_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt:
+        from memexp.callbacks import finish_interrupted
+
+        finish_interrupted()
+        sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(0)
 
 

@@ -15,18 +15,33 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from memexp.results import SOURCE_FAKE_TENSORS, STATUS_ERROR, RunResult, read_result
+from memexp.results import (
+    SOURCE_FAKE_TENSORS,
+    STATUS_ERROR,
+    DamagedRecord,
+    RunResult,
+    read_result,
+)
 from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
 from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
 # The process's exit status when some job ended in `error` (OOM and infeasible are answers).
 ERROR_EXIT_CODE = 1
+# The sweep (or run) config and whether it is a multirun, kept when it starts: Hydra's end hooks
+# do not run when a sweep is interrupted, and `finish_interrupted` still has to summarize it.
+_STARTED: dict[str, tuple[DictConfig, bool]] = {}
 
 
 def collect_results(sweep_dir: Path) -> list[RunResult]:
-    """Records of every job under `sweep_dir`, in job order."""
-    return [read_result(path) for path in result_files_in(sweep_dir)]
+    """Records of every job under `sweep_dir`, in job order; a damaged one is named and left out."""
+    results = []
+    for path in result_files_in(sweep_dir):
+        try:
+            results.append(read_result(path))
+        except DamagedRecord as damaged:
+            print(f"[memexp] left out: {damaged}", flush=True)
+    return results
 
 
 def _ms(value: float | None) -> str:
@@ -108,17 +123,50 @@ def exit_if_any_error(results: list[RunResult]) -> None:
         raise SystemExit(ERROR_EXIT_CODE)
 
 
+def finish_sweep(config: DictConfig) -> list[RunResult]:
+    """The end table, the aggregate and its W&B mirror of the sweep `config` ran."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    results = collect_results(sweep_dir)
+    report(results, sweep_dir)
+    aggregate_and_log(config, sweep_dir)
+    return results
+
+
+def finish_run(config: DictConfig) -> list[RunResult]:
+    """The end table of a single run, when it left a readable record."""
+    run_dir = Path(config.hydra.run.dir)
+    if not (run_dir / RESULT_FILE).exists():
+        return []
+    try:
+        results = [read_result(run_dir)]
+    except DamagedRecord as damaged:
+        print(f"[memexp] left out: {damaged}", flush=True)
+        return []
+    report(results, run_dir)
+    return results
+
+
+def finish_interrupted() -> None:
+    """After Ctrl-C or SIGTERM: the table and the aggregate of what finished."""
+    print("\n[memexp] interrupted; summarizing what finished", flush=True)
+    if "config" not in _STARTED:
+        return
+    config, multirun = _STARTED["config"]
+    if multirun:
+        finish_sweep(config)
+    else:
+        finish_run(config)
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _STARTED["config"] = (config, True)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _STARTED["config"] = (config, False)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        results = collect_results(sweep_dir)
-        report(results, sweep_dir)
-        aggregate_and_log(config, sweep_dir)
-        exit_if_any_error(results)
+        exit_if_any_error(finish_sweep(config))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir)
-        if (run_dir / RESULT_FILE).exists():
-            results = [read_result(run_dir)]
-            report(results, run_dir)
-            exit_if_any_error(results)
+        exit_if_any_error(finish_run(config))

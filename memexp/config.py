@@ -8,6 +8,7 @@ needs to know every strategy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
@@ -89,6 +90,28 @@ class MeasureConfig:
     repeat: int = 3
 
 
+class WandbMode(Enum):
+    """W&B's run modes; a typo is refused when the config is composed, not after a sweep."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    """The experiment tracker: `name: none` (results stay local) or `wandb` (a mirror of them)."""
+
+    name: str = "none"
+    project: str = "memexp"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.offline
+    dir: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # Seconds W&B may take to start a run; past it, one warning and local results only.
+    init_timeout_s: float = 30.0
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -97,7 +120,7 @@ class Config:
     seq: SeqConfig = MISSING
     batch: BatchConfig = MISSING
     device: DeviceConfig = MISSING
-    logger: Any = field(default_factory=lambda: {"name": "none"})
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     precision: str = "fp32"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0

@@ -9,6 +9,7 @@ checks.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import replace
 
@@ -28,6 +29,7 @@ from memexp.config import (
     ConfigError,
     DeviceConfig,
     ExperimentSpec,
+    LoggerConfig,
     MeasureConfig,
     ModelConfig,
     OptimizerConfig,
@@ -63,6 +65,7 @@ def register_configs() -> None:
     cs.store(group=SCHEMA_GROUP, name="seq", node=SeqConfig)
     cs.store(group=SCHEMA_GROUP, name="batch", node=BatchConfig)
     cs.store(group=SCHEMA_GROUP, name="device", node=DeviceConfig)
+    cs.store(group=SCHEMA_GROUP, name="logger", node=LoggerConfig)
     for name, strategy in STRATEGIES.items():
         cs.store(group=f"{SCHEMA_GROUP}/strategy", name=name, node=strategy.config_class)
 
@@ -127,12 +130,62 @@ def _position_rows(model: ModelConfig, seq_len: int) -> int:
     return model.max_seq_len
 
 
+# The config groups and sections whose keys are closed: each node holds its schema's fields only.
+SCHEMAS = {
+    "model": ModelConfig,
+    "seq": SeqConfig,
+    "batch": BatchConfig,
+    "device": DeviceConfig,
+    "logger": LoggerConfig,
+    "optimizer": OptimizerConfig,
+    "measure": MeasureConfig,
+}
+
+
+def _require_known_keys(section: str, node: DictConfig, schema: type) -> None:
+    """`+model.hiden=64` adds a key that nothing reads: refuse it, naming the keys there are."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    unknown = [key for key in node if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}",
+            OmegaConf.to_container(node, resolve=False)[unknown[0]],  # type: ignore[index]
+            f"a key {section} knows: {', '.join(known)}",
+        )
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys still `???`, found without resolving anything (an interpolation may need them)."""
+    found = []
+    for key in node:
+        child = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig):
+            found += _missing_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def require_values(cfg: DictConfig) -> None:
+    """A `???` left in the config (e.g. `model=schema`, the schema rather than a preset)."""
+    missing = _missing_keys(cfg)
+    if missing:
+        raise ConfigError(
+            missing[0],
+            "???",
+            "a value: choose a preset (e.g. model=tiny) or set it on the command line",
+        )
+
+
 def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentSpec:
     """Turn a composed config into an ExperimentSpec, or raise ConfigError naming the bad field."""
     import torch
 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
+    require_values(cfg)
+    for section, schema in SCHEMAS.items():
+        _require_known_keys(section, cfg[section], schema)
     model: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
     for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden"):
         _require_positive(f"model.{name}", getattr(model, name))
@@ -175,6 +228,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
 
     strategy_name = cfg.strategy.get("name")
     _require_choice("strategy.name", strategy_name, tuple(STRATEGIES))
+    _require_known_keys("strategy", cfg.strategy, STRATEGIES[strategy_name].config_class)
     strategy = OmegaConf.to_object(cfg.strategy)
     STRATEGIES[strategy_name].validate(strategy, model)
 

@@ -11,7 +11,7 @@ replayed jobs still get the values the original jobs ran with. The launcher is t
 (`hydra/launcher` choice, whose `hydra.launcher._target_` is shown) with its command-line settings,
 unless `--launcher` names another. The new sweep goes to `<SWEEP_DIR>_repro_<time>` next to it.
 
-Job by job (paired by job number), the figures that depend only on the config and the code must
+Job by job, the figures that depend only on the config and the code must
 come back: exactly for the status, parameter count, plan, saved-activation bytes and FLOPs, and,
 when memory comes from counting tensors (tensor tracker, fake tensors), the peak and its breakdown;
 the first step's loss within a relative 1e-6 (see LOSS_RTOL). Step times are set against the
@@ -19,8 +19,15 @@ original's own spread and reported, never failed. The table is printed and writt
 `<out>/reproduction.md`, with warnings where the environment differs (torch, device, precision,
 memory source, code commit) or a replayed config differs from the saved one.
 
-Exit status: 0 when every deterministic figure matches, 1 when one differs or a job has no record
-in the reproduction (each named in the report), 2 when SWEEP_DIR holds no Hydra job folders.
+Jobs are paired by config, never by position (job numbers follow the order of a sweep's
+overrides): a replayed job by the folder it replays, otherwise by the config hash stored in the
+records (`memexp.resume.config_hash`). A damaged record or a folder without its saved config is
+named ("cannot be replayed"), never dropped. `--compare-with` only prints: it writes nothing into
+either folder.
+
+Exit status: 0 when every deterministic figure matches; 1 when one differs or a job has no record
+in the reproduction (each named in the report); 2 when input cannot be read (no job folders, a
+damaged record, a job that cannot be replayed, a missing --compare-with folder).
 """
 
 from __future__ import annotations
@@ -45,13 +52,23 @@ from memexp.results import (
     SOURCE_FAKE_TENSORS,
     SOURCE_TENSOR_TRACKER,
     STATUS_OK,
+    DamagedRecord,
     RunResult,
     read_result,
 )
-from memexp.sweepdir import HYDRA_DIR, JOB_CONFIG, JOB_HYDRA, RESULT_FILE, read_sweep_overrides
+from memexp.resume import recorded_hash
+from memexp.sweepdir import (
+    HYDRA_DIR,
+    JOB_CONFIG,
+    JOB_HYDRA,
+    RESULT_FILE,
+    job_order,
+    read_sweep_overrides,
+)
 from memexp.text import markdown_table
 
 REPORT_FILE = "reproduction.md"
+UNREADABLE_EXIT_CODE = 2  # input that cannot be read (a figure that differs is 1)
 REPLAY_DIR = ".replay"  # inside the new sweep folder: the generated experiment configs
 REPLAY_GROUP = "replay"
 
@@ -99,54 +116,98 @@ _PLAIN_OVERRIDE_VALUE = re.compile(r"[\w/.\-:~+@]+")
 
 @dataclass(frozen=True)
 class SavedJob:
-    """One job folder of a sweep, as Hydra and the runner left it."""
+    """One job folder of a sweep, as Hydra and the runner left it.
+
+    `problem` says what could not be read: a damaged record (then `record` is None), or a
+    missing or unreadable `.hydra/` (then `config` is None and the job cannot be replayed).
+    """
 
     num: int
     folder: Path
-    config: DictConfig  # .hydra/config.yaml: the composed task config
+    config: DictConfig | None  # .hydra/config.yaml: the composed task config
     choices: dict[str, str]  # config-group choices of the task config (hydra's own left out)
     overrides: list[str]
     launcher: str  # the hydra/launcher choice
     launcher_target: str
     launcher_overrides: list[str]  # hydra.launcher.* settings given on the command line
     record: RunResult | None
+    problem: str | None = None
+
+    @property
+    def config_hash(self) -> str | None:
+        """What identifies the job: the hash of its resolved config, stored in its record."""
+        return recorded_hash(self.record) if self.record is not None else None
+
+
+def _read_record(folder: Path) -> tuple[RunResult | None, str | None]:
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        return read_result(path), None
+    except DamagedRecord as damaged:
+        return None, str(damaged)
+
+
+def read_saved_job(folder: Path) -> SavedJob:
+    """One job folder; what cannot be read is said in `problem`, never raised."""
+    record, problem = _read_record(folder)
+    try:
+        hydra = OmegaConf.load(folder / JOB_HYDRA).hydra
+        config = OmegaConf.load(folder / JOB_CONFIG)
+        choices = OmegaConf.to_container(hydra.runtime.choices)
+        launcher, launcher_target = choices["hydra/launcher"], hydra.launcher._target_
+        num, overrides = int(hydra.job.num), list(hydra.overrides.task)
+        launcher_overrides = [o for o in hydra.overrides.hydra if o.startswith("hydra.launcher.")]
+    except Exception as error:  # missing, truncated or foreign .hydra/: say so, never drop the job
+        reason = (
+            f"cannot be replayed: no readable {JOB_HYDRA} and {JOB_CONFIG} ({type(error).__name__})"
+        )
+        fallback = record.job_num if record is not None and record.job_num is not None else None
+        return SavedJob(
+            num=fallback if fallback is not None else job_order(folder)[0],
+            folder=folder,
+            config=None,
+            choices={},
+            overrides=list(record.overrides) if record is not None else [],
+            launcher="",
+            launcher_target="",
+            launcher_overrides=[],
+            record=record,
+            problem="; ".join(filter(None, [problem, reason])),
+        )
+    return SavedJob(
+        num=num,
+        folder=folder,
+        config=config,
+        choices={
+            group: choice
+            for group, choice in choices.items()  # type: ignore[union-attr]
+            if choice is not None and not group.startswith("hydra/")
+        },
+        overrides=overrides,
+        launcher=launcher,
+        launcher_target=launcher_target,
+        launcher_overrides=launcher_overrides,
+        record=record,
+        problem=problem,
+    )
 
 
 def read_saved_jobs(sweep_dir: Path) -> list[SavedJob]:
-    """Every job folder of `sweep_dir` that Hydra set up, in job order, with its record if any."""
-    jobs = []
-    for hydra_yaml in Path(sweep_dir).glob(f"*/{JOB_HYDRA}"):
-        folder = hydra_yaml.parent.parent
-        hydra = OmegaConf.load(hydra_yaml).hydra
-        choices = OmegaConf.to_container(hydra.runtime.choices)
-        record_path = folder / RESULT_FILE
-        jobs.append(
-            SavedJob(
-                num=int(hydra.job.num),
-                folder=folder,
-                config=OmegaConf.load(folder / JOB_CONFIG),
-                choices={
-                    group: choice
-                    for group, choice in choices.items()
-                    if choice is not None and not group.startswith("hydra/")
-                },
-                overrides=list(hydra.overrides.task),
-                launcher=choices["hydra/launcher"],
-                launcher_target=hydra.launcher._target_,
-                launcher_overrides=[
-                    o for o in hydra.overrides.hydra if o.startswith("hydra.launcher.")
-                ],
-                record=read_result(record_path) if record_path.is_file() else None,
-            )
-        )
-    return sorted(jobs, key=lambda job: job.num)
+    """Every job folder of `sweep_dir` (it holds `.hydra/` or a record), in folder order."""
+    folders = {path.parent for path in Path(sweep_dir).glob(f"*/{HYDRA_DIR}")}
+    folders |= {path.parent for path in Path(sweep_dir).glob(f"*/{RESULT_FILE}")}
+    return [read_saved_job(folder) for folder in sorted(folders, key=job_order)]
 
 
 # --- replay --------------------------------------------------------------------------------------
 
 
 def replay_name(job: SavedJob) -> str:
-    return f"job_{job.num}"
+    """Named after the job's folder, which is unique where job numbers may not be (a resumed
+    sweep moves a record of another config to a new folder with its old number)."""
+    return f"job_{job.folder.name}"
 
 
 def replay_config(job: SavedJob, sweep_dir: Path) -> str:
@@ -260,6 +321,7 @@ class JobComparison:
     config_changes: list[str] = field(default_factory=list)
     step_ratio: float | None = None  # reproduction median / original median
     step_spread: tuple[float, float] | None = None  # original min / median, max / median
+    unreadable: list[str] = field(default_factory=list)  # input that could not be read
 
 
 def _config_values(config: DictConfig) -> dict[str, Any]:
@@ -314,21 +376,45 @@ def compare_records(comparison: JobComparison, original: RunResult, reproduced: 
         )
 
 
-def compare_job(original: SavedJob, reproduced: SavedJob | None) -> JobComparison:
+def compare_job(original: SavedJob, reproduced: SavedJob | None, replayed: bool) -> JobComparison:
+    """One original job against its partner (the same config), or why it could not be compared."""
     if original.record is None:
         comparison = JobComparison(original.num, original.overrides, "no record")
-        comparison.reported.append(f"the original has no {RESULT_FILE}: nothing to compare")
+        if original.problem:
+            comparison.status = "unreadable"
+            comparison.unreadable.append(original.problem)
+        else:
+            comparison.reported.append(f"the original has no {RESULT_FILE}: nothing to compare")
         return comparison
     # The record's overrides are those it was measured with; a resumed sweep's .hydra files
     # describe the last command that passed through the folder.
     comparison = JobComparison(original.num, original.record.overrides, original.record.status)
-    if reproduced is None or reproduced.record is None:
+    if replayed and original.config is None:
+        comparison.unreadable.append(original.problem or "cannot be replayed")
+    elif reproduced is not None and reproduced.record is None and reproduced.problem:
+        comparison.unreadable.append(f"the reproduction's {reproduced.problem}")
+    elif reproduced is None or reproduced.record is None:
         comparison.differences.append(f"the reproduction has no {RESULT_FILE} for this job")
+    if reproduced is None or reproduced.record is None:
         return comparison
     comparison.status = f"{original.record.status} / {reproduced.record.status}"
-    comparison.config_changes = config_changes(original.config, reproduced.config)
+    if original.config is not None and reproduced.config is not None:
+        comparison.config_changes = config_changes(original.config, reproduced.config)
     compare_records(comparison, original.record, reproduced.record)
     return comparison
+
+
+def partner_of(original: SavedJob, reproduced: Sequence[SavedJob]) -> SavedJob | None:
+    """The reproduced job of the same config: its replay of this folder, else the same hash.
+
+    Never by position: job numbers follow the order of a sweep's overrides.
+    """
+    for job in reproduced:
+        if job.choices.get(REPLAY_GROUP) == replay_name(original):
+            return job
+    if original.config_hash is None:
+        return None
+    return next((job for job in reproduced if job.config_hash == original.config_hash), None)
 
 
 def environment_warnings(original: Sequence[SavedJob], reproduced: Sequence[SavedJob]) -> list[str]:
@@ -356,26 +442,43 @@ class Comparison:
     command: str | None = None
     command_exit: int | None = None
 
+    unpaired: list[str] = field(default_factory=list)  # reproduced jobs that could not be read
+
+    @staticmethod
+    def _label(job: JobComparison) -> str:
+        return f"job {job.num} ({' '.join(job.overrides) or 'no overrides'})"
+
     @property
     def differences(self) -> list[str]:
+        return [f"{self._label(job)}: {d}" for job in self.jobs for d in job.differences]
+
+    @property
+    def unreadable(self) -> list[str]:
+        """Input the comparison could not read: a damaged record, a folder without its config."""
         return [
-            f"job {job.num} ({' '.join(job.overrides) or 'no overrides'}): {difference}"
-            for job in self.jobs
-            for difference in job.differences
+            *(f"{self._label(job)}: {u}" for job in self.jobs for u in job.unreadable),
+            *self.unpaired,
         ]
 
 
-def compare_sweeps(original_dir: Path, reproduced_dir: Path) -> Comparison:
+def compare_sweeps(original_dir: Path, reproduced_dir: Path, replayed: bool = False) -> Comparison:
+    """Pair every original job with the reproduced job of the same config and compare them."""
     original = read_saved_jobs(original_dir)
     reproduced = read_saved_jobs(reproduced_dir)
-    by_num = {job.num: job for job in reproduced}
-    first = original[0] if original else None
+    partners = {job.folder: partner_of(job, reproduced) for job in original}
+    paired = {partner.folder for partner in partners.values() if partner is not None}
+    first = next((job for job in original if job.config is not None), None)
     return Comparison(
         original_dir=Path(original_dir),
         reproduced_dir=Path(reproduced_dir),
-        jobs=[compare_job(job, by_num.get(job.num)) for job in original],
+        jobs=[compare_job(job, partners[job.folder], replayed) for job in original],
         environment=environment_warnings(original, reproduced),
         launcher=f"{first.launcher} ({first.launcher_target})" if first else "unknown",
+        unpaired=[
+            f"reproduction {job.folder.name}: {job.problem}"
+            for job in reproduced
+            if job.problem and job.folder not in paired
+        ],
     )
 
 
@@ -397,12 +500,17 @@ def _figures_cell(job: JobComparison) -> str:
 
 
 def render(comparison: Comparison) -> str:
-    differences = comparison.differences
+    differences, unreadable = comparison.differences, comparison.unreadable
     checked = sum(job.checked for job in comparison.jobs)
-    verdict = (
-        f"**{len(differences)} deterministic difference(s)**: listed under Differences."
-        if differences
-        else f"**Every deterministic figure matches** ({checked} figures over "
+    verdicts = []
+    if differences:
+        verdicts.append(
+            f"**{len(differences)} deterministic difference(s)**: listed under Differences."
+        )
+    if unreadable:
+        verdicts.append(f"**{len(unreadable)} job(s) could not be read**: listed under Unreadable.")
+    verdict = " ".join(verdicts) or (
+        f"**Every deterministic figure matches** ({checked} figures over "
         f"{len(comparison.jobs)} job(s))."
     )
     lines = [
@@ -438,6 +546,8 @@ def render(comparison: Comparison) -> str:
     lines += ["", "## Jobs", "", markdown_table(headers, rows)]
     if differences:
         lines += ["", "## Differences", "", *(f"- {d}" for d in differences)]
+    if unreadable:
+        lines += ["", "## Unreadable", "", *(f"- {u}" for u in unreadable)]
     notes = [
         f"job {job.num}: {note}"
         for job in comparison.jobs
@@ -461,13 +571,19 @@ def render(comparison: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(comparison: Comparison) -> int:
-    """Print the comparison, write reproduction.md next to the reproduced jobs, return the exit code."""
+def report(comparison: Comparison, report_file: Path | None) -> int:
+    """Print the comparison (and write it to `report_file`), return the exit code: 2 when some
+    input could not be read, else 1 when a deterministic figure differs, else 0."""
     text = render(comparison)
     print(text, flush=True)
-    (comparison.reproduced_dir / REPORT_FILE).write_text(text)
+    if report_file is not None:
+        report_file.write_text(text)
+    for problem in comparison.unreadable:
+        print(f"[memexp] unreadable: {problem}", file=sys.stderr)
     for difference in comparison.differences:
         print(f"[memexp] not reproduced: {difference}", file=sys.stderr)
+    if comparison.unreadable:
+        return UNREADABLE_EXIT_CODE
     return 1 if comparison.differences else 0
 
 
@@ -494,18 +610,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir = args.sweep_dir.resolve()
     jobs = read_saved_jobs(sweep_dir)
     if not jobs:
-        print(f"[memexp] no Hydra job folders (*/{HYDRA_DIR}/hydra.yaml) in {sweep_dir}")
-        return 2
+        print(f"[memexp] no job folders (*/{HYDRA_DIR}/ or */{RESULT_FILE}) in {sweep_dir}")
+        return UNREADABLE_EXIT_CODE
     if args.compare_with is not None:
-        return report(compare_sweeps(sweep_dir, args.compare_with.resolve()))
+        other = args.compare_with.resolve()
+        if not other.is_dir():
+            print(f"[memexp] --compare-with {other}: no such folder")
+            return UNREADABLE_EXIT_CODE
+        return report(compare_sweeps(sweep_dir, other), report_file=None)
+    replayable = [job for job in jobs if job.config is not None]
+    if not replayable:
+        print(f"[memexp] no job of {sweep_dir} can be replayed (none has its {HYDRA_DIR}/)")
+        return UNREADABLE_EXIT_CODE
     out_dir = (args.out or default_out_dir(sweep_dir)).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         print(f"[memexp] {out_dir} is not empty; choose another --out")
-        return 2
-    command, command_exit = replay(jobs, sweep_dir, out_dir, args.launcher)
-    comparison = compare_sweeps(sweep_dir, out_dir)
+        return UNREADABLE_EXIT_CODE
+    command, command_exit = replay(replayable, sweep_dir, out_dir, args.launcher)
+    comparison = compare_sweeps(sweep_dir, out_dir, replayed=True)
     comparison.command, comparison.command_exit = command, command_exit
-    return report(comparison)
+    return report(comparison, report_file=out_dir / REPORT_FILE)
 
 
 if __name__ == "__main__":

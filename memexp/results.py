@@ -25,11 +25,32 @@ STATUS_ERROR = "error"
 STATUS_OOM = "oom"
 STATUS_INFEASIBLE = "infeasible"
 STATUS_NOT_APPLICABLE = "not_applicable"
-STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_OOM, STATUS_INFEASIBLE, STATUS_NOT_APPLICABLE)
+# Stopped by Ctrl-C (SIGINT) or SIGTERM before it finished: `resume` measures it again.
+STATUS_INTERRUPTED = "interrupted"
+STATUSES = (
+    STATUS_OK,
+    STATUS_ERROR,
+    STATUS_OOM,
+    STATUS_INFEASIBLE,
+    STATUS_NOT_APPLICABLE,
+    STATUS_INTERRUPTED,
+)
+DAMAGED_SUFFIX = "damaged"
 
 
 class InfeasibleError(Exception):
     """The job cannot fit its memory budget: recorded as status `infeasible`, an answer."""
+
+
+class DamagedRecord(ValueError):
+    """A `result.json` that cannot be read as a record (truncated, not JSON, not a record).
+
+    A ValueError that names the file, so every reader can report it and go on to the next one.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path} is not a readable record ({reason})")
 
 
 class NotApplicableError(Exception):
@@ -141,12 +162,22 @@ class RunResult:
         return result
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a reader sees all or nothing."""
+    """Write to a temporary file in the same folder, fsync, then rename: a reader sees all or nothing.
+
+    The file gets the mode any other output gets (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")
@@ -165,7 +196,27 @@ def write_result(job_dir: Path, result: RunResult) -> Path:
 
 
 def read_result(path: Path) -> RunResult:
+    """The record at `path` (a file, or a job folder); DamagedRecord when it cannot be one."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULT_FILE
-    return RunResult.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedRecord(path, f"{type(error).__name__}: {error}") from error
+    if not isinstance(data, dict) or data.get("status") not in STATUSES:
+        raise DamagedRecord(path, "no known `status`")
+    try:
+        return RunResult.from_dict(data)
+    except (TypeError, AttributeError) as error:
+        raise DamagedRecord(path, str(error)) from error
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Rename a damaged record to `result.damaged-<n>.json` beside it (kept for a person to read),
+    so that the job's folder reads as unmeasured; returns the new path."""
+    path = Path(path)
+    index = 1
+    while (kept := path.with_name(f"{path.stem}.{DAMAGED_SUFFIX}-{index}{path.suffix}")).exists():
+        index += 1
+    return path.rename(kept)

@@ -3,8 +3,8 @@
     python -m memexp -m model=tiny strategy=none,full,sqrt resume=outputs/multirun/<day>/<time>_<tag>
 
 `resume=DIR` makes DIR the sweep folder (`hydra.sweep.dir`, or `hydra.run.dir` for a single run;
-see `memexp/conf/config.yaml`). Each job then looks at its own folder: an `ok` record made with the same
-config means the job is done and is skipped; anything else is measured again, and the end-of-sweep
+see `memexp/conf/config.yaml`). A job whose config has an `ok` record anywhere in the sweep is skipped;
+anything else (missing, failed, interrupted, damaged) is measured again, and the end-of-sweep
 callback aggregates every record on disk, old and new.
 
 "The same config" is a hash of the job's resolved config, stored in the record, because job
@@ -13,9 +13,11 @@ order holds another job. The hash leaves out `resume` and `logger` (they change 
 not what is measured) and replaces `device.type: auto` by the device it means on this machine, so
 a CPU sweep resumed on a GPU machine is measured again rather than mixed.
 
-Nothing measured is overwritten: a record about to be replaced (failed, or made with another
-config) is kept beside it as `result.previous-<n>.json`, and a folder that already holds records is
-refused unless `resume` names it.
+Nothing measured is lost: a failed record of the same config is kept beside the new one as
+`result.previous-<n>.json`; a record of another config in the folder a job now runs in moves,
+with the `.hydra/` it was made with (copied before any job starts, since Hydra rewrites it) and
+its timeline, to a new numbered folder; a damaged record is kept as `result.damaged-<n>.json`. A
+folder that already holds records is refused unless `resume` names it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from memexp.config import ConfigError, resolve_device
-from memexp.results import STATUS_OK, RunResult, read_result, write_json_atomic
-from memexp.sweepdir import RESULT_FILE, read_sweep_overrides
+from memexp.results import (
+    STATUS_OK,
+    DamagedRecord,
+    RunResult,
+    read_result,
+    set_aside_damaged,
+    write_json_atomic,
+)
+from memexp.sweepdir import (
+    HYDRA_DIR,
+    RECORD_FILE_PATTERNS,
+    RECORD_HYDRA_DIR,
+    RESULT_FILE,
+    job_folders,
+    new_job_folder,
+    read_sweep_overrides,
+    result_files_in,
+)
 
 # Where the hash lives in a record (`RunResult.extra`), and what it leaves out.
 CONFIG_HASH_KEY = "config_hash"
@@ -70,15 +90,109 @@ def recorded_hash(record: RunResult) -> str | None:
     return record.extra.get(CONFIG_HASH_KEY)
 
 
-def already_measured(cfg: DictConfig, job_dir: Path) -> bool:
-    """True (and says so) when resuming and `job_dir` holds an `ok` record of this very config."""
+def _hash_or_none(cfg: DictConfig) -> str | None:
+    """The config's hash; None when it cannot be resolved (the job records that error itself)."""
+    try:
+        return config_hash(cfg)
+    except Exception:  # any resolution failure: an interpolation, a resolver, a missing value
+        return None
+
+
+def read_own_record(job_dir: Path) -> RunResult | None:
+    """The record in `job_dir`; a damaged one is named, set aside and counts as none."""
     path = Path(job_dir) / RESULT_FILE
-    if cfg.get("resume") is None or not path.is_file():
+    if not path.is_file():
+        return None
+    try:
+        return read_result(path)
+    except DamagedRecord as damaged:
+        kept = set_aside_damaged(path)
+        print(f"[memexp] {damaged}; kept as {kept.name}, the job runs again", flush=True)
+        return None
+
+
+def ok_record_of(digest: str, sweep_dir: Path) -> Path | None:
+    """Where `sweep_dir` holds an `ok` record of the config hashed `digest` (damaged ones are
+    skipped: the job whose folder holds one reports it)."""
+    candidates = [Path(sweep_dir) / RESULT_FILE, *result_files_in(sweep_dir)]
+    for path in candidates:
+        with contextlib.suppress(DamagedRecord, OSError):
+            record = read_result(path)
+            if record.status == STATUS_OK and recorded_hash(record) == digest:
+                return path
+    return None
+
+
+def snapshot_job_configs(sweep_dir: Path) -> None:
+    """Before any job of a resumed sweep starts: copy each job folder's `.hydra/` beside its record.
+
+    Hydra rewrites `.hydra/` with the new job's config before memexp runs; the copy is what a
+    record of another config is moved away with. An existing copy (from a resume that stopped
+    before its job ran) is the older, right one and stays.
+    """
+    for folder in job_folders(sweep_dir):
+        snapshot = folder / RECORD_HYDRA_DIR
+        if (folder / RESULT_FILE).is_file() and not snapshot.exists():
+            shutil.copytree(folder / HYDRA_DIR, snapshot)
+
+
+def drop_snapshots(sweep_dir: Path) -> None:
+    """After a resumed sweep: the copies left are of folders no job ran in, whose `.hydra/` is
+    still the record's own."""
+    for snapshot in Path(sweep_dir).glob(f"*/{RECORD_HYDRA_DIR}"):
+        shutil.rmtree(snapshot)
+
+
+def _restore_snapshot(job_dir: Path) -> None:
+    """Put the record's own `.hydra/` back: the folder is again exactly as the record left it."""
+    snapshot = job_dir / RECORD_HYDRA_DIR
+    if snapshot.is_dir():
+        shutil.rmtree(job_dir / HYDRA_DIR)
+        snapshot.rename(job_dir / HYDRA_DIR)
+
+
+def _move_records(job_dir: Path, sweep_dir: Path) -> Path:
+    """Move the records of another config, their timelines and their `.hydra/` to a new job folder."""
+    target = new_job_folder(sweep_dir)
+    for pattern in RECORD_FILE_PATTERNS:
+        for path in job_dir.glob(pattern):
+            path.rename(target / path.name)
+    snapshot = job_dir / RECORD_HYDRA_DIR
+    if snapshot.is_dir():
+        snapshot.rename(target / HYDRA_DIR)
+    print(
+        f"[memexp] {job_dir} held a record of another config: moved with its config to {target}",
+        flush=True,
+    )
+    return target
+
+
+def already_measured(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None = None) -> bool:
+    """True (and says so) when resuming and the sweep holds an `ok` record of this very config.
+
+    Jobs are matched by config, never by folder: an `ok` record of the config anywhere in
+    `sweep_dir` (default: `job_dir`, a single run) means the job is done. A record of another
+    config in `job_dir` is never lost: when this job is skipped the folder is put back as it
+    was; when this job runs, the record moves to a new job folder with its own `.hydra/`.
+    """
+    if cfg.get("resume") is None:
         return False
-    record = read_result(path)
-    if record.status != STATUS_OK or recorded_hash(record) != config_hash(cfg):
+    job_dir = Path(job_dir)
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else job_dir
+    own = read_own_record(job_dir)
+    digest = _hash_or_none(cfg)
+    measured = ok_record_of(digest, sweep_dir) if digest is not None else None
+    # A config that does not resolve has no hash; its own earlier record has none either.
+    another_config = own is not None and recorded_hash(own) != digest
+    if another_config and measured is not None:
+        _restore_snapshot(job_dir)
+    elif another_config and sweep_dir != job_dir:
+        _move_records(job_dir, sweep_dir)
+    else:  # a single run's own older record is kept beside the new one (keep_previous_record)
+        shutil.rmtree(job_dir / RECORD_HYDRA_DIR, ignore_errors=True)
+    if measured is None:
         return False
-    print(f"[memexp] already measured with this config: {path} (kept, job skipped)", flush=True)
+    print(f"[memexp] already measured with this config: {measured} (kept, job skipped)", flush=True)
     return True
 
 
@@ -90,9 +204,10 @@ def keep_previous_record(job_dir: Path) -> Path | None:
     """Move a record this job is about to replace (and its timeline) aside; returns where it went.
 
     The kept record is rewritten only to point at its kept timeline; every figure stays as it was.
+    A damaged record is set aside as `result.damaged-<n>.json` instead.
     """
     record_path = Path(job_dir) / RESULT_FILE
-    if not record_path.is_file():
+    if read_own_record(job_dir) is None:
         return None
     index = 1
     while _previous_name(record_path, index).exists():
@@ -135,6 +250,18 @@ def check_folder(folder: Path, resume: str | None, multirun: bool) -> None:
         )
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, in one line naming it, a folder this process cannot create or write into."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            key, str(folder), f"a folder this process can write ({error.strerror or error})"
+        ) from error
+
+
 def _without_resume(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
 
@@ -147,13 +274,14 @@ def describe_override_change(sweep_dir: Path, overrides: list[str]) -> str | Non
     return (
         f"[memexp] warning: the sweep in {sweep_dir} was made with overrides "
         f"{' '.join(_without_resume(before[0]))!r}, now {' '.join(_without_resume(overrides))!r}; "
-        "jobs are matched by config, so a job whose folder holds another config is measured again"
+        "jobs are matched by config: one measured ok anywhere in the sweep is skipped"
     )
 
 
 def _stop_on_refusal(folder: Path, resume: str | None, multirun: bool) -> None:
     try:
         check_folder(folder, resume, multirun)
+        check_writable(folder, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     except ConfigError as error:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway;
         # SystemExit is what stops it before the first job.
@@ -168,9 +296,14 @@ class SweepFolderGuard(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         _stop_on_refusal(sweep_dir, config.get("resume"), multirun=True)
         if config.get("resume") is not None:
-            warning = describe_override_change(sweep_dir, list(config.hydra.overrides.task))
+            snapshot_job_configs(sweep_dir)
+            overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+            warning = describe_override_change(sweep_dir, list(overrides))  # type: ignore[arg-type]
             if warning:
                 print(warning, flush=True)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _stop_on_refusal(Path(config.hydra.run.dir), config.get("resume"), multirun=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        drop_snapshots(Path(config.hydra.sweep.dir))

@@ -25,6 +25,7 @@ from memexp.configure import validate
 from memexp.devices import Figures, backend_for, release_memory
 from memexp.environment import describe_environment
 from memexp.estimate import at_chosen_batch, choose_batch
+from memexp.interrupts import describe_interrupt
 from memexp.plan import CheckpointPlan
 from memexp.record import (
     describe_job,
@@ -39,6 +40,7 @@ from memexp.record import (
 from memexp.results import (
     STATUS_ERROR,
     STATUS_INFEASIBLE,
+    STATUS_INTERRUPTED,
     STATUS_NOT_APPLICABLE,
     STATUS_OK,
     STATUS_OOM,
@@ -117,6 +119,9 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
     except Exception as error:
         result.message, result.error_type = str(error) or repr(error), type(error).__name__
         result.extra["traceback"] = traceback.format_exc()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: record it, then stop the sweep
+        result.status, result.message = STATUS_INTERRUPTED, describe_interrupt(interrupt)
+        raise
     finally:
         result.finished_at = _now()
         result.duration_s = round(time.monotonic() - started, 3)

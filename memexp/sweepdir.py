@@ -28,6 +28,11 @@ HYDRA_DIR = ".hydra"
 JOB_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
 JOB_CONFIG = Path(HYDRA_DIR) / "config.yaml"
 JOB_HYDRA = Path(HYDRA_DIR) / "hydra.yaml"
+# On resume, a copy of `.hydra/` taken before any job starts: Hydra rewrites `.hydra/` for the new
+# job before memexp sees it, and a record of another config must keep the config it was made with.
+RECORD_HYDRA_DIR = ".hydra.of-record"
+# A job folder's record files: the record, kept older records and their timelines.
+RECORD_FILE_PATTERNS = ("result*.json", "timeline*.json")
 
 
 def job_order(folder: Path) -> tuple[int, str]:
@@ -72,6 +77,20 @@ def job_folders(sweep_dir: Path) -> list[Path]:
     """Every job folder Hydra set up under `sweep_dir` (it holds `.hydra/`), in job order."""
     folders = {path.parent for path in Path(sweep_dir).glob(f"*/{HYDRA_DIR}") if path.is_dir()}
     return sorted(folders, key=job_order)
+
+
+def new_job_folder(sweep_dir: Path) -> Path:
+    """Create and return a numbered job folder after every existing one (safe against a
+    concurrent job doing the same: the folder is created, never reused)."""
+    numbers = [int(p.name) for p in Path(sweep_dir).iterdir() if p.name.isdigit()]
+    number = max(numbers, default=-1) + 1
+    while True:
+        folder = Path(sweep_dir) / str(number)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
 
 
 def read_job_overrides(job_dir: Path) -> list[str] | None:

@@ -15,9 +15,11 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memexp.config import LoggerConfig, WandbMode
 from memexp.results import STATUS_ERROR, RunResult
 from memexp.sweepdir import TIMELINE_FILE
 from memexp.text import to_mib
@@ -50,6 +52,14 @@ _ENV_OVERRIDES = {
     "dir": "WANDB_DIR",
 }
 _CONFIG_DEFAULTS = {"mode": "offline", "project": DEFAULT_PROJECT, "entity": None, "dir": None}
+DEFAULT_INIT_TIMEOUT_S = LoggerConfig.init_timeout_s
+# Once W&B could not start a run (no network: after init_timeout_s), this process stops trying:
+# one warning, not one stall per job.
+_GAVE_UP: dict[str, str | None] = {"reason": None}  # why, once it gave up
+
+
+class NoCredentials(RuntimeError):
+    """Online mode without an API key: W&B would ask at the terminal and wait forever."""
 
 
 def sweep_group(sweep_dir: Path) -> str:
@@ -186,7 +196,17 @@ def _tags(logger_cfg: Mapping[str, Any], *names: str | None) -> list[str]:
 
 def _setting(logger_cfg: Mapping[str, Any], key: str) -> Any:
     """A W&B setting: the environment variable if set, else the logger config, else the default."""
-    return os.environ.get(_ENV_OVERRIDES[key]) or logger_cfg.get(key, _CONFIG_DEFAULTS[key])
+    value = os.environ.get(_ENV_OVERRIDES[key]) or logger_cfg.get(key, _CONFIG_DEFAULTS[key])
+    return value.value if isinstance(value, Enum) else value
+
+
+def _require_credentials(wandb_module: Any) -> None:
+    """Never prompt: an online run needs a key found without asking (env, netrc, settings)."""
+    if not wandb_module.login(prompt=False, verify=False):
+        raise NoCredentials(
+            "logger.mode=online needs an API key (WANDB_API_KEY or `wandb login`); "
+            "or use logger.mode=offline"
+        )
 
 
 def _log_run(
@@ -201,7 +221,7 @@ def _log_run(
     every run leaves no W&B service process competing for the CPU while the next job is timed.
     Anything W&B raises becomes one warning line.
     """
-    if logger_cfg.get("name") != "wandb":
+    if logger_cfg.get("name") != "wandb" or _GAVE_UP["reason"]:
         return
     what = f"{init_kwargs['job_type']} run {init_kwargs['name']!r}"
     try:
@@ -210,29 +230,38 @@ def _log_run(
         try:
             wandb_dir = Path(_setting(logger_cfg, "dir") or default_dir)
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(
-                project=_setting(logger_cfg, "project"),
-                entity=_setting(logger_cfg, "entity"),
-                mode=_setting(logger_cfg, "mode"),
-                dir=str(wandb_dir),
-                reinit="create_new",
-                settings=wandb.Settings(silent=True, console="off"),
-                **init_kwargs,
-            )
+            mode = _setting(logger_cfg, "mode")
+            if mode == WandbMode.online.value:
+                _require_credentials(wandb)
+            timeout = float(logger_cfg.get("init_timeout_s") or DEFAULT_INIT_TIMEOUT_S)
+            try:
+                run = wandb.init(
+                    project=_setting(logger_cfg, "project"),
+                    entity=_setting(logger_cfg, "entity"),
+                    mode=mode,
+                    dir=str(wandb_dir),
+                    reinit="create_new",
+                    settings=wandb.Settings(silent=True, console="off", init_timeout=timeout),
+                    **init_kwargs,
+                )
+            except Exception as error:  # no network, a refused key: every job would stall the same
+                _GAVE_UP["reason"] = f"could not start a run within {timeout:g} s: {error}"
+                raise
             exit_code = 1
             try:
                 exit_code = write(run)
             finally:
                 run.finish(exit_code=exit_code)
-            if run.settings.mode == "offline":
+            if run.settings.mode == WandbMode.offline.value:
                 LOG.info("W&B %s saved offline: wandb sync %s", what, run.settings.sync_dir)
         finally:
             wandb.teardown()
     except Exception as exc:
         reason = next(iter(str(exc).strip().splitlines()), "")
         LOG.warning(
-            "W&B logging skipped for %s (local results are kept): %s: %s",
+            "W&B logging skipped for %s (local results are kept): %s: %s%s",
             what,
             type(exc).__name__,
             reason,
+            "; W&B is off for the rest of this process" if _GAVE_UP["reason"] else "",
         )

@@ -167,7 +167,8 @@ def test_summarize_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path
     output = summarize_sweep(tmp_path)
     assert len(output.frame) == 1
     notes = "\n".join(output.notes)
-    assert f"could not read {tmp_path / '1' / 'result.json'}: JSONDecodeError" in notes
+    damaged = tmp_path / "1" / "result.json"
+    assert f"{damaged} is not a readable record (JSONDecodeError" in notes
     assert "job folder 2 has no result.json" in notes and "overrides: strategy=sqrt" in notes
     assert (tmp_path / "summary.md").is_file()
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("text", "sweepdir", "plan", "figures"),  # units, folder layout, plan and figures as data
+    ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
     ("results", "config"),  # the record schema; the structured configs and the validated spec
     ("model", "analytic", "environment", "scaling", "launchers", "resume", "cli_help"),
     ("training",),  # one training step in phases
@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("analysis",),  # table → orders, descriptions and derived tables plots and report share
     ("plots", "report"),  # table → figures; table → summary.md sections
     ("summarize", "wandb_report", "reproduce"),  # draw and write a sweep's outputs; reports
-    ("callbacks",),  # Hydra's end-of-sweep hooks
+    ("callbacks", "job"),  # Hydra's end-of-sweep hooks; one job under its guard
     ("__main__",),  # the entry point
 )
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}

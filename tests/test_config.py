@@ -171,3 +171,27 @@ def test_device_follows_the_request_and_the_machine(
     requested: str, cuda_available: bool, device: str
 ) -> None:
     assert resolve_device(requested, cuda_available) == device
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "value", "known"),
+    [
+        (["+model.hiden=64"], "model.hiden", 64, "name, vocab_size, hidden, layers"),
+        (["strategy=sqrt", "+strategy.segmnts=2"], "strategy.segmnts", 2, "name, segments"),
+        (["+logger.modee=online"], "logger.modee", "online", "name, project, entity, mode"),
+    ],
+)
+def test_a_key_the_schema_lacks_is_refused_naming_the_known_keys(
+    compose_cfg: ComposeFn, overrides: list[str], field: str, value: object, known: str
+) -> None:
+    """`+group.key=...` adds a key nothing reads: a typo would otherwise be silently ignored."""
+    with pytest.raises(ConfigError) as error:
+        validate(compose_cfg("model=tiny", "logger=none", *overrides), cuda_available=False)
+    assert (error.value.field_name, error.value.value) == (field, value)
+    assert known in str(error.value)
+
+
+def test_the_model_schema_is_not_a_model(compose_cfg: ComposeFn) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate(compose_cfg("model=schema", "logger=none"), cuda_available=False)
+    assert (error.value.field_name, error.value.value) == ("model.name", "???")

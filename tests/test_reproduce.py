@@ -83,7 +83,10 @@ def test_a_replayed_job_composes_to_its_saved_config_whatever_the_presets_say(
         GlobalHydra.instance().clear()
 
     assert replayed.model.hidden == 64
-    assert OmegaConf.to_container(replayed) == {**OmegaConf.to_container(config), "resume": None}
+    assert OmegaConf.to_container(replayed, enum_to_str=True) == {
+        **OmegaConf.to_container(config),
+        "resume": None,
+    }
 
 
 def test_the_rerun_keeps_the_original_launcher_and_its_settings(
@@ -113,10 +116,13 @@ def test_the_rerun_keeps_the_original_launcher_and_its_settings(
     assert not any(part.startswith("strategy=") for part in command)  # the sweep is the replay's
 
 
-def test_an_identical_sweep_compares_clean(pair: tuple[Path, Path]) -> None:
+def test_an_identical_sweep_compares_clean(
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     original, rerun = pair
     assert reproduce.main([str(original), "--compare-with", str(rerun)]) == 0
-    report = (rerun / reproduce.REPORT_FILE).read_text()
+    report = capsys.readouterr().out
+    assert not (rerun / reproduce.REPORT_FILE).exists()  # nothing written into the other folder
     assert "Every deterministic figure matches" in report
     assert "ok / ok" in report and "error / error" in report and "oom / oom" in report
 
@@ -133,8 +139,9 @@ def test_a_doctored_figure_in_the_original_fails_and_is_named(
     expected = (
         f"job 0 ({overrides}): saved_activation_bytes: original {saved + 4}, reproduction {saved}"
     )
-    assert expected in capsys.readouterr().err
-    assert expected in (rerun / reproduce.REPORT_FILE).read_text()
+    printed = capsys.readouterr()
+    assert expected in printed.err
+    assert expected in printed.out
 
 
 def test_the_loss_is_compared_within_its_stated_tolerance(tiny_sweep: SweepRun) -> None:
@@ -158,3 +165,56 @@ def test_time_and_environment_are_reported_never_failed(pair: tuple[Path, Path])
     assert not comparison.differences
     assert "10.00×" in text and "(outside)" in text
     assert "warning: torch differs" in text and "reproduction 0.0.1" in text
+
+
+def test_jobs_pair_by_config_whatever_their_folder_numbers(
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rerun's folders 0 and 2 swapped, as a sweep with its overrides in another order."""
+    original, rerun = pair
+    (rerun / "0").rename(rerun / "swap")
+    (rerun / "2").rename(rerun / "0")
+    (rerun / "swap").rename(rerun / "2")
+    assert reproduce.main([str(original), "--compare-with", str(rerun)]) == 0
+    assert "ok / ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("side", ["original", "rerun"])
+def test_a_damaged_record_is_named_and_exits_2(
+    pair: tuple[Path, Path], side: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original, rerun = pair
+    damaged = dict(zip(("original", "rerun"), pair, strict=True))[side] / "1" / RESULT_FILE
+    damaged.write_text('{"status": "ok", "peak_')
+    assert reproduce.main([str(original), "--compare-with", str(rerun)]) == 2
+    printed = capsys.readouterr()
+    assert f"{damaged} is not a readable record" in printed.err
+    assert "could not be read" in printed.out
+
+
+def test_a_folder_without_its_config_is_named_never_dropped(
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    original, rerun = pair
+    shutil.rmtree(original / "1" / ".hydra")
+    shutil.rmtree(rerun / "2" / ".hydra")
+    # compared by their records' config hashes: nothing is lost, nothing is renumbered
+    assert reproduce.main([str(original), "--compare-with", str(rerun)]) == 0
+    jobs = compare_sweeps(original, rerun, replayed=True).jobs
+    assert [job.num for job in jobs] == [0, 1, 2]
+    assert jobs[1].unreadable == [
+        "cannot be replayed: no readable .hydra/hydra.yaml and .hydra/config.yaml "
+        "(FileNotFoundError)"
+    ]
+    assert not jobs[0].unreadable and not jobs[2].unreadable
+
+
+def test_compare_with_a_missing_folder_exits_2_before_any_report(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original, _ = pair
+    assert reproduce.main([str(original), "--compare-with", str(tmp_path / "nowhere")]) == 2
+    assert (
+        capsys.readouterr().out.strip()
+        == f"[memexp] --compare-with {tmp_path / 'nowhere'}: no such folder"
+    )

@@ -6,16 +6,19 @@ and the tests below read it.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -72,6 +75,12 @@ def _child_processes() -> list[str]:
         if int(ppid) == os.getpid() and state != "Z":
             children.append(command)
     return children
+
+
+@pytest.fixture(autouse=True)
+def wandb_not_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test whose W&B failed leaves W&B off for the process; each test starts with it on."""
+    monkeypatch.setitem(wandb_sink._GAVE_UP, "reason", None)
 
 
 def _isolate_wandb(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
@@ -240,10 +249,10 @@ def test_wandb_failure_only_warns(
     with caplog.at_level(logging.WARNING, logger="memexp.wandb_sink"):
         log_job(LOGGER_CFG, {}, result, tmp_path / "0", "g", "job")
         log_aggregate(LOGGER_CFG, tmp_path, "g", tmp_path / "missing.csv", [])
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2
-    assert "RuntimeError: no route to host" in messages[0]
-    assert all("\n" not in m for m in messages)
+    (message,) = [r.getMessage() for r in caplog.records]  # one warning, then W&B stays off
+    assert "RuntimeError: no route to host" in message
+    assert "W&B is off for the rest of this process" in message
+    assert "\n" not in message
 
 
 def test_missing_wandb_package_only_warns(
@@ -297,3 +306,45 @@ def test_report_cli_builds_offline_and_refuses_to_save_without_a_key(
     err = capsys.readouterr().err
     assert "no W&B API key" in err
     assert "Traceback" not in err
+
+
+def test_online_without_a_key_never_prompts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a terminal W&B would ask "Enter your choice:" and wait; memexp asks it never to."""
+    import wandb
+
+    _isolate_wandb(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", lambda **_: pytest.fail("wandb.init called without a key"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # a prompt would read end-of-input
+    with caplog.at_level(logging.WARNING, logger="memexp.wandb_sink"):
+        log_job(LOGGER_CFG, {}, _results(tmp_path)[0], tmp_path / "0", "g", "job")
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "NoCredentials: logger.mode=online needs an API key" in message
+
+
+def test_a_bounded_init_time_is_passed_to_wandb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    _isolate_wandb(monkeypatch, tmp_path)
+    seen: dict[str, Any] = {}
+
+    def init(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise TimeoutError("no network")
+
+    monkeypatch.setattr(wandb, "init", init)
+    log_job({**LOGGER_CFG, "init_timeout_s": 7}, {}, _results(tmp_path)[0], tmp_path, "g", "job")
+    assert seen["settings"].init_timeout == 7
+    assert wandb_sink._GAVE_UP["reason"] == "could not start a run within 7 s: no network"
+
+
+def test_a_logger_mode_that_w_and_b_lacks_is_refused_when_composed(
+    compose_cfg: Callable[..., Any],
+) -> None:
+    with pytest.raises(ConfigCompositionException) as refused:
+        compose_cfg("model=tiny", "logger=wandb", "logger.mode=onlin")
+    assert "expected one of [online, offline, disabled]" in str(refused.value.__cause__)

@@ -1,0 +1,82 @@
+"""One job of a sweep under one guard, from config resolution to the W&B mirror.
+
+Whatever a job meets (a config that does not resolve, a damaged record in its folder, a failing
+W&B mirror, Ctrl-C), it leaves a record and never raises into Hydra, so every launcher goes on
+with the next job and the end-of-sweep table and aggregate are always written. Only an interrupt
+travels on, after its record is written: it is meant to stop the sweep.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from memexp import resume
+from memexp.config import ConfigError
+from memexp.configure import require_values
+from memexp.interrupts import describe_interrupt, stop_on_sigterm
+from memexp.record import describe_outcome, write_identity_from_config
+from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, write_result
+from memexp.runner import run_job
+from memexp.sweepdir import RESULT_FILE
+from memexp.wandb_sink import log_job, sweep_group
+
+
+def record_failure(
+    cfg: DictConfig, job_dir: Path, identity: dict[str, Any], failure: BaseException
+) -> RunResult:
+    """The record of a job that failed before or around `run_job`: what identity can be read."""
+    result = RunResult(status=STATUS_ERROR, job_dir=str(job_dir), **identity)
+    write_identity_from_config(result, cfg)
+    if isinstance(failure, KeyboardInterrupt):
+        result.status, result.message = STATUS_INTERRUPTED, describe_interrupt(failure)
+    else:
+        result.message = str(failure) or repr(failure)
+        result.error_type = type(failure).__name__
+        if not isinstance(failure, ConfigError):  # a config error is its own explanation
+            result.extra["traceback"] = "".join(traceback.format_exception(failure))
+    write_result(job_dir, result)
+    print(describe_outcome(result), flush=True)
+    return result
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config W&B shows: resolved, or as written when it does not resolve."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+    except Exception:  # the record already says why it does not resolve
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
+
+
+def mirror(cfg: DictConfig, result: RunResult, job_dir: Path, group_dir: Path, name: str) -> None:
+    """Copy the record to W&B; any failure is one line, the record on disk is what counts."""
+    try:
+        log_job(cfg.logger, _resolved(cfg), result, job_dir, sweep_group(group_dir), name)
+    except Exception as error:
+        print(f"[memexp] W&B logging skipped ({type(error).__name__}: {error})", flush=True)
+
+
+def run_guarded(
+    cfg: DictConfig, job_dir: Path, identity: dict[str, Any], group_dir: Path
+) -> RunResult | None:
+    """Run one job and mirror it; returns its record, or None when resume skipped it."""
+    stop_on_sigterm()
+    sweep_dir = Path(identity["sweep_dir"]) if identity.get("sweep_dir") else None
+    try:
+        if resume.already_measured(cfg, job_dir, sweep_dir):
+            return None
+        require_values(cfg)  # `model=schema`: the schema, not a preset
+        OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails fails here
+        result = run_job(cfg, job_dir, identity)
+    except Exception as error:  # before run_job's own guard (run_job records everything after)
+        resume.keep_previous_record(job_dir)
+        result = record_failure(cfg, job_dir, identity, error)
+    except KeyboardInterrupt as interrupt:
+        if not (Path(job_dir) / RESULT_FILE).is_file():
+            record_failure(cfg, job_dir, identity, interrupt)
+        raise
+    mirror(cfg, result, job_dir, group_dir, " ".join(identity["overrides"]) or "defaults")
+    return result
