@@ -125,7 +125,7 @@ class FailingBackend:
         return self.backend.theory(spec, plan)
 
 
-def _fail_strategies(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
+def fail_strategies(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
     """Make the named strategies' jobs fail at their first measurement, through the backend
     registry (the seam `memexp.devices` documents); the others run as usual."""
     if not failures:
@@ -151,7 +151,7 @@ def _run_cli(
     """`python -m memexp -m <overrides>` in this process, started in `cwd`."""
     from memexp.__main__ import cli
 
-    _fail_strategies(monkeypatch, failures)
+    fail_strategies(monkeypatch, failures)
     # The sweep's tables and plots have their own tests and take seconds to draw.
     monkeypatch.setattr(callbacks, "aggregate_and_log", lambda config, sweep_dir: None)
     monkeypatch.chdir(cwd)

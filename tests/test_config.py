@@ -11,7 +11,7 @@ from omegaconf.errors import ValidationError
 
 from memexp import CONF_DIR
 from memexp.config import ConfigError, ExperimentSpec, resolve_device
-from memexp.configure import validate
+from memexp.configure import require_values, validate
 from memexp.strategies import STRATEGIES
 
 ComposeFn = Callable[..., DictConfig]
@@ -191,7 +191,8 @@ def test_a_key_the_schema_lacks_is_refused_naming_the_known_keys(
     assert known in str(error.value)
 
 
-def test_the_model_schema_is_not_a_model(compose_cfg: ComposeFn) -> None:
+def test_a_value_left_missing_is_named(compose_cfg: ComposeFn) -> None:
+    """A user's preset that leaves a schema field `???` fails naming it, before anything runs."""
     with pytest.raises(ConfigError) as error:
-        validate(compose_cfg("model=schema", "logger=none"), cuda_available=False)
-    assert (error.value.field_name, error.value.value) == ("model.name", "???")
+        require_values(compose_cfg("model.vocab_size=???", "logger=none"))
+    assert (error.value.field_name, error.value.value) == ("model.vocab_size", "???")

@@ -38,6 +38,7 @@ from memexp.resume import (
     snapshot_job_configs,
 )
 from memexp.sweepdir import HYDRA_DIR, JOB_CONFIG, RESULT_FILE
+from tests.conftest import fail_strategies
 
 DAMAGED = {
     "truncated": '{"status": "ok", "peak_bytes": 12',
@@ -142,10 +143,7 @@ def test_an_interrupt_is_recorded_then_stops_the_sweep(
     interrupt: KeyboardInterrupt,
     cause: str,
 ) -> None:
-    def interrupted(*_: object, **__: object) -> None:
-        raise interrupt
-
-    monkeypatch.setattr(runner, "step_flops", interrupted)
+    fail_strategies(monkeypatch, {"none": interrupt})
     with pytest.raises(KeyboardInterrupt):
         runner.run_job(tiny_cfg("device=cpu"), tmp_path, {})
     record = read_result(tmp_path)
