@@ -186,6 +186,12 @@ def test_a_resumed_record_keeps_every_other_file_in_place(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "0" / RESULT_FILE).read_text())["status"] == STATUS_OK
 
 
+def _take_ctrl_c() -> None:
+    """A process started from a background shell inherits SIGINT ignored, and Python then keeps
+    it ignored: give the sweep the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         command,
@@ -195,6 +201,7 @@ def _start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_take_ctrl_c,
     )
 
 
