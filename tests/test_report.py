@@ -146,6 +146,7 @@ def test_a_difference_within_noise_is_said_so_and_a_busy_machine_is_warned_of(
 ) -> None:
     """The issue's page: same plan, a shorter median inside the baseline's spread, a busy CPU."""
     busy = {"time_threads": 2, "time_cpus": 2, "time_load_before": 3.5, "time_load_after": 4.0}
+    busy |= {"time_stable": False, "time_repeats": 5}
     jobs = [
         ("none", {"step_ms_median": 273.0, "step_ms_min": 100.0, "step_ms_max": 2800.0}),
         ("adaptive", {"step_ms_median": 2736.0, "step_ms_min": 250.0, "step_ms_max": 3000.0}),
@@ -160,6 +161,7 @@ def test_a_difference_within_noise_is_said_so_and_a_busy_machine_is_warned_of(
     adaptive_row = next(line for line in text.splitlines() if line.startswith("| adaptive"))
     assert "| within noise |" in adaptive_row and "902.2" not in adaptive_row
     assert "2,736.0 (250.0\u20133,000.0); busy machine" in adaptive_row
+    assert "(0 of 2 job(s)) or `measure.max_time_s` ran out; 2 intra-op thread(s)" in text
     assert "**Warning: 2 of 2 timed job(s) ran on a busy machine**" in text
     notes = data_notes(load_results([tmp_path]))
     assert sum("was timed on a busy machine" in note for note in notes) == 2
