@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,7 +76,7 @@ class Timings:
     saved_activation_bytes: int
     stable: bool
     machine: MachineLoad
-    samples_ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    samples_ms: dict[str, list[float]]
 
     @property
     def steps(self) -> int:
