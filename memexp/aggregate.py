@@ -26,12 +26,20 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   `peak_saved_pct` = 100 * (baseline peak - peak) / baseline peak, and likewise
   `activation_saved_pct` (from `activations_bytes`) and `saved_activation_saved_pct` (from
   `saved_activation_bytes`); `time_overhead_pct` = 100 * (step - baseline step) / baseline step from
-  `step_ms_median`; `efficiency` = `peak_saved_pct` / `time_overhead_pct`, i.e. % of peak memory
-  saved per % of step time paid. Efficiency is NaN when the overhead is <= 0 (a strategy that costs
-  no time has no finite price), and every relative cell is NaN without a baseline or when the
-  baseline's figure is missing or zero;
+  `step_ms_median`; `time_within_noise`: True when the job's step times (`step_ms_min` to
+  `step_ms_max`) and its baseline's overlap, so their difference is no larger than either job's own
+  spread (False for the baseline job itself and without a baseline); `efficiency` =
+  `peak_saved_pct` / `time_overhead_pct`, i.e. % of peak memory saved per % of step time paid.
+  Efficiency is NaN when the overhead is <= 0 (a strategy that costs no time has no finite price)
+  or within noise (the price is not measured), and every relative cell is NaN without a baseline
+  or when the baseline's figure is missing or zero;
 * `pareto_optimal`: True for ok rows that no other ok row of the same group (within one sweep)
-  beats in both `step_ms_median` and `peak_bytes` (the memory/time frontier); False otherwise.
+  beats in both step time and `peak_bytes` (the memory/time frontier); False otherwise. Step
+  times whose min-max ranges overlap are ties: no row is optimal or beaten on a time difference
+  within noise;
+* `time_machine_busy`: True when the job's steps were timed on a busy machine (`busy_machine`):
+  the larger 1-minute load average (before or after the timed steps) minus the job's own intra-op
+  threads is at least half the CPUs it could use, i.e. other work held cores its threads wanted.
 
 Jobs run with `batch=auto` each run at the largest batch that fits, so strategies of one workload
 land in different groups and find no baseline: their relative columns stay empty (memory saved at
@@ -75,7 +83,10 @@ SAVINGS = {
     "saved_activation_saved_pct": "saved_activation_bytes",
 }
 TIME_COLUMN = "step_ms_median"
+TIME_RANGE = ("step_ms_min", "step_ms_max")
 RELATIVE_COLUMNS = (*SAVINGS, "time_overhead_pct", "efficiency")
+# Load from other work, as a fraction of the job's CPUs, at which its times are marked busy.
+BUSY_LOAD_FRACTION = 0.5
 _INT_FIELDS = [f.name for f in fields(RunResult) if str(f.type).startswith("int")]
 _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", "status"]
 
@@ -192,7 +203,7 @@ def _baselines(frame: pd.DataFrame) -> pd.DataFrame:
     """
     candidates = frame[frame.strategy.eq(BASELINE_STRATEGY) & frame.status.eq(STATUS_OK)]
     chosen = candidates.sort_values("job_num", kind="stable").drop_duplicates(list(COMPARED_KEYS))
-    figures = ["job_num", *SAVINGS.values(), TIME_COLUMN]
+    figures = ["job_num", *SAVINGS.values(), TIME_COLUMN, *TIME_RANGE]
     renamed = chosen[[*COMPARED_KEYS, *figures]].rename(
         columns={c: f"{c}_baseline" for c in figures}
     )
@@ -211,8 +222,14 @@ def add_baseline_columns(frame: pd.DataFrame) -> pd.DataFrame:
         relative[column] = (100.0 * (base - value) / base).where(ok & (base > 0))
     base, value = as_float(merged[f"{TIME_COLUMN}_baseline"]), as_float(merged[TIME_COLUMN])
     overhead = (100.0 * (value - base) / base).where(ok & (base > 0))
+    within = _ranges_overlap(
+        [as_float(merged[c]) for c in TIME_RANGE],
+        [as_float(merged[f"{c}_baseline"]) for c in TIME_RANGE],
+    )
+    within &= overhead.notna() & merged.job_num.ne(merged.job_num_baseline)
     relative["time_overhead_pct"] = overhead
-    relative["efficiency"] = (relative["peak_saved_pct"] / overhead).where(overhead > 0)
+    relative["time_within_noise"] = within
+    relative["efficiency"] = (relative["peak_saved_pct"] / overhead).where((overhead > 0) & ~within)
     merged = merged.rename(
         columns={"job_num_baseline": "baseline_job_num", "sweep_baseline": "baseline_sweep"}
     )
@@ -220,26 +237,57 @@ def add_baseline_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns=dropped).assign(**relative)
 
 
-def _pareto_mask(times: pd.Series, memory: pd.Series) -> pd.Series:
-    """True where no other point is at least as good in both and strictly better in one."""
+def _ranges_overlap(
+    first: Sequence[pd.Series | float], second: Sequence[pd.Series | float]
+) -> pd.Series:
+    """Whether the ranges (low, high) overlap; False where a bound is missing (NaN compares
+    False), so a job without a range is never called within noise."""
+    (low, high), (other_low, other_high) = first, second
+    return pd.Series((low <= other_high) & (other_low <= high), dtype=bool)
+
+
+def _pareto_mask(times: pd.DataFrame, memory: pd.Series) -> pd.Series:
+    """True where no other point is at least as good in both and strictly better in one.
+
+    `times` holds the median and the min-max range: two times whose ranges overlap are a tie,
+    else the medians decide.
+    """
+    median, low, high = (times[c] for c in (TIME_COLUMN, *TIME_RANGE))
 
     def dominated(i: Any) -> bool:
-        no_worse = (times <= times[i]) & (memory <= memory[i])
-        better = (times < times[i]) | (memory < memory[i])
+        tie = _ranges_overlap((low, high), (low[i], high[i]))
+        faster, slower = (median < median[i]) & ~tie, (median > median[i]) & ~tie
+        no_worse = ~slower & (memory <= memory[i])
+        better = faster | (memory < memory[i])
         return bool((no_worse & better).any())
 
-    return pd.Series([not dominated(i) for i in times.index], index=times.index, dtype=bool)
+    return pd.Series([not dominated(i) for i in median.index], index=median.index, dtype=bool)
 
 
 def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
     """`pareto_optimal` per compared group (one workload in one sweep) over (step time, peak
-    memory), ok rows with both figures only."""
+    memory), ok rows with both figures only; overlapping step-time ranges are ties."""
     optimal = pd.Series(False, index=frame.index, dtype=bool)
     measured = frame[frame.status.eq(STATUS_OK)].dropna(subset=["peak_bytes", TIME_COLUMN])
     for _, group in measured.groupby(list(COMPARED_KEYS), dropna=False):
-        mask = _pareto_mask(as_float(group[TIME_COLUMN]), as_float(group.peak_bytes))
+        times = group[[TIME_COLUMN, *TIME_RANGE]].apply(as_float)
+        mask = _pareto_mask(times, as_float(group.peak_bytes))
         optimal[mask.index] = mask
     return frame.assign(pareto_optimal=optimal)
+
+
+def busy_machine(frame: pd.DataFrame) -> pd.Series:
+    """Rows timed on a busy machine: the larger load average around the timed steps, less the
+    job's own intra-op threads, is at least `BUSY_LOAD_FRACTION` of the CPUs it could use."""
+    load = pd.concat(
+        [as_float(frame.time_load_before), as_float(frame.time_load_after)], axis=1
+    ).max(axis=1, skipna=True)
+    others = load - as_float(frame.time_threads)
+    return pd.Series(others >= BUSY_LOAD_FRACTION * as_float(frame.time_cpus), dtype=bool)
+
+
+def add_busy_column(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(time_machine_busy=busy_machine(frame))
 
 
 def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
@@ -250,7 +298,7 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
 def build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The full table from flattened records: labels, MiB, baseline-relative and Pareto columns."""
     frame = add_labels(add_mib_columns(_records_frame(rows)))
-    return _ordered(add_pareto_column(add_baseline_columns(frame)))
+    return _ordered(add_busy_column(add_pareto_column(add_baseline_columns(frame))))
 
 
 def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -361,7 +409,21 @@ def data_notes(frame: pd.DataFrame) -> list[str]:
     """What a reader must know about the table before trusting a relative number or a plot."""
     if frame.empty:
         return [f"no {RESULT_FILE} found"]
-    return baseline_notes(frame) + auto_batch_notes(frame) + duplicate_notes(frame)
+    return (
+        busy_notes(frame) + baseline_notes(frame) + auto_batch_notes(frame) + duplicate_notes(frame)
+    )
+
+
+def busy_notes(frame: pd.DataFrame) -> list[str]:
+    """One line per job timed on a busy machine: its times measure the machine as much as it."""
+    busy = frame[frame.time_machine_busy]
+    return [
+        f"{_job_name(row)} was timed on a busy machine: load average "
+        f"{row.time_load_before:.2f} before, {row.time_load_after:.2f} after its timed steps, "
+        f"with {_label_value(row.time_threads)} thread(s) of its own on "
+        f"{_label_value(row.time_cpus)} CPU(s); its step times are not comparable"
+        for row in busy.itertuples(index=False)
+    ]
 
 
 def ran_auto_batch(frame: pd.DataFrame) -> pd.Series:

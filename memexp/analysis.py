@@ -77,7 +77,8 @@ def _span(values: pd.Series) -> str:
 
 
 def describe_times(frame: pd.DataFrame) -> str:
-    """How the step times were taken: `median of N repeats (min-max)` plus the timer used.
+    """How the step times were taken: `median of N repeats (min-max)` plus the timer used, and
+    where recorded, how many jobs became stable and the threads they ran with.
 
     Only timed rows count: a fake-device job predicts memory and has no measured step.
     """
@@ -85,10 +86,18 @@ def describe_times(frame: pd.DataFrame) -> str:
     if ok.empty:
         return "not measured (no ok job timed a step; fake-device jobs only predict memory)"
     timers = ", ".join(sorted(ok.time_source.dropna().unique())) or "timer unknown"
-    return (
+    text = (
         f"median of {_span(ok.time_repeats)} repeats (min\u2013max) after "
         f"{_span(ok.time_warmup)} warm-up step(s), {timers}"
     )
+    if ok.time_stable.notna().any():
+        stable = int(ok.time_stable.eq(True).sum())
+        text += (
+            f"; repeated until IQR / median reached `measure.stable_iqr` ({stable} of {len(ok)} "
+            f"job(s)) or `measure.max_time_s` ran out; {_span(ok.time_threads)} intra-op "
+            "thread(s)"
+        )
+    return text
 
 
 # --- batch=auto ---------------------------------------------------------------------------------

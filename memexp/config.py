@@ -87,7 +87,15 @@ class OptimizerConfig:
 @dataclass
 class MeasureConfig:
     warmup: int = 1
+    # The fewest timed steps. More follow until the step time is stable (IQR / median at most
+    # `stable_iqr`, torch.utils.benchmark's adaptive_autorange rule) or the timed steps have
+    # taken `max_time_s` seconds in all, whichever comes first.
     repeat: int = 3
+    max_time_s: float = 2.0
+    stable_iqr: float = 0.1
+    # PyTorch's intra-op threads for the job (restored after it); None: PyTorch's default. On a
+    # shared machine fewer threads than cores avoid waiting on a descheduled one at every op.
+    threads: int | None = None
 
 
 class WandbMode(Enum):

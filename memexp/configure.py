@@ -225,6 +225,14 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
             "measure.warmup", measure.warmup, "at least 1 (optimizer state must exist first)"
         )
     _require_positive("measure.repeat", measure.repeat)
+    if measure.max_time_s <= 0:
+        raise ConfigError("measure.max_time_s", measure.max_time_s, "a positive number of seconds")
+    if measure.stable_iqr <= 0:
+        raise ConfigError(
+            "measure.stable_iqr", measure.stable_iqr, "a positive fraction of the median"
+        )
+    if measure.threads is not None:
+        _require_positive("measure.threads", measure.threads)
 
     strategy_name = cfg.strategy.get("name")
     _require_choice("strategy.name", strategy_name, tuple(STRATEGIES))

@@ -33,8 +33,9 @@ from memexp.estimate import (
     step_flops_without_checkpointing,
 )
 from memexp.measure.flops import step_flops
+from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
-from memexp.measure.timing import time_steps, time_units
+from memexp.measure.timing import StoppingRule, time_steps, time_units
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.training import build_workload
@@ -42,10 +43,14 @@ from memexp.training import build_workload
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Timed steps: `summary` holds `<phase>_ms_median/min/max` and `tokens_per_s_median`."""
+    """Timed steps: `summary` holds `<phase>_ms_median/min/max`, `step_ms_iqr` and
+    `tokens_per_s_median`; `steps` were timed, `stable` says whether the rule's IQR was met
+    before its time cap, `machine` the threads and load they ran under."""
 
     warmup: int
-    repeat: int
+    steps: int
+    stable: bool
+    machine: MachineLoad
     summary: dict[str, float]
 
 
@@ -96,14 +101,18 @@ class MeasuredBackend:
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
         work = build_workload(spec, plan, spec.device)
-        timings = time_steps(work, spec.measure.warmup, spec.measure.repeat)
+        timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
             param_count=parameter_count(work.model),
             time_source=self.time_source,
             times=StepTimes(
-                spec.measure.warmup, spec.measure.repeat, timings.summary(spec.tokens_per_step)
+                warmup=spec.measure.warmup,
+                steps=timings.steps,
+                stable=timings.stable,
+                machine=timings.machine,
+                summary=timings.summary(spec.tokens_per_step),
             ),
             loss_first_step=timings.first_loss,
             saved_activation_bytes=timings.saved_activation_bytes,

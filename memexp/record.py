@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memexp.config import ExperimentSpec
-from memexp.devices import Figures
+from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
 from memexp.measure.memory import MemoryMeasurement
@@ -85,10 +85,7 @@ def write_figures(result: RunResult, plan: CheckpointPlan, figures: Figures, job
     result.loss_first_step = figures.loss_first_step
     result.time_source = figures.time_source
     if figures.times is not None:
-        result.time_warmup = figures.times.warmup
-        result.time_repeats = figures.times.repeat
-        for key, value in figures.times.summary.items():
-            setattr(result, key, value)
+        _write_times(result, figures.times)
     _write_saved_bytes(result, plan, figures.saved_activation_bytes)
     result.extra.update(figures.prediction)
     _write_memory(result, figures.memory, job_dir)
@@ -106,6 +103,20 @@ def _write_flops(result: RunResult, figures: Figures) -> None:
     result.flops_recompute = with_plan - without
     result.recompute_flops_pct = 100.0 * (with_plan - without) / without
     result.flops_source = FLOPS_SOURCE
+
+
+def _write_times(result: RunResult, times: StepTimes) -> None:
+    result.time_warmup = times.warmup
+    result.time_repeats = times.steps
+    result.time_stable = times.stable
+    machine = times.machine
+    result.time_threads = machine.threads
+    result.time_interop_threads = machine.interop_threads
+    result.time_cpus = machine.cpus
+    result.time_load_before = machine.load_before
+    result.time_load_after = machine.load_after
+    for key, value in times.summary.items():
+        setattr(result, key, value)
 
 
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
@@ -152,7 +163,9 @@ def describe_outcome(result: RunResult) -> str:
         f"[memexp] peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
-        f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}], "
+        f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}]"
+        f"{'' if result.time_stable else ' (not stable)'}, {result.time_threads} thread(s), "
+        f"load {result.time_load_after:.1f} on {result.time_cpus} CPU(s), "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
     )
 

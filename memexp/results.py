@@ -119,7 +119,13 @@ class RunResult:
     # --- time (median/min/max over `time_repeats` steps after `time_warmup`) ---------------
     time_source: str | None = None
     time_warmup: int | None = None
-    time_repeats: int | None = None
+    time_repeats: int | None = None  # steps timed: at least measure.repeat, more until stable
+    time_stable: bool | None = None  # step IQR / median <= measure.stable_iqr before the cap
+    time_threads: int | None = None  # PyTorch intra-op threads during the timed steps
+    time_interop_threads: int | None = None
+    time_cpus: int | None = None  # CPUs this process could run on (its affinity)
+    time_load_before: float | None = None  # 1-minute load average before the timed steps
+    time_load_after: float | None = None  # ... and after them
     forward_ms_median: float | None = None
     forward_ms_min: float | None = None
     forward_ms_max: float | None = None
@@ -132,6 +138,7 @@ class RunResult:
     step_ms_median: float | None = None
     step_ms_min: float | None = None
     step_ms_max: float | None = None
+    step_ms_iqr: float | None = None  # interquartile range of the step times
     tokens_per_s_median: float | None = None
 
     # --- strategy-specific extras (e.g. the adaptive planner's budget and prediction) -------

@@ -26,6 +26,7 @@ from memexp.devices import Figures, backend_for, release_memory
 from memexp.environment import describe_environment
 from memexp.estimate import at_chosen_batch, choose_batch
 from memexp.interrupts import describe_interrupt
+from memexp.measure.machine import intra_op_threads
 from memexp.plan import CheckpointPlan
 from memexp.record import (
     describe_job,
@@ -69,7 +70,8 @@ def execute_strategy(result: RunResult, spec: ExperimentSpec, job_dir: Path) -> 
         write_figures(result, plan, figures, job_dir)
         return figures
 
-    outcome = strategy_for(spec).execute(spec, measure)
+    with intra_op_threads(spec.measure.threads):
+        outcome = strategy_for(spec).execute(spec, measure)
     write_outcome(result, outcome)
     if outcome.verdict is not None:
         raise outcome.verdict

@@ -99,7 +99,7 @@ def error_row(model: str, strategy: str) -> dict[str, Any]:
     from memexp import analytic
     from memexp.estimate import predict
     from memexp.measure.memory import measure_memory
-    from memexp.measure.timing import time_steps
+    from memexp.measure.timing import StoppingRule, time_steps
     from memexp.strategies import make_plan
     from memexp.training import build_workload
 
@@ -107,7 +107,7 @@ def error_row(model: str, strategy: str) -> dict[str, Any]:
     plan = make_plan(spec)
     predicted = predict(spec, plan, "cpu")
     work = build_workload(spec, plan, "cpu")
-    measured_saved = time_steps(work, warmup=1, repeat=1).saved_activation_bytes
+    measured_saved = time_steps(work, warmup=1, rule=StoppingRule.fixed(1)).saved_activation_bytes
     measured = measure_memory(work)
     return {
         "model": model,

@@ -273,3 +273,59 @@ def test_summarize_sweep_takes_the_figure_drawer_as_a_parameter(pair: Path) -> N
     assert output.written == [pair / "results.csv", pair / "summary.md"]
     assert not (pair / "plots").exists()
     assert "## Plots" in (pair / "summary.md").read_text()
+
+
+def test_a_time_difference_inside_both_ranges_is_within_noise(tmp_path: Path) -> None:
+    """The issue's case: one plan under two names, the second's steps spread over the first's."""
+    write_job(
+        tmp_path, 0, "none", peak_bytes=1000, step_ms_median=100.0, step_ms_min=90.0,
+        step_ms_max=110.0,
+    )  # fmt: skip
+    write_job(
+        tmp_path, 1, "adaptive", peak_bytes=1000, step_ms_median=60.0, step_ms_min=50.0,
+        step_ms_max=95.0,
+    )  # fmt: skip
+    write_job(
+        tmp_path, 2, "full", peak_bytes=600, step_ms_median=150.0, step_ms_min=111.0,
+        step_ms_max=160.0,
+    )  # fmt: skip
+    frame = load_results([tmp_path]).set_index("strategy")
+    assert frame.time_within_noise.to_dict() == {"none": False, "adaptive": True, "full": False}
+    assert frame.time_overhead_pct["adaptive"] == -40.0  # kept, but said as noise
+    assert math.isnan(frame.efficiency["adaptive"])
+    assert frame.efficiency["full"] == 0.8  # 40 % saved / 50 % overhead
+    # adaptive's shorter median is a tie with none: neither beats the other on time.
+    assert frame.pareto_optimal.to_dict() == {"none": True, "adaptive": True, "full": True}
+
+
+def test_a_time_difference_beyond_both_ranges_decides_the_pareto_mark(tmp_path: Path) -> None:
+    write_job(
+        tmp_path, 0, "none", peak_bytes=1000, step_ms_median=100.0, step_ms_min=90.0,
+        step_ms_max=110.0,
+    )  # fmt: skip
+    write_job(
+        tmp_path, 1, "adaptive", peak_bytes=1000, step_ms_median=60.0, step_ms_min=50.0,
+        step_ms_max=70.0,
+    )  # fmt: skip
+    frame = load_results([tmp_path]).set_index("strategy")
+    assert frame.time_within_noise.to_dict() == {"none": False, "adaptive": False}
+    assert frame.pareto_optimal.to_dict() == {"none": False, "adaptive": True}
+
+
+def test_a_busy_machine_is_load_from_others_of_half_the_cpus(tmp_path: Path) -> None:
+    """Load 2 of the job's own 2 threads on 2 CPUs is not busy; one more runnable task is."""
+    timed = {"step_ms_median": 10.0, "time_threads": 2, "time_cpus": 2}
+    write_job(tmp_path, 0, "none", time_load_before=2.0, time_load_after=1.9, **timed)
+    write_job(tmp_path, 1, "full", time_load_before=2.0, time_load_after=3.0, **timed)
+    write_job(tmp_path, 2, "sqrt", step_ms_median=10.0)  # no load recorded: no claim
+    frame = load_results([tmp_path])
+    assert frame.set_index("strategy").time_machine_busy.to_dict() == {
+        "none": False,
+        "full": True,
+        "sqrt": False,
+    }
+    assert aggregate.busy_notes(frame) == [
+        "job 1 (small 256\u00d74, full) was timed on a busy machine: load average 2.00 before, "
+        "3.00 after its timed steps, with 2 thread(s) of its own on 2 CPU(s); its step times "
+        "are not comparable"
+    ]

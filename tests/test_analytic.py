@@ -15,7 +15,7 @@ from memexp import analytic
 from memexp.config import ExperimentSpec
 from memexp.measure.memory import measure_memory
 from memexp.measure.saved import counting_saved_bytes
-from memexp.measure.timing import time_steps
+from memexp.measure.timing import StoppingRule, time_steps
 from memexp.model import Transformer, parameter_count
 from memexp.plan import CheckpointPlan, Part
 from memexp.strategies import make_plan
@@ -95,7 +95,7 @@ def test_static_memory_and_optimizer_peak_equal_a_measured_cpu_step(
     peak adds the gradients and the per-tensor loop's scratch."""
     spec = tiny_spec(*shape, f"optimizer.name={optimizer}")
     work = build_workload(spec, make_plan(spec), "cpu")
-    time_steps(work, warmup=1, repeat=1)
+    time_steps(work, warmup=1, rule=StoppingRule.fixed(1))
     phases = measure_memory(work).phase_bytes
     weights = 4 * analytic.parameter_count(spec.model)
     start = weights + analytic.optimizer_state_bytes(spec) + analytic.batch_bytes(spec)

@@ -131,6 +131,9 @@ CHOICE_ERRORS = [
     (["optimizer.lr=-0.1"], "optimizer.lr", -0.1, ["a positive number"]),
     (["measure.warmup=0"], "measure.warmup", 0, ["at least 1"]),
     (["measure.repeat=0"], "measure.repeat", 0, POSITIVE),
+    (["measure.max_time_s=0"], "measure.max_time_s", 0.0, ["a positive number of seconds"]),
+    (["measure.stable_iqr=-0.1"], "measure.stable_iqr", -0.1, ["a positive fraction"]),
+    (["measure.threads=0"], "measure.threads", 0, POSITIVE),
     (["model.attention=flash"], "model.attention", "flash", ["naive", "sdpa"]),
     (["strategy.name=magic"], "strategy.name", "magic", sorted(STRATEGIES)),
     (

@@ -25,7 +25,7 @@ from memexp.estimate import (
 )
 from memexp.measure.flops import step_flops
 from memexp.measure.memory import measure_memory
-from memexp.measure.timing import time_steps
+from memexp.measure.timing import StoppingRule, time_steps
 from memexp.measure.tracker import CATEGORY_FIELDS
 from memexp.plan import CheckpointPlan, Part
 from memexp.results import SOURCE_FAKE_TENSORS, RunResult
@@ -71,7 +71,7 @@ def test_three_sources_agree(workload: str, tiny_spec: SpecFn) -> None:
     predicted = predict(spec, plan, "cpu")
 
     work = build_workload(spec, plan, "cpu")
-    measured_saved = time_steps(work, warmup=1, repeat=1).saved_activation_bytes
+    measured_saved = time_steps(work, warmup=1, rule=StoppingRule.fixed(1)).saved_activation_bytes
     measured = measure_memory(work)
 
     assert predicted.saved_activation_bytes == measured_saved

@@ -152,8 +152,8 @@ def test_tradeoff_draws_each_config_and_marks_its_pareto_points(drawn) -> None:
     assert tiny.step_ms_median.to_dict() == pytest.approx(
         {"none": 10.24, "full": 16.384, "sqrt": 14.336}
     )
-    # sqrt is faster than full and smaller than none: no strategy beats another in both.
-    assert tiny.pareto_optimal.to_dict() == {"none": True, "full": True, "sqrt": True}
+    # sqrt's steps (±10 %) overlap full's, a tie within noise, and full is smaller: full beats it.
+    assert tiny.pareto_optimal.to_dict() == {"none": True, "full": True, "sqrt": False}
 
 
 def test_tradeoff_leaves_a_beaten_strategy_off_the_frontier(frame, tmp_path: Path) -> None:

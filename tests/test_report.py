@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memexp.aggregate import load_results
+from memexp.aggregate import data_notes, load_results
 from memexp.figures import PlotOutcome
 from memexp.report import render_summary, write_summary
 from memexp.results import RunResult, write_result
@@ -139,3 +139,30 @@ def test_all_ok_sweep_says_so(sweep: Path) -> None:
     frame = load_results([sweep])
     text = render_summary(sweep, frame[frame.status.eq("ok")], [], [])
     assert "Every job with a result (2) finished ok." in text
+
+
+def test_a_difference_within_noise_is_said_so_and_a_busy_machine_is_warned_of(
+    tmp_path: Path,
+) -> None:
+    """The issue's page: same plan, a shorter median inside the baseline's spread, a busy CPU."""
+    busy = {"time_threads": 2, "time_cpus": 2, "time_load_before": 3.5, "time_load_after": 4.0}
+    busy |= {"time_stable": False, "time_repeats": 5}
+    jobs = [
+        ("none", {"step_ms_median": 273.0, "step_ms_min": 100.0, "step_ms_max": 2800.0}),
+        ("adaptive", {"step_ms_median": 2736.0, "step_ms_min": 250.0, "step_ms_max": 3000.0}),
+    ]
+    for num, (strategy, fields) in enumerate(jobs):
+        result = RunResult(
+            status="ok", job_num=num, strategy=strategy, peak_bytes=2**20, **WORKLOAD, **busy,
+            **fields,
+        )  # fmt: skip
+        write_result(tmp_path / str(num), result)
+    text = summary_of(tmp_path)
+    adaptive_row = next(line for line in text.splitlines() if line.startswith("| adaptive"))
+    assert "| within noise |" in adaptive_row and "902.2" not in adaptive_row
+    assert "2,736.0 (250.0\u20133,000.0); busy machine" in adaptive_row
+    assert "(0 of 2 job(s)) or `measure.max_time_s` ran out; 2 intra-op thread(s)" in text
+    assert "**Warning: 2 of 2 timed job(s) ran on a busy machine**" in text
+    notes = data_notes(load_results([tmp_path]))
+    assert sum("was timed on a busy machine" in note for note in notes) == 2
+    assert text.count("| yes |") == 2  # a time difference within noise beats no one

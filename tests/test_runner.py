@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 # Fields that count things or name the workload: every other number must say its unit.
 COUNTS = {
     "schema_version", "job_num", "seq_len", "batch_size", "seed", "param_count",
-    "time_warmup", "time_repeats", "loss_first_step",
+    "time_warmup", "time_repeats", "loss_first_step", "time_threads", "time_interop_threads",
+    "time_cpus", "time_load_before", "time_load_after",  # load averages: runnable tasks
 }  # fmt: skip
-UNIT_NAME = re.compile(r".*(_bytes|_ms_median|_ms_min|_ms_max|_pct|_s|_per_s_median)$|^flops_.*")
+UNIT_NAME = re.compile(
+    r".*(_bytes|_ms_median|_ms_min|_ms_max|_ms_iqr|_pct|_s|_per_s_median)$|^flops_.*"
+)
 
 
 def ok_job(tiny_sweep: SweepRun) -> RunResult:

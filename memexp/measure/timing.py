@@ -1,20 +1,23 @@
 """Timed training steps with nothing attached to the model: warm-up first, then repeats.
 
-Each phase (forward+loss, backward, optimizer step) is timed on its own; on a GPU the device is
-synchronised at every boundary so a phase's time is its own work, not queued work.
+Each phase (forward+loss, backward, optimizer step) is timed on its own within one real training
+step; on a GPU the device is synchronised at every boundary so a phase's time is its own work, not
+queued work. Steps repeat until the step time is stable or a time cap is spent (`StoppingRule`),
+and the threads and machine load they ran under are kept beside them (memexp.measure.machine).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
-from memexp.config import ExperimentSpec
+from memexp.config import ExperimentSpec, MeasureConfig
+from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, TransformerLayer
 from memexp.plan import LAYER, Part
@@ -30,22 +33,77 @@ from memexp.training import (
 PHASES = ("forward", "backward", "optimizer", "step")
 
 
+def spread(values_ms: list[float]) -> Measurement:
+    """PyTorch's benchmark statistics (median, IQR by linear quantiles) of one phase's samples."""
+    return Measurement(1, list(values_ms), TaskSpec(stmt="training step", setup=""))
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """When timed steps stop: never before `minimum`; then as soon as the step time is stable
+    (IQR / median at most `stable_iqr`, as torch.utils.benchmark's adaptive_autorange decides),
+    or once the timed steps have taken `max_time_s` seconds in all."""
+
+    minimum: int
+    max_time_s: float
+    stable_iqr: float
+
+    @classmethod
+    def of(cls, measure: MeasureConfig) -> StoppingRule:
+        return cls(measure.repeat, measure.max_time_s, measure.stable_iqr)
+
+    @classmethod
+    def fixed(cls, steps: int) -> StoppingRule:
+        """Exactly `steps` timed steps: no time to spend beyond them."""
+        return cls(steps, max_time_s=0.0, stable_iqr=0.0)
+
+    def stable(self, step_ms: list[float]) -> bool:
+        stats = spread(step_ms)
+        return stats.iqr <= self.stable_iqr * stats.median
+
+    def done(self, step_ms: list[float]) -> bool:
+        if len(step_ms) < self.minimum:
+            return False
+        return self.stable(step_ms) or sum(step_ms) / 1000.0 >= self.max_time_s
+
+
 @dataclass
 class Timings:
-    """Milliseconds per phase, one entry per timed step, plus what the untimed first step saw."""
+    """Milliseconds per phase, one entry per timed step, plus what the untimed first step saw
+    and the machine the steps ran on."""
 
     first_loss: float
     saved_activation_bytes: int
-    samples_ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    stable: bool
+    machine: MachineLoad
+    samples_ms: dict[str, list[float]]
+
+    @property
+    def steps(self) -> int:
+        return len(self.samples_ms["step"])
 
     def summary(self, tokens_per_step: int) -> dict[str, float]:
         out: dict[str, float] = {}
         for phase, values in self.samples_ms.items():
-            out[f"{phase}_ms_median"] = statistics.median(values)
+            stats = spread(values)
+            out[f"{phase}_ms_median"] = stats.median
             out[f"{phase}_ms_min"] = min(values)
             out[f"{phase}_ms_max"] = max(values)
+        out["step_ms_iqr"] = spread(self.samples_ms["step"]).iqr
         out["tokens_per_s_median"] = tokens_per_step / (out["step_ms_median"] / 1000.0)
         return out
+
+
+def repeat_until_done(
+    step: Callable[[], dict[str, float]], rule: StoppingRule
+) -> tuple[dict[str, list[float]], bool]:
+    """Run `step` (milliseconds per phase) until `rule` is done; the samples, and whether the
+    step time became stable (else the cap stopped it)."""
+    samples: dict[str, list[float]] = {p: [] for p in PHASES}
+    while not rule.done(samples["step"]):
+        for phase, ms in step().items():
+            samples[phase].append(ms)
+    return samples, rule.stable(samples["step"])
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
@@ -90,18 +148,22 @@ def first_step(work: Workload) -> tuple[torch.Tensor, int]:
     return loss.detach(), saved
 
 
-def time_steps(work: Workload, warmup: int, repeat: int) -> Timings:
-    """`warmup` untimed steps (the first also counts saved bytes), then `repeat` timed ones."""
+def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
+    """`warmup` untimed steps (the first also counts saved bytes), then timed ones until `rule`
+    is done, with the load average read before and after them."""
     now = _clock(work.tokens.device)
     first_loss, saved = first_step(work)
     for _ in range(warmup - 1):
         train_step(work)
-    timings = Timings(first_loss=float(first_loss), saved_activation_bytes=saved)
-    for _ in range(repeat):
-        _, phases = _one_step(work, now)
-        for phase, ms in phases.items():
-            timings.samples_ms[phase].append(ms)
-    return timings
+    load_before = load_average()
+    samples, stable = repeat_until_done(lambda: _one_step(work, now)[1], rule)
+    return Timings(
+        first_loss=float(first_loss),
+        saved_activation_bytes=saved,
+        stable=stable,
+        machine=machine_load(load_before),
+        samples_ms=samples,
+    )
 
 
 def time_units(spec: ExperimentSpec) -> dict[str, float]:

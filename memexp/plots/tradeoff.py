@@ -107,7 +107,12 @@ def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         frameon=False,
     )
     fig.suptitle(f"{title} (lower left is better)", fontweight="bold")
-    footer(fig, memory_footer(data), time_footer(data), "Whiskers: min\u2013max step time.")
+    footer(
+        fig,
+        memory_footer(data),
+        time_footer(data),
+        "Whiskers: min\u2013max step time; overlapping whiskers tie on time for the frontier.",
+    )
     drawn = data[data.config.isin(configs)][
         ["config", "strategy_label", "step_ms_median", "step_ms_min", "step_ms_max", "peak_mib"]
     ].assign(pareto_optimal=data.pareto_optimal.astype(bool))

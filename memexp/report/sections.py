@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memexp.aggregate import BASELINE_STRATEGY, GROUP_KEYS
+from memexp.aggregate import BASELINE_STRATEGY, BUSY_LOAD_FRACTION, GROUP_KEYS, TIME_COLUMN
 from memexp.analysis import (
     config_order,
     describe_memory_sources,
@@ -35,14 +35,24 @@ from memexp.results import STATUS_OK
 from memexp.sweepdir import MULTIRUN_YAML, read_sweep_overrides
 from memexp.text import MISSING, markdown_table
 
+WITHIN_NOISE = "within noise"
+BUSY_MARK = "busy machine"
+
 
 def _step_time(row: pd.Series) -> str:
-    """`median (min-max)` in ms, the form the page's time legend promises."""
+    """`median (min-max)` in ms, the form the page's time legend promises; marked when timed on
+    a busy machine."""
     median = number(row.step_ms_median, None)
+    busy = f"; {BUSY_MARK}" if row.time_machine_busy else ""
     if pd.isna(row.step_ms_min) or pd.isna(row.step_ms_max):
-        return median
+        return median + busy
     low, high = number(row.step_ms_min, None), number(row.step_ms_max, None)
-    return f"{median} ({low}{EN_DASH}{high})"
+    return f"{median} ({low}{EN_DASH}{high}){busy}"
+
+
+def _time_overhead(row: pd.Series) -> str:
+    """The overhead %, or `within noise` where the two jobs' step-time ranges overlap."""
+    return WITHIN_NOISE if row.time_within_noise else number(row.time_overhead_pct)
 
 
 def _figure(column: str, digits: int | None = 1) -> Callable[[pd.Series], str]:
@@ -60,7 +70,7 @@ _RESULT_COLUMNS: tuple[tuple[str, Callable[[pd.Series], str]], ...] = (
     ("kept for backward (MiB)", _figure("saved_activation_mib", None)),
     ("kept for backward saved (%)", _figure("saved_activation_saved_pct")),
     (f"step (ms): median (min{EN_DASH}max)", _step_time),
-    ("time overhead (%)", _figure("time_overhead_pct")),
+    ("time overhead (%)", _time_overhead),
     ("recompute FLOPs (%)", _figure("recompute_flops_pct")),
     ("efficiency (% saved per % time)", _figure("efficiency", 2)),
     ("Pareto-optimal", lambda row: "yes" if row.pareto_optimal else ""),
@@ -74,6 +84,22 @@ def header(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:
         f"# Sweep summary: {sweep_dir.name}",
         "",
         f"Folder: `{sweep_dir}`. {len(frame)} job(s) with a result: {by_status or 'none'}.",
+        *_busy_headline(frame),
+    ]
+
+
+def _busy_headline(frame: pd.DataFrame) -> list[str]:
+    """A warning above everything when any job was timed on a busy machine."""
+    busy = int(frame.time_machine_busy.sum()) if "time_machine_busy" in frame else 0
+    if not busy:
+        return []
+    timed = int(frame[TIME_COLUMN].notna().sum())
+    return [
+        "",
+        f"**Warning: {busy} of {timed} timed job(s) ran on a busy machine** (other load held "
+        f"at least {BUSY_LOAD_FRACTION:.0%} of the CPUs; marked `{BUSY_MARK}`, listed under "
+        "Notes): their step times, overheads and Pareto marks may say more about the machine "
+        "than the strategy. Rerun when it is idle, or with `measure.threads=1`.",
     ]
 
 
@@ -174,11 +200,15 @@ def _legend(frame: pd.DataFrame) -> list[str]:
         f"source: {_sources(frame, 'flops_source')}.",
         f"- Relative columns compare with the ok `strategy={BASELINE_STRATEGY}` job of the same "
         f"{', '.join(GROUP_KEYS)}: saved (%) = 100 \u00b7 (baseline \u2212 value) / baseline, "
-        "time overhead (%) = 100 \u00b7 (step \u2212 baseline step) / baseline step.",
+        "time overhead (%) = 100 \u00b7 (step \u2212 baseline step) / baseline step; "
+        f"`{WITHIN_NOISE}` where the job's and the baseline's step times (min\u2013max) overlap, "
+        "so the difference is no larger than their own spread.",
         "- Efficiency: peak saved (%) divided by time overhead (%); empty when the overhead is "
-        "zero or negative, where a ratio would mislead.",
+        "zero, negative or within noise, where a ratio would mislead.",
         "- Pareto-optimal: no other strategy of the same config has both less peak memory and "
-        "a shorter step.",
+        "a shorter step; step times whose min\u2013max ranges overlap count as equal.",
+        f"- `{BUSY_MARK}`: the 1-minute load average around the timed steps, less the job's own "
+        f"threads, was at least {BUSY_LOAD_FRACTION:.0%} of its CPUs.",
         f"- {MISSING}: not measured (failed job, or a figure this device lacks) or no baseline.",
     ]
 
