@@ -41,7 +41,6 @@ batches instead.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -50,11 +49,12 @@ from typing import Any
 
 import pandas as pd
 
-from memexp.results import STATUS_OK, RunResult, read_result
+from memexp import sweepindex
+from memexp.results import STATUS_OK, RunResult
 from memexp.sweepdir import (
     RESULT_FILE,
     find_result_files,
-    job_folders,
+    folders_without_record,
     read_job_overrides,
     sweep_of,
 )
@@ -66,8 +66,6 @@ GROUP_KEYS = ("model", "seq_len", "batch_size", "device", "precision", "attentio
 # Jobs compared with each other (baseline, Pareto frontier): one workload within one sweep.
 COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 
-# Nested record fields and the prefix their keys get as columns.
-NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
 # Saved-% columns and the measured column each compares with the baseline.
 SAVINGS = {
     "peak_saved_pct": "peak_bytes",
@@ -83,41 +81,25 @@ _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", 
 # --- finding and reading records -------------------------------------------------------------
 
 
-def _flatten(values: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
-    """One column per key; lists and dicts stay JSON so every cell is a scalar."""
-    flat = {}
-    for key, value in (values or {}).items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        flat[f"{prefix}_{key}"] = (
-            value if scalar else json.dumps(value, sort_keys=True, default=str)
-        )
-    return flat
-
-
-def _row(result: RunResult, result_file: Path) -> dict[str, Any]:
-    row = result.to_dict()
-    for name, prefix in NESTED_PREFIXES.items():
-        row.update(_flatten(row.pop(name), prefix))
-    row.update({f"phase_{k}_bytes": v for k, v in (row.pop("phase_bytes") or {}).items()})
-    row["overrides"] = " ".join(row["overrides"] or [])
-    row["result_file"] = str(result_file)
-    row["sweep"] = str(sweep_of(result_file))
-    return row
-
-
 def _record_columns() -> list[str]:
-    nested = {*NESTED_PREFIXES, "phase_bytes"}
+    nested = {*sweepindex.NESTED_PREFIXES, "phase_bytes"}
     return [f.name for f in fields(RunResult) if f.name not in nested] + ["result_file", "sweep"]
 
 
 def read_rows(files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Flattened records of `files`, and a note for each file that could not be read."""
-    rows, notes = [], []
+    """Flattened records of `files`, and a note for each file that could not be read.
+
+    Read through each sweep's index (`memexp.sweepindex`): a record already indexed is not
+    opened again.
+    """
+    by_sweep: dict[Path, list[Path]] = {}
     for path in files:
-        try:
-            rows.append(_row(read_result(path), path))
-        except (OSError, ValueError, TypeError) as error:
-            notes.append(f"could not read {path}: {type(error).__name__}: {error}")
+        by_sweep.setdefault(sweep_of(path), []).append(path)
+    rows, notes = [], []
+    for sweep, paths in by_sweep.items():
+        read = sweepindex.read_rows(sweep, paths)
+        rows += read.rows
+        notes += read.notes
     return rows, notes
 
 
@@ -159,28 +141,31 @@ def _label_value(value: Any) -> str:
     return "?" if pd.isna(value) else str(value)
 
 
+def _label_text(series: pd.Series) -> pd.Series:
+    """A column as label text, `?` where it is missing (`_label_value` for a whole column)."""
+    return series.astype(object).map(_label_value)
+
+
+def _strategy_settings(overrides: pd.Series) -> pd.Series:
+    """The `strategy.*` overrides of each row without their prefix, space-separated."""
+    found = overrides.fillna("").astype(str).str.findall(r"(?:^|(?<=\s))strategy\.(\S+)")
+    return found.str.join(" ")
+
+
 def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """`workload`, `config` and `strategy_label`: short names a plot axis or table row can carry."""
     varying = [k for k in ("device", "precision", "attention") if frame[k].nunique() > 1]
-
-    def workload(row: pd.Series) -> str:
-        shape = f"{_label_value(row.seq_len)}\u00d7{_label_value(row.batch_size)}"
-        return " ".join([shape, *(_label_value(row[k]) for k in varying)])
-
-    def strategy_label(row: pd.Series) -> str:
-        settings = [
-            o.removeprefix("strategy.") for o in row.overrides.split() if o.startswith("strategy.")
-        ]
-        return " ".join([_label_value(row.strategy), *settings])
-
     if frame.empty:
         empty = pd.Series(dtype=str)
         return frame.assign(workload=empty, config=empty, strategy_label=empty)
-    workloads = frame.apply(workload, axis=1)
+    workloads = _label_text(frame.seq_len) + "\u00d7" + _label_text(frame.batch_size)
+    for key in varying:
+        workloads = workloads + " " + _label_text(frame[key])
+    settings = _strategy_settings(frame.overrides)
     return frame.assign(
         workload=workloads,
-        config=frame.model.map(_label_value) + " " + workloads,
-        strategy_label=frame.apply(strategy_label, axis=1),
+        config=_label_text(frame.model) + " " + workloads,
+        strategy_label=_label_text(frame.strategy) + (" " + settings).where(settings.ne(""), ""),
     )
 
 
@@ -220,15 +205,23 @@ def add_baseline_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns=dropped).assign(**relative)
 
 
-def _pareto_mask(times: pd.Series, memory: pd.Series) -> pd.Series:
-    """True where no other point is at least as good in both and strictly better in one."""
+def pareto_mask(groups: pd.Series, times: pd.Series, memory: pd.Series) -> pd.Series:
+    """True where no point of the same group is at least as good in both figures and strictly
+    better in one (identical points do not beat each other).
 
-    def dominated(i: Any) -> bool:
-        no_worse = (times <= times[i]) & (memory <= memory[i])
-        better = (times < times[i]) | (memory < memory[i])
-        return bool((no_worse & better).any())
-
-    return pd.Series([not dominated(i) for i in times.index], index=times.index, dtype=bool)
+    Sorted by group and time, a point is beaten by an earlier (faster) point exactly when the
+    least memory among its group's strictly faster points is at most its own, and by a point of
+    equal time exactly when that tie holds a point with less memory: a cumulative minimum, no
+    pairwise comparison.
+    """
+    points = pd.DataFrame({"group": groups, "time": times, "memory": memory})
+    ties = points.groupby(["group", "time"], sort=True).memory.min()
+    faster_min = ties.groupby(level="group").cummin().groupby(level="group").shift(1)
+    keys = pd.MultiIndex.from_frame(points[["group", "time"]])
+    tie_min = ties.reindex(keys).to_numpy()
+    before = faster_min.reindex(keys).to_numpy()
+    beaten = (before <= points.memory.to_numpy()) | (tie_min < points.memory.to_numpy())
+    return pd.Series(~beaten, index=points.index, dtype=bool)
 
 
 def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
@@ -236,8 +229,9 @@ def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
     memory), ok rows with both figures only."""
     optimal = pd.Series(False, index=frame.index, dtype=bool)
     measured = frame[frame.status.eq(STATUS_OK)].dropna(subset=["peak_bytes", TIME_COLUMN])
-    for _, group in measured.groupby(list(COMPARED_KEYS), dropna=False):
-        mask = _pareto_mask(as_float(group[TIME_COLUMN]), as_float(group.peak_bytes))
+    if not measured.empty:
+        groups = measured.groupby(list(COMPARED_KEYS), dropna=False).ngroup()
+        mask = pareto_mask(groups, as_float(measured[TIME_COLUMN]), as_float(measured.peak_bytes))
         optimal[mask.index] = mask
     return frame.assign(pareto_optimal=optimal)
 
@@ -250,7 +244,9 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
 def build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The full table from flattened records: labels, MiB, baseline-relative and Pareto columns."""
     frame = add_labels(add_mib_columns(_records_frame(rows)))
-    return _ordered(add_pareto_column(add_baseline_columns(frame)))
+    # One block per dtype (`copy` consolidates): every later selection of rows takes a few
+    # blocks instead of each of some hundred columns on its own.
+    return _ordered(add_pareto_column(add_baseline_columns(frame))).copy()
 
 
 def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -343,9 +339,7 @@ def duplicate_notes(frame: pd.DataFrame) -> list[str]:
 def missing_result_notes(sweep_dir: Path) -> list[str]:
     """Job folders Hydra created that hold no `result.json`: the job died before writing it."""
     notes = []
-    for job_dir in job_folders(sweep_dir):
-        if (job_dir / RESULT_FILE).is_file():
-            continue
+    for job_dir in folders_without_record(sweep_dir):
         overrides = read_job_overrides(job_dir)
         said = (
             "overrides unreadable" if overrides is None else " ".join(overrides) or "no overrides"
