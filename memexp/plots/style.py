@@ -34,7 +34,7 @@ DPI = 120
 PANEL_COLUMNS = 3
 # The most panels one figure draws: beyond it a panel is too small to read, and drawing takes
 # seconds per dozen. A sweep with more configs gets an evenly spaced subset, and says so.
-MAX_PANELS = 12
+MAX_PANELS = 9
 FAILED_LEGEND = "A status written instead of a bar: that job did not finish ok."
 
 
