@@ -75,10 +75,12 @@ def make_sweep(source: Path, dest: Path, count: int) -> None:
             (folder / TIMELINE_FILE).write_text(timeline)
 
 
-def _timed(step: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
+def _timed(step: Any) -> tuple[Any, str]:
+    """The step's value, and its wall time with the CPU time it used: on a shared machine the
+    wall time counts other people's work, the CPU time only this step's."""
+    wall, cpu = time.perf_counter(), time.process_time()
     value = step()
-    return value, time.perf_counter() - start
+    return value, f"{time.perf_counter() - wall:.1f} ({time.process_time() - cpu:.1f})"
 
 
 def measure_one(source: Path, count: int) -> dict[str, Any]:
@@ -122,14 +124,20 @@ def main() -> int:
             [
                 f"{result['jobs']:,}",
                 str(result["workloads"]),
-                f"{result['table_cold_s']:.2f}",
-                f"{result['table_indexed_s']:.2f}",
-                f"{result['figures_s']:.2f} ({result['figures']} figures)",
+                result["table_cold_s"],
+                result["table_indexed_s"],
+                f"{result['figures_s']} ({result['figures']} figures)",
                 f"{result['peak_rss_mib']:.0f}",
             ]
         )
+        _write(args, rows, load_before)
+    return 0
+
+
+def _write(args: argparse.Namespace, rows: list[list[str]], load_before: tuple) -> None:
+    """The table so far: each size is written as it finishes, so a long run leaves its rows."""
     load_after = os.getloadavg()
-    header = ["jobs", "workloads", "table, cold (s)", "table, indexed (s)", "figures (s)"]
+    header = ["jobs", "workloads", "table, cold", "table, indexed", "figures"]
     lines = [
         "# Aggregating a sweep at scale",
         "",
@@ -137,7 +145,8 @@ def main() -> int:
         f"{' '.join(map(str, args.sizes))}`: records made from the real `tiny` sweep "
         f"`{args.source.name}`, {JOBS_PER_WORKLOAD} jobs a workload. Table: records read, "
         "`index.jsonl`, `results.csv` and `summary.md` without figures (cold: no index; "
-        "indexed: run again). Peak RSS of the process that did all three.",
+        "indexed: run again). Times in seconds: wall (CPU time of the process). Peak RSS of "
+        "the process that did all three.",
         "",
         f"Machine: {os.cpu_count()} CPU cores, shared; load average (1, 5, 15 min) "
         f"{', '.join(f'{x:.2f}' for x in load_before)} before, "
@@ -147,8 +156,7 @@ def main() -> int:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
