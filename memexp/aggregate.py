@@ -49,20 +49,21 @@ batches instead.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from memexp.results import STATUS_OK, RunResult, read_result
+from memexp import sweepindex
+from memexp.results import STATUS_OK, RunResult
 from memexp.sweepdir import (
     RESULT_FILE,
     find_result_files,
-    job_folders,
+    folders_without_record,
     read_job_overrides,
     sweep_of,
 )
@@ -74,8 +75,6 @@ GROUP_KEYS = ("model", "seq_len", "batch_size", "device", "precision", "attentio
 # Jobs compared with each other (baseline, Pareto frontier): one workload within one sweep.
 COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 
-# Nested record fields and the prefix their keys get as columns.
-NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
 # Saved-% columns and the measured column each compares with the baseline.
 SAVINGS = {
     "peak_saved_pct": "peak_bytes",
@@ -94,41 +93,25 @@ _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", 
 # --- finding and reading records -------------------------------------------------------------
 
 
-def _flatten(values: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
-    """One column per key; lists and dicts stay JSON so every cell is a scalar."""
-    flat = {}
-    for key, value in (values or {}).items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        flat[f"{prefix}_{key}"] = (
-            value if scalar else json.dumps(value, sort_keys=True, default=str)
-        )
-    return flat
-
-
-def _row(result: RunResult, result_file: Path) -> dict[str, Any]:
-    row = result.to_dict()
-    for name, prefix in NESTED_PREFIXES.items():
-        row.update(_flatten(row.pop(name), prefix))
-    row.update({f"phase_{k}_bytes": v for k, v in (row.pop("phase_bytes") or {}).items()})
-    row["overrides"] = " ".join(row["overrides"] or [])
-    row["result_file"] = str(result_file)
-    row["sweep"] = str(sweep_of(result_file))
-    return row
-
-
 def _record_columns() -> list[str]:
-    nested = {*NESTED_PREFIXES, "phase_bytes"}
+    nested = {*sweepindex.NESTED_PREFIXES, "phase_bytes"}
     return [f.name for f in fields(RunResult) if f.name not in nested] + ["result_file", "sweep"]
 
 
 def read_rows(files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Flattened records of `files`, and a note for each file that could not be read."""
-    rows, notes = [], []
+    """Flattened records of `files`, and a note for each file that could not be read.
+
+    Read through each sweep's index (`memexp.sweepindex`): a record already indexed is not
+    opened again.
+    """
+    by_sweep: dict[Path, list[Path]] = {}
     for path in files:
-        try:
-            rows.append(_row(read_result(path), path))
-        except (OSError, ValueError, TypeError) as error:
-            notes.append(f"could not read {path}: {type(error).__name__}: {error}")
+        by_sweep.setdefault(sweep_of(path), []).append(path)
+    rows, notes = [], []
+    for sweep, paths in by_sweep.items():
+        read = sweepindex.read_rows(sweep, paths)
+        rows += read.rows
+        notes += read.notes
     return rows, notes
 
 
@@ -170,28 +153,31 @@ def _label_value(value: Any) -> str:
     return "?" if pd.isna(value) else str(value)
 
 
+def _label_text(series: pd.Series) -> pd.Series:
+    """A column as label text, `?` where it is missing (`_label_value` for a whole column)."""
+    return series.astype(object).map(_label_value)
+
+
+def _strategy_settings(overrides: pd.Series) -> pd.Series:
+    """The `strategy.*` overrides of each row without their prefix, space-separated."""
+    found = overrides.fillna("").astype(str).str.findall(r"(?:^|(?<=\s))strategy\.(\S+)")
+    return found.str.join(" ")
+
+
 def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """`workload`, `config` and `strategy_label`: short names a plot axis or table row can carry."""
     varying = [k for k in ("device", "precision", "attention") if frame[k].nunique() > 1]
-
-    def workload(row: pd.Series) -> str:
-        shape = f"{_label_value(row.seq_len)}\u00d7{_label_value(row.batch_size)}"
-        return " ".join([shape, *(_label_value(row[k]) for k in varying)])
-
-    def strategy_label(row: pd.Series) -> str:
-        settings = [
-            o.removeprefix("strategy.") for o in row.overrides.split() if o.startswith("strategy.")
-        ]
-        return " ".join([_label_value(row.strategy), *settings])
-
     if frame.empty:
         empty = pd.Series(dtype=str)
         return frame.assign(workload=empty, config=empty, strategy_label=empty)
-    workloads = frame.apply(workload, axis=1)
+    workloads = _label_text(frame.seq_len) + "\u00d7" + _label_text(frame.batch_size)
+    for key in varying:
+        workloads = workloads + " " + _label_text(frame[key])
+    settings = _strategy_settings(frame.overrides)
     return frame.assign(
         workload=workloads,
-        config=frame.model.map(_label_value) + " " + workloads,
-        strategy_label=frame.apply(strategy_label, axis=1),
+        config=_label_text(frame.model) + " " + workloads,
+        strategy_label=_label_text(frame.strategy) + (" " + settings).where(settings.ne(""), ""),
     )
 
 
@@ -246,22 +232,34 @@ def _ranges_overlap(
     return pd.Series((low <= other_high) & (other_low <= high), dtype=bool)
 
 
-def _pareto_mask(times: pd.DataFrame, memory: pd.Series) -> pd.Series:
-    """True where no other point is at least as good in both and strictly better in one.
+def pareto_mask(
+    groups: pd.Series,
+    times: pd.Series,
+    memory: pd.Series,
+    time_ranges: tuple[pd.Series, pd.Series] | None = None,
+) -> pd.Series:
+    """True where no point of the same group is at least as good in both figures and strictly
+    better in one (identical points do not beat each other).
 
-    `times` holds the median and the min-max range: two times whose ranges overlap are a tie,
-    else the medians decide.
+    With `time_ranges` (min, max), two times whose ranges overlap are a tie (a difference within
+    noise decides nothing); else the medians decide. Ties are not transitive, so each group is
+    compared pairwise, as whole arrays: groups are one workload's strategies, a few dozen at most.
     """
-    median, low, high = (times[c] for c in (TIME_COLUMN, *TIME_RANGE))
-
-    def dominated(i: Any) -> bool:
-        tie = _ranges_overlap((low, high), (low[i], high[i]))
-        faster, slower = (median < median[i]) & ~tie, (median > median[i]) & ~tie
-        no_worse = ~slower & (memory <= memory[i])
-        better = faster | (memory < memory[i])
-        return bool((no_worse & better).any())
-
-    return pd.Series([not dominated(i) for i in median.index], index=median.index, dtype=bool)
+    beaten = np.zeros(len(times), dtype=bool)
+    median, mem = times.to_numpy(float), memory.to_numpy(float)
+    if time_ranges is None:
+        low = high = np.full(len(times), np.nan)
+    else:
+        low, high = (r.to_numpy(float) for r in time_ranges)
+    for rows in groups.groupby(groups, sort=False).indices.values():
+        t, m, lo, hi = median[rows], mem[rows], low[rows], high[rows]
+        tie = (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])  # [j, i]: j ties i
+        faster = (t[:, None] < t[None, :]) & ~tie
+        slower = (t[:, None] > t[None, :]) & ~tie
+        no_worse = ~slower & (m[:, None] <= m[None, :])
+        better = faster | (m[:, None] < m[None, :])
+        beaten[rows] = (no_worse & better).any(axis=0)
+    return pd.Series(~beaten, index=times.index, dtype=bool)
 
 
 def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
@@ -269,9 +267,12 @@ def add_pareto_column(frame: pd.DataFrame) -> pd.DataFrame:
     memory), ok rows with both figures only; overlapping step-time ranges are ties."""
     optimal = pd.Series(False, index=frame.index, dtype=bool)
     measured = frame[frame.status.eq(STATUS_OK)].dropna(subset=["peak_bytes", TIME_COLUMN])
-    for _, group in measured.groupby(list(COMPARED_KEYS), dropna=False):
-        times = group[[TIME_COLUMN, *TIME_RANGE]].apply(as_float)
-        mask = _pareto_mask(times, as_float(group.peak_bytes))
+    if not measured.empty:
+        groups = measured.groupby(list(COMPARED_KEYS), dropna=False).ngroup()
+        ranges = (as_float(measured[TIME_RANGE[0]]), as_float(measured[TIME_RANGE[1]]))
+        mask = pareto_mask(
+            groups, as_float(measured[TIME_COLUMN]), as_float(measured.peak_bytes), ranges
+        )
         optimal[mask.index] = mask
     return frame.assign(pareto_optimal=optimal)
 
@@ -298,7 +299,9 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
 def build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The full table from flattened records: labels, MiB, baseline-relative and Pareto columns."""
     frame = add_labels(add_mib_columns(_records_frame(rows)))
-    return _ordered(add_busy_column(add_pareto_column(add_baseline_columns(frame))))
+    # One block per dtype (`copy` consolidates): every later selection of rows takes a few
+    # blocks instead of each of some hundred columns on its own.
+    return _ordered(add_busy_column(add_pareto_column(add_baseline_columns(frame)))).copy()
 
 
 def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -391,9 +394,7 @@ def duplicate_notes(frame: pd.DataFrame) -> list[str]:
 def missing_result_notes(sweep_dir: Path) -> list[str]:
     """Job folders Hydra created that hold no `result.json`: the job died before writing it."""
     notes = []
-    for job_dir in job_folders(sweep_dir):
-        if (job_dir / RESULT_FILE).is_file():
-            continue
+    for job_dir in folders_without_record(sweep_dir):
         overrides = read_job_overrides(job_dir)
         said = (
             "overrides unreadable" if overrides is None else " ".join(overrides) or "no overrides"

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import resume
+from memexp import resume, sweepindex
 from memexp.config import ConfigError
 from memexp.configure import require_values
 from memexp.interrupts import describe_interrupt, stop_on_sigterm
@@ -78,5 +78,14 @@ def run_guarded(
         if not (Path(job_dir) / RESULT_FILE).is_file():
             record_failure(cfg, job_dir, identity, interrupt)
         raise
+    index_record(job_dir)
     mirror(cfg, result, job_dir, group_dir, " ".join(identity["overrides"]) or "defaults")
     return result
+
+
+def index_record(job_dir: Path) -> None:
+    """Add the job's record to its sweep's index; on failure the aggregate reads the record."""
+    try:
+        sweepindex.append_row(Path(job_dir) / RESULT_FILE)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"[memexp] index row skipped ({type(error).__name__}: {error})", flush=True)

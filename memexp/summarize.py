@@ -1,11 +1,15 @@
 """Write a sweep's outputs: `results.csv`, `plots/*.png` and `summary.md`; the command line.
 
-    python -m memexp.summarize PATH... [--out FILE]
+    python -m memexp.summarize PATH... [--out FILE] [--timeline model=small,seq=256 ...]
 
 PATH is a sweep folder, a parent folder holding many sweeps, a job folder, a `result.json`, or a
 glob of any of these (quoted globs are expanded here). Every sweep found gets `results.csv`,
 `plots/*.png` and `summary.md` (a single run's folder gets its own, beside its `result.json`);
-`--out` also writes one CSV holding all jobs found.
+`--out` also writes one CSV holding all jobs found; `--timeline` names the workloads the
+memory-over-one-step figure draws.
+
+Records are read through each sweep's `index.jsonl` (`memexp.sweepindex`), so summarizing again,
+during a sweep or after it, reads only the records that are new since.
 
 The one place that draws and writes: `memexp.aggregate` builds the table, `memexp.plots` draws
 it, `memexp.report` writes the page. The figure drawer is a parameter, so a caller that wants
@@ -15,6 +19,7 @@ only the table and the page (a test, a quick look) passes one that draws nothing
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from memexp.aggregate import (
     read_rows,
 )
 from memexp.figures import PlotOutcome
+from memexp.plots.timeline import DEFAULT_TIMELINES
 from memexp.report import write_summary
 from memexp.results import STATUS_OK
 from memexp.sweepdir import PLOTS_DIR, RESULT_FILE, RESULTS_CSV, find_result_files, sweep_of
@@ -84,14 +90,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("paths", nargs="+", help="sweep folders, parents of sweeps, or globs")
     parser.add_argument("--out", type=Path, help="also write every job found into this CSV")
+    parser.add_argument(
+        "--timeline",
+        action="append",
+        default=[],
+        type=plots.parse_selection,
+        metavar="KEY=VALUE,...",
+        help="workloads the memory-over-one-step figure draws, e.g. model=small,seq=256 "
+        "(repeatable; keys: model, seq, batch, device, precision, attention, config); "
+        f"default: {DEFAULT_TIMELINES} configs evenly spaced from smallest to largest",
+    )
     args = parser.parse_args(argv)
+    draw = functools.partial(plots.draw_all, timelines=args.timeline)
 
     files = find_result_files(args.paths)
     if not files:
         print(f"no {RESULT_FILE} under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     for sweep in sorted({sweep_of(f) for f in files}):
-        output = summarize_sweep(sweep)
+        output = summarize_sweep(sweep, draw)
         ok = int(output.frame.status.eq(STATUS_OK).sum())
         print(f"{sweep}: {len(output.frame)} jobs ({ok} ok), wrote {len(output.written)} files")
         for note in output.notes:

@@ -4,6 +4,7 @@
     <sweep>/<job>/.hydra/              Hydra: the job's composed config, choices and overrides
     <sweep>/<job>/result.json          memexp: the job's record (memexp.results)
     <sweep>/<job>/timeline.json        memexp: memory over the job's tracked step
+    <sweep>/index.jsonl                memexp: a flattened row per job (memexp.sweepindex)
     <sweep>/results.csv, summary.md, plots/   memexp: the aggregate
 
 Everything that looks for records or reads Hydra's files in a sweep folder goes through here,
@@ -21,6 +22,7 @@ import yaml
 RESULT_FILE = "result.json"
 TIMELINE_FILE = "timeline.json"
 RESULTS_CSV = "results.csv"
+INDEX_FILE = "index.jsonl"  # memexp.sweepindex: a row per job, appended as each finishes
 SUMMARY_MD = "summary.md"
 PLOTS_DIR = "plots"
 MULTIRUN_YAML = "multirun.yaml"
@@ -77,6 +79,11 @@ def job_folders(sweep_dir: Path) -> list[Path]:
     """Every job folder Hydra set up under `sweep_dir` (it holds `.hydra/`), in job order."""
     folders = {path.parent for path in Path(sweep_dir).glob(f"*/{HYDRA_DIR}") if path.is_dir()}
     return sorted(folders, key=job_order)
+
+
+def folders_without_record(sweep_dir: Path) -> list[Path]:
+    """Job folders Hydra set up that hold no record yet: running, or died before writing it."""
+    return [job for job in job_folders(sweep_dir) if not (job / RESULT_FILE).is_file()]
 
 
 def new_job_folder(sweep_dir: Path) -> Path:

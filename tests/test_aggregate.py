@@ -258,6 +258,7 @@ def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
                                 step_ms_median=10.0, **WORKLOAD))  # fmt: skip
     assert summarize.main([str(tmp_path / "2026-12-01")]) == 0
     assert sorted(p.name for p in run.iterdir()) == [
+        "index.jsonl",
         "plots",
         "result.json",
         "results.csv",

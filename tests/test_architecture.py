@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("configure",),  # Hydra registration and validation (knows every strategy)
     ("record",),  # the one room that writes figures into a RunResult
     ("runner",),  # one job
+    ("sweepindex",),  # record → table row, kept in the sweep's index.jsonl
     ("aggregate", "wandb_sink"),  # sweep → table; W&B mirror
     ("analysis",),  # table → orders, descriptions and derived tables plots and report share
     ("plots", "report"),  # table → figures; table → summary.md sections

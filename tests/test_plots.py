@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from memexp import aggregate, plots
+from memexp import aggregate, plots, summarize
 from memexp.aggregate import load_results
 from memexp.results import RunResult, write_json_atomic, write_result
 
@@ -306,3 +306,63 @@ def test_drawing_leaves_global_matplotlib_settings_alone(frame: pd.DataFrame, tm
     before = dict(mpl.rcParams)
     plots.plot_breakdown(one_workload(frame), tmp_path)
     assert dict(mpl.rcParams) == before
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """20 workloads of one model (20 sequence lengths), 2 strategies each: more than a figure
+    can show as panels."""
+    sweep = tmp_path_factory.mktemp("many")
+    for index in range(20):
+        for offset, strategy in enumerate(("none", "full")):
+            write_job(sweep, 2 * index + offset, "tiny", 16 * (index + 1), 2, strategy)
+    return load_results([sweep])
+
+
+@pytest.mark.slow
+def test_a_figure_of_many_configs_draws_at_most_the_cap_and_says_so(
+    many: pd.DataFrame, tmp_path: Path
+) -> None:
+    cap = plots.style.MAX_PANELS
+    # Evenly spaced over the 20 configs in reading order, first and last included.
+    expected = [f"tiny {16 * (i + 1)}\u00d72" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19)]
+    assert cap == len(expected)
+    for draw in (plots.plot_breakdown, plots.plot_tradeoff, plots.plot_comparison):
+        outcome = draw(many, tmp_path)
+        assert outcome.path is not None
+        shown = outcome.data.config if "config" in outcome.data else "tiny " + outcome.data.workload
+        assert list(dict.fromkeys(shown)) == expected
+        assert outcome.note == (
+            f"{cap} of 20 configs drawn, evenly spaced from the smallest to the largest "
+            "workload; every config is in results.csv and summary.md"
+        )
+
+
+@pytest.mark.slow
+def test_the_timeline_draws_a_few_configs_or_the_ones_named(
+    many: pd.DataFrame, tmp_path: Path
+) -> None:
+    default = plots.plot_timeline(many, tmp_path)
+    assert list(dict.fromkeys(default.data.config)) == [
+        "tiny 16\u00d72",
+        "tiny 112\u00d72",
+        "tiny 224\u00d72",
+        "tiny 320\u00d72",
+    ]
+    assert default.note.startswith("4 of 20 configs drawn")
+    named = [plots.parse_selection("model=tiny,seq=64"), plots.parse_selection("seq=128")]
+    chosen = plots.plot_timeline(many, tmp_path, select=named)
+    assert list(dict.fromkeys(chosen.data.config)) == ["tiny 64\u00d72", "tiny 128\u00d72"]
+    assert chosen.note == "2 of 20 configs drawn, as named: model=tiny,seq_len=64; seq_len=128"
+    with pytest.raises(ValueError, match="'colour=red'"):
+        plots.parse_selection("model=tiny,colour=red")
+
+
+@pytest.mark.slow
+def test_summarize_passes_named_timelines_to_the_figure(tmp_path: Path) -> None:
+    for num, strategy in enumerate(("none", "full")):
+        for seq_len in (32, 64):
+            write_job(tmp_path, 2 * num + seq_len // 64, "tiny", seq_len, 2, strategy)
+    assert summarize.main([str(tmp_path), "--timeline", "seq=64"]) == 0
+    page = (tmp_path / "summary.md").read_text()
+    assert "Note: 1 of 2 configs drawn, as named: seq_len=64" in page

@@ -11,7 +11,7 @@ figure names its memory source in a footer.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -21,14 +21,16 @@ from memexp.plots.auto_batch import plot_auto_batch
 from memexp.plots.breakdown import plot_breakdown
 from memexp.plots.comparison import comparison_panels, plot_comparison
 from memexp.plots.scaling import plot_scaling, scaling_panels
-from memexp.plots.timeline import plot_timeline, read_timeline
+from memexp.plots.timeline import Selection, parse_selection, plot_timeline, read_timeline
 from memexp.plots.tradeoff import plot_tradeoff
 
 __all__ = [
     "FIGURES",
     "PlotOutcome",
+    "Selection",
     "comparison_panels",
     "draw_all",
+    "parse_selection",
     "plot_auto_batch",
     "plot_breakdown",
     "plot_comparison",
@@ -39,19 +41,23 @@ __all__ = [
     "scaling_panels",
 ]
 
+TIMELINE_FIGURE = "memory over one step"
 FIGURES: tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...] = (
     ("comparison", plot_comparison),
     ("scaling vs seq_len", functools.partial(plot_scaling, axis="seq_len")),
     ("scaling vs batch_size", functools.partial(plot_scaling, axis="batch_size")),
     ("memory-time trade-off", plot_tradeoff),
     ("memory breakdown", plot_breakdown),
-    ("memory over one step", plot_timeline),
+    (TIMELINE_FIGURE, plot_timeline),
     ("largest batch that fits", plot_auto_batch),
 )
 
 
-def draw_all(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
-    """Every figure the data supports, into `out_dir`.
+def draw_all(
+    frame: pd.DataFrame, out_dir: Path, timelines: Sequence[Selection] = ()
+) -> list[PlotOutcome]:
+    """Every figure the data supports, into `out_dir`; the timeline figure draws the workloads
+    `timelines` names (`plot_timeline`'s `select`), or its default few.
 
     A figure that fails on data no one foresaw becomes a note instead of an exception: this runs at
     the end of a sweep, and one bad figure must not cost the table and the other figures.
@@ -62,6 +68,8 @@ def draw_all(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
         stale.unlink()
     outcomes = []
     for name, draw in FIGURES:
+        if name == TIMELINE_FIGURE:  # the one figure that draws what the user names
+            draw = functools.partial(draw, select=timelines)
         try:
             outcomes.append(draw(frame, Path(out_dir)))
         except Exception as error:

@@ -20,6 +20,7 @@ from memexp.analysis import (
 from memexp.figures import BREAKDOWN_PNG, PlotOutcome
 from memexp.plots.style import (
     FAILED_LEGEND,
+    capped_panels,
     category_axis,
     failed_rows,
     footer,
@@ -63,7 +64,8 @@ def _breakdown_axis(ax: Axes, rows: pd.DataFrame, colors: list[Any]) -> None:
 
 @styled
 def plot_breakdown(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Stacked parts of the peak per strategy, one panel per config, the measured peak as a tick.
+    """Stacked parts of the peak per strategy, one panel per config (at most `MAX_PANELS`, the
+    cut named in the figure and the note), the measured peak as a tick.
 
     Data: a row per bar (config, strategy label) with each part and the peak in MiB.
     """
@@ -75,6 +77,7 @@ def plot_breakdown(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         return PlotOutcome(
             title, note="memory breakdown skipped: no ok job recorded parts of its peak"
         )
+    configs, cut = capped_panels(configs)
     colors = sns.color_palette("Set2", len(COMPONENTS))
     rows, columns = grid_shape(len(configs))
     panel_width = max(4.0, 0.6 * frame.strategy_label.nunique() + 1.5)
@@ -87,8 +90,9 @@ def plot_breakdown(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     peak = Line2D([], [], color="black", marker="_", linestyle="", markersize=14, label="peak")
     fig.legend(handles=[peak, *handles[::-1]], loc="outside right upper", frameon=False)
     fig.suptitle(title, fontweight="bold")
-    footer(fig, memory_footer(frame), FAILED_LEGEND)
+    footer(fig, memory_footer(frame), FAILED_LEGEND, *([f"Shown: {cut}."] if cut else []))
     drawn = measured[measured.config.isin(configs)][
         ["config", "strategy_label", *parts, "peak_mib"]
     ]
-    return PlotOutcome(title, save(fig, out_dir, BREAKDOWN_PNG), data=drawn.reset_index(drop=True))
+    path = save(fig, out_dir, BREAKDOWN_PNG)
+    return PlotOutcome(title, path, cut, drawn.reset_index(drop=True))

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from memexp.aggregate import BASELINE_STRATEGY
 from memexp.analysis import (
+    config_order,
     model_order,
     strategy_order,
 )
@@ -20,6 +21,7 @@ from memexp.figures import COMPARISON_PNG, PlotOutcome
 from memexp.plots.style import (
     FAILED_LEGEND,
     bar_offsets,
+    capped_panels,
     category_axis,
     failed_rows,
     footer,
@@ -119,7 +121,8 @@ def _mark_missing_baselines(
 
 @styled
 def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Peak MiB, saved %, step ms and overhead % per config and strategy, a column per model.
+    """Peak MiB, saved %, step ms and overhead % per config and strategy, a column per model;
+    at most `MAX_PANELS` configs (an evenly spaced subset, named in the figure and the note).
 
     Panels no job has a figure for are left out (see `comparison_panels`). Data: a row per bar
     slot (model, workload, strategy label) with the figure of each panel drawn.
@@ -128,6 +131,8 @@ def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     if ok_rows(frame, "peak_mib").empty:
         return PlotOutcome(title, note="comparison skipped: no job finished ok with a peak memory")
     panels = comparison_panels(frame)
+    shown, cut = capped_panels(config_order(frame))
+    frame = frame[frame.config.isin(shown)]
     models, colors = model_order(frame), palette(strategy_order(frame))
     slots = [frame[frame.model.eq(m)].workload.nunique() for m in models]
     # Room for every bar of every workload, plus the axis labels and the legend.
@@ -150,6 +155,8 @@ def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     fig.suptitle(title, fontweight="bold")
     timed = "step_ms_median" in dict(panels)
     whiskers = " Whiskers: min\u2013max step time." if timed else ""
-    footer(fig, memory_footer(frame), time_footer(frame) + whiskers, FAILED_LEGEND)
+    shown_line = [f"Shown: {cut}."] if cut else []
+    footer(fig, memory_footer(frame), time_footer(frame) + whiskers, FAILED_LEGEND, *shown_line)
     drawn = ok_rows(frame, "peak_mib")[["model", "workload", "strategy_label", *dict(panels)]]
-    return PlotOutcome(title, save(fig, out_dir, COMPARISON_PNG), data=drawn.reset_index(drop=True))
+    path = save(fig, out_dir, COMPARISON_PNG)
+    return PlotOutcome(title, path, cut, drawn.reset_index(drop=True))

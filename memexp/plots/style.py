@@ -32,6 +32,9 @@ from memexp.results import STATUS_OK
 
 DPI = 120
 PANEL_COLUMNS = 3
+# The most panels one figure draws: beyond it a panel is too small to read, and drawing takes
+# seconds per dozen. A sweep with more configs gets an evenly spaced subset, and says so.
+MAX_PANELS = 9
 FAILED_LEGEND = "A status written instead of a bar: that job did not finish ok."
 
 
@@ -66,6 +69,24 @@ def grid_shape(count: int, columns: int = PANEL_COLUMNS) -> tuple[int, int]:
     """(rows, columns) for `count` panels at most `columns` wide."""
     columns = min(columns, count)
     return -(-count // columns), columns
+
+
+def capped_panels(configs: Sequence[str], cap: int = MAX_PANELS) -> tuple[list[str], str | None]:
+    """At most `cap` of `configs` (in reading order), and a note naming the cut when there is one.
+
+    The subset is evenly spaced over the reading order, first and last included, so the figure
+    still spans the smallest to the largest workload; every config stays in results.csv and
+    summary.md.
+    """
+    configs = list(configs)
+    if len(configs) <= cap:
+        return configs, None
+    picks = np.unique(np.linspace(0, len(configs) - 1, cap).round().astype(int))
+    note = (
+        f"{len(picks)} of {len(configs)} configs drawn, evenly spaced from the smallest to the "
+        "largest workload; every config is in results.csv and summary.md"
+    )
+    return [configs[i] for i in picks], note
 
 
 def panel_grid(fig: Figure, count: int, xlabel: str, ylabel: str) -> list[Axes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from memexp.analysis import (
 )
 from memexp.figures import TIMELINE_PNG, PlotOutcome
 from memexp.plots.style import (
+    capped_panels,
     footer,
     grid_shape,
     ok_rows,
@@ -30,6 +32,59 @@ from memexp.plots.style import (
 from memexp.text import MIB
 
 PHASE_MARKERS = {"backward": "v", "optimizer": "s"}  # drawn where each phase starts
+# Configs drawn when the user names none: enough to compare, few enough to read.
+DEFAULT_TIMELINES = 4
+# What a user may name a workload by (`--timeline model=small,seq=256`): the table's columns.
+SELECTION_KEYS = {
+    "model": "model",
+    "seq": "seq_len",
+    "seq_len": "seq_len",
+    "batch": "batch_size",
+    "batch_size": "batch_size",
+    "device": "device",
+    "precision": "precision",
+    "attention": "attention",
+    "config": "config",
+}
+
+# A workload a user names: column -> value as written (e.g. {"model": "small", "seq_len": "256"}).
+Selection = dict[str, str]
+
+
+def parse_selection(text: str) -> Selection:
+    """`model=small,seq=256` as {"model": "small", "seq_len": "256"}; ValueError names a bad key."""
+    selection = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in SELECTION_KEYS:
+            raise ValueError(
+                f"{part!r}: expected KEY=VALUE with KEY one of {sorted(SELECTION_KEYS)}"
+            )
+        selection[SELECTION_KEYS[key.strip()]] = value.strip()
+    return selection
+
+
+def selected_configs(
+    data: pd.DataFrame, selections: Sequence[Selection]
+) -> tuple[list[str], str | None]:
+    """The configs to draw, in reading order, and a note saying how they were chosen.
+
+    Named workloads when there are selections (every config matching any of them); otherwise
+    `DEFAULT_TIMELINES` configs evenly spaced over the reading order when there are more.
+    """
+    configs = config_order(data)
+    if not selections:
+        return capped_panels(configs, DEFAULT_TIMELINES)
+    text = data.astype({c: str for c in {k for s in selections for k in s}})
+    chosen = set()
+    for selection in selections:
+        match = pd.Series(True, index=data.index)
+        for column, value in selection.items():
+            match &= text[column].eq(value)
+        chosen |= set(data.config[match])
+    named = "; ".join(",".join(f"{k}={v}" for k, v in s.items()) for s in selections)
+    shown = [c for c in configs if c in chosen]
+    return shown, f"{len(shown)} of {len(configs)} configs drawn, as named: {named}"
 
 
 def read_timeline(path: Path) -> tuple[str | None, pd.DataFrame]:
@@ -79,17 +134,26 @@ def _timeline_line(ax: Axes, points: pd.DataFrame, color: Any) -> None:
 
 
 @styled
-def plot_timeline(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Allocated memory through one training step, one line per strategy, one panel per config.
+def plot_timeline(
+    frame: pd.DataFrame, out_dir: Path, select: Sequence[Selection] = ()
+) -> PlotOutcome:
+    """Allocated memory through one training step, one line per strategy, one panel per config:
+    the configs `select` names, or by default `DEFAULT_TIMELINES` of them (`selected_configs`).
 
     Data: every vertex drawn (config, strategy label, `timeline_points`' columns).
     """
     title = "Memory over one training step"
     data = ok_rows(frame, "timeline_file")
+    if data.empty:
+        return PlotOutcome(
+            title, note="memory over one step skipped: no ok job wrote timeline.json"
+        )
+    shown, cut = selected_configs(data, select)
+    data = data[data.config.isin(shown)]
     loaded, problems = _load_timelines(data)
     problem_note = f"timelines unreadable: {', '.join(problems)}" if problems else None
     if not loaded:
-        why = problem_note or "no ok job wrote timeline.json"
+        why = problem_note or f"no config matches: {cut}"
         return PlotOutcome(title, note=f"memory over one step skipped: {why}")
     data = data.loc[list(loaded)]
     configs, colors = config_order(data), palette(strategy_order(data))
@@ -126,7 +190,9 @@ def plot_timeline(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     fig.suptitle(f"{title} (forward, then backward, then optimizer)", fontweight="bold")
     sources = sorted({str(source) for source, _ in loaded.values()})
     names = "; ".join(MEMORY_SOURCE_LABELS.get(s, s) for s in sources)
-    footer(fig, f"Timeline source: {names}. 1 MiB = 2^20 bytes.")
+    shown_line = [f"Shown: {cut}."] if cut else []
+    footer(fig, f"Timeline source: {names}. 1 MiB = 2^20 bytes.", *shown_line)
     columns = ["config", "strategy_label", "fraction", "allocated_mib", "phase", "phase_starts"]
     table = pd.concat(drawn, ignore_index=True)[columns]
-    return PlotOutcome(title, save(fig, out_dir, TIMELINE_PNG), problem_note, table)
+    note = "; ".join(filter(None, [cut, problem_note])) or None
+    return PlotOutcome(title, save(fig, out_dir, TIMELINE_PNG), note, table)

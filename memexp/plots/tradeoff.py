@@ -17,6 +17,7 @@ from memexp.analysis import (
 )
 from memexp.figures import TRADEOFF_PNG, PlotOutcome
 from memexp.plots.style import (
+    capped_panels,
     footer,
     grid_shape,
     memory_footer,
@@ -71,7 +72,8 @@ def _tradeoff_axis(ax: Axes, rows: pd.DataFrame, colors: dict[str, Any]) -> None
 
 @styled
 def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Step time vs peak memory per config; strategies on the frontier have a black edge.
+    """Step time vs peak memory per config (at most `MAX_PANELS` panels, the cut named in the
+    figure and the note); strategies on the frontier have a black edge.
 
     Data: a row per point (config, strategy label), its times, peak MiB and `pareto_optimal`.
     """
@@ -83,6 +85,7 @@ def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         return PlotOutcome(
             title, note="trade-off skipped: no config has two strategies with memory and time"
         )
+    configs, cut = capped_panels(configs)
     colors = palette(strategy_order(data))
     rows, columns = grid_shape(len(configs))
     fig = Figure(figsize=(4.3 * columns + 2.5, 3.6 * rows + 1), layout="constrained")
@@ -107,13 +110,15 @@ def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         frameon=False,
     )
     fig.suptitle(f"{title} (lower left is better)", fontweight="bold")
+    shown = [f"Shown: {cut}."] if cut else []
     footer(
         fig,
         memory_footer(data),
         time_footer(data),
         "Whiskers: min\u2013max step time; overlapping whiskers tie on time for the frontier.",
+        *shown,
     )
     drawn = data[data.config.isin(configs)][
         ["config", "strategy_label", "step_ms_median", "step_ms_min", "step_ms_max", "peak_mib"]
     ].assign(pareto_optimal=data.pareto_optimal.astype(bool))
-    return PlotOutcome(title, save(fig, out_dir, TRADEOFF_PNG), data=drawn.reset_index(drop=True))
+    return PlotOutcome(title, save(fig, out_dir, TRADEOFF_PNG), cut, drawn.reset_index(drop=True))

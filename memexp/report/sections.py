@@ -32,7 +32,12 @@ from memexp.report.cells import (
 )
 from memexp.report.findings import ESTIMATED_STEP
 from memexp.results import STATUS_OK
-from memexp.sweepdir import MULTIRUN_YAML, read_sweep_overrides
+from memexp.sweepdir import (
+    MULTIRUN_YAML,
+    RESULT_FILE,
+    folders_without_record,
+    read_sweep_overrides,
+)
 from memexp.text import MISSING, markdown_table
 
 WITHIN_NOISE = "within noise"
@@ -80,12 +85,21 @@ _RESULT_COLUMNS: tuple[tuple[str, Callable[[pd.Series], str]], ...] = (
 def header(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:
     counts = frame.status.value_counts()
     by_status = ", ".join(f"{count} {status}" for status, count in counts.items())
-    return [
+    lines = [
         f"# Sweep summary: {sweep_dir.name}",
         "",
         f"Folder: `{sweep_dir}`. {len(frame)} job(s) with a result: {by_status or 'none'}.",
         *_busy_headline(frame),
     ]
+    pending = len(folders_without_record(sweep_dir))
+    if pending:
+        lines += [
+            "",
+            f"**Partial summary:** {pending} job folder(s) hold no `{RESULT_FILE}` yet (still "
+            "running, or the process died before writing it; see Notes). Summarize again when "
+            "the sweep has ended: records already read are taken from the sweep's index.",
+        ]
+    return lines
 
 
 def _busy_headline(frame: pd.DataFrame) -> list[str]:
