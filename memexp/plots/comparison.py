@@ -155,6 +155,6 @@ def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     timed = "step_ms_median" in dict(panels)
     whiskers = " Whiskers: min\u2013max step time." if timed else ""
     scopes = "Step peak: the whole training step; fwd+bwd peak: forward, loss and backward."
-    footer(fig, f"{memory_footer(frame)} {scopes}", time_footer(frame) + whiskers, FAILED_LEGEND)
+    footer(fig, memory_footer(frame), scopes, time_footer(frame) + whiskers, FAILED_LEGEND)
     drawn = ok_rows(frame, "peak_mib")[["model", "workload", "strategy_label", *dict(panels)]]
     return PlotOutcome(title, save(fig, out_dir, COMPARISON_PNG), data=drawn.reset_index(drop=True))
