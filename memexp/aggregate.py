@@ -24,6 +24,7 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   number are `baseline_sweep` and `baseline_job_num`: a job is never compared with another
   sweep's baseline, even when several sweeps are read into one table;
   `peak_saved_pct` = 100 * (baseline peak - peak) / baseline peak, and likewise
+  `forward_backward_peak_saved_pct` (from `forward_backward_peak_bytes`),
   `activation_saved_pct` (from `activations_bytes`) and `saved_activation_saved_pct` (from
   `saved_activation_bytes`); `time_overhead_pct` = 100 * (step - baseline step) / baseline step from
   `step_ms_median`; `time_within_noise`: True when the job's step times (`step_ms_min` to
@@ -78,6 +79,7 @@ COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 # Saved-% columns and the measured column each compares with the baseline.
 SAVINGS = {
     "peak_saved_pct": "peak_bytes",
+    "forward_backward_peak_saved_pct": "forward_backward_peak_bytes",
     "activation_saved_pct": "activations_bytes",
     "saved_activation_saved_pct": "saved_activation_bytes",
 }

@@ -55,7 +55,8 @@ def format_table(results: list[RunResult]) -> str:
         "model",
         "strategy",
         "seq×batch",
-        "peak MiB",
+        "step peak MiB",
+        "fwd+bwd peak MiB",
         "saved act MiB",
         "step ms",
         "status",
@@ -67,6 +68,7 @@ def format_table(results: list[RunResult]) -> str:
             r.strategy or "-",
             f"{r.seq_len if r.seq_len is not None else '-'}×{r.batch_size if r.batch_size is not None else '-'}",
             format_mib(r.peak_bytes),
+            format_mib(r.forward_backward_peak_bytes),
             format_mib(r.saved_activation_bytes),
             _ms(r.step_ms_median),
             r.status,
@@ -83,7 +85,8 @@ def format_table(results: list[RunResult]) -> str:
     else:
         timing = "n/a"
     lines.append(
-        f"peak: {', '.join(sources) or 'n/a'}; saved act: bytes saved for backward "
+        f"peaks: {', '.join(sources) or 'n/a'} (step: the whole step; fwd+bwd: forward, loss and "
+        f"backward); saved act: bytes saved for backward "
         f"(saved-tensor hooks); step ms: {timing}"
     )
     failed = [r for r in results if r.status != "ok"]

@@ -59,6 +59,11 @@ partial plan is dropped only when another keeps and holds no more, costs no more
 has no higher peak so far (every later constraint grows with kept and held bytes), so the
 optimum is never lost: the result is exact, as an exhaustive search confirms in the tests.
 Ties go to the lower predicted peak.
+
+Scope. The budget holds the highest point over one of two scopes (memexp.results.PEAK_FIELDS):
+`step`, every point above, or `forward_backward`, every point but the optimizer step's, which
+no plan changes and which (Adam's scratch, in fp32) can set the whole step's peak whatever the
+plan. `predict` names every point, so it gives both peaks of a plan.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
 from memexp.plan import LAYER, CheckpointPlan, Part
+from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
 
 LayerOption = tuple[str, ...]  # the units one layer recomputes
@@ -89,6 +95,7 @@ OPTIONS: tuple[LayerOption, ...] = (
 )
 UNITS = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
 PROFILE_SOURCE = "tensor_tracker_and_flop_counter_on_fake_tensors"
+OPTIMIZER_POINT = "optimizer step"  # the one highest point outside forward and backward
 
 
 def option_name(option: LayerOption) -> str:
@@ -176,15 +183,17 @@ class StepProfile:
             before_head + held + self.head_forward_net_bytes + self.head_backward_peak_bytes,
         )
 
-    def fixed_peaks(self) -> dict[str, int]:
-        """The highest points no plan changes."""
-        return {
+    def fixed_peaks(self, scope: str = SCOPE_STEP) -> dict[str, int]:
+        """The highest points in `scope` no plan changes (the optimizer step's only in `step`)."""
+        points = {
             "embedding forward": self.resting_bytes + self.embedding_peak_bytes,
             "embedding backward": self._after_head
             + self.layers * self.layer_gradient_bytes
             + self.embedding_backward_peak_bytes,
-            "optimizer step": self.optimizer_peak_bytes,
         }
+        if scope == SCOPE_STEP:
+            points[OPTIMIZER_POINT] = self.optimizer_peak_bytes
+        return points
 
     def saved_activation_bytes(self) -> int:
         """Bytes autograd saves for backward under the `none` plan (that job's recorded figure)."""
@@ -198,16 +207,40 @@ class StepProfile:
 
 @dataclass(frozen=True)
 class PeakPrediction:
-    peak_bytes: int
-    where: str
+    """A plan's highest points, named (`forward of layer 3`, `optimizer step`, …), and its cost."""
+
+    points: dict[str, int]
     recompute_flops: int
+
+    def _in(self, scope: str) -> dict[str, int]:
+        if scope == SCOPE_STEP:
+            return self.points
+        return {name: bytes_ for name, bytes_ in self.points.items() if name != OPTIMIZER_POINT}
+
+    def where_in(self, scope: str) -> str:
+        """The point that sets the peak over `scope`."""
+        points = self._in(scope)
+        return max(points, key=lambda name: points[name])
+
+    def peak_in(self, scope: str) -> int:
+        return self.points[self.where_in(scope)]
+
+    @property
+    def peak_bytes(self) -> int:
+        """The whole step's peak (the record's `peak_bytes`)."""
+        return self.peak_in(SCOPE_STEP)
+
+    @property
+    def forward_backward_peak_bytes(self) -> int:
+        """Forward, loss and backward's peak (the record's `forward_backward_peak_bytes`)."""
+        return self.peak_in(SCOPE_FORWARD_BACKWARD)
 
 
 def predict(profile: StepProfile, choices: Sequence[LayerOption]) -> PeakPrediction:
-    """The predicted peak of a plan by walking the step phase by phase (the solver's reference)."""
+    """The predicted peaks of a plan by walking the step phase by phase (the solver's reference)."""
     if len(choices) != profile.layers:
         raise ValueError(f"{len(choices)} choices for {profile.layers} layers")
-    points = dict(profile.fixed_peaks())
+    points = dict(profile.fixed_peaks(SCOPE_STEP))
     now = profile.resting_bytes + profile.embedding_net_bytes
     for index, option in enumerate(choices):
         points[f"forward of layer {index}"] = now + profile.options[option].forward_peak_bytes
@@ -221,9 +254,7 @@ def predict(profile: StepProfile, choices: Sequence[LayerOption]) -> PeakPredict
         points[f"backward of layer {index}"] = now + stats.backward_peak_bytes
         # the layer's held activations go; its weight gradients stay
         now += profile.layer_gradient_bytes - stats.held_bytes
-    where = max(points, key=lambda name: points[name])
-    cost = sum(profile.cost(option) for option in choices)
-    return PeakPrediction(points[where], where, cost)
+    return PeakPrediction(points, sum(profile.cost(option) for option in choices))
 
 
 class _PhaseMarks:
@@ -414,7 +445,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
 class Solution:
     choices: tuple[LayerOption, ...]
     recompute_flops: int
-    peak_bytes: int  # predicted, whole step
+    peak_bytes: int  # predicted, over the scope the plan was solved for
 
     @property
     def plan(self) -> CheckpointPlan:
@@ -457,10 +488,11 @@ def _undominated(partials: list[_Partial]) -> list[_Partial]:
 
 
 def _search(
-    profile: StepProfile, limit: int | None, objective: Callable[[Solution], Any]
+    profile: StepProfile, limit: int | None, objective: Callable[[Solution], Any], scope: str
 ) -> Solution | None:
-    """The best plan by `objective` among those whose predicted peak is within `limit` bytes."""
-    fixed = max(profile.fixed_peaks().values())
+    """The best plan by `objective` among those whose predicted peak over `scope` is within
+    `limit` bytes."""
+    fixed = max(profile.fixed_peaks(scope).values())
     if limit is not None and fixed > limit:
         return None
     frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed, choices=())]
@@ -496,17 +528,23 @@ def _order(choices: Sequence[LayerOption]) -> tuple[int, ...]:
     return tuple(OPTIONS.index(option) for option in choices)
 
 
-def cheapest_within(profile: StepProfile, budget_bytes: int) -> Solution | None:
-    """The plan with the least recompute FLOPs whose predicted peak is within the budget."""
+def cheapest_within(
+    profile: StepProfile, budget_bytes: int, scope: str = SCOPE_STEP
+) -> Solution | None:
+    """The plan with the least recompute FLOPs whose predicted peak over `scope` is within the
+    budget."""
     return _search(
-        profile, budget_bytes, lambda s: (s.recompute_flops, s.peak_bytes, _order(s.choices))
+        profile,
+        budget_bytes,
+        lambda s: (s.recompute_flops, s.peak_bytes, _order(s.choices)),
+        scope,
     )
 
 
-def leanest(profile: StepProfile) -> Solution:
-    """The plan with the lowest predicted peak (the cheapest among equals)."""
+def leanest(profile: StepProfile, scope: str = SCOPE_STEP) -> Solution:
+    """The plan with the lowest predicted peak over `scope` (the cheapest among equals)."""
     solution = _search(
-        profile, None, lambda s: (s.peak_bytes, s.recompute_flops, _order(s.choices))
+        profile, None, lambda s: (s.peak_bytes, s.recompute_flops, _order(s.choices)), scope
     )
     assert solution is not None  # without a limit every plan is a candidate
     return solution

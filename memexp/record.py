@@ -132,6 +132,7 @@ def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | N
 def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -> None:
     result.memory_source = memory.source
     result.peak_bytes = memory.peak_bytes
+    result.forward_backward_peak_bytes = memory.forward_backward_peak_bytes
     result.peak_reserved_bytes = memory.peak_reserved_bytes
     for field_name, value in memory.breakdown.items():
         setattr(result, field_name, value)
@@ -160,7 +161,8 @@ def describe_outcome(result: RunResult) -> str:
     if result.memory_source == SOURCE_FAKE_TENSORS:
         return describe_prediction(result)
     return (
-        f"[memexp] peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
+        f"[memexp] step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
         f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}]"
@@ -174,7 +176,8 @@ def describe_prediction(result: RunResult) -> str:
     """The one line a fake-device job prints: predicted, with its sources, never 'measured'."""
     extra = result.extra
     text = (
-        f"[memexp] predicted peak {format_bytes(result.peak_bytes)} ({result.memory_source}), "
+        f"[memexp] predicted step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)}, "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
     )

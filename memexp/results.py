@@ -63,6 +63,13 @@ SOURCE_CUDA_ALLOCATOR = "cuda_allocator"
 SOURCE_TENSOR_TRACKER = "tensor_tracker"
 SOURCE_FAKE_TENSORS = "fake_tensors"
 
+# Where a peak is taken over, and the record field that holds it. The whole step includes the
+# optimizer step, whose scratch (Adam's) can set the peak whatever the plan; forward, loss and
+# backward are where checkpointing acts (the seed's peak).
+SCOPE_STEP = "step"
+SCOPE_FORWARD_BACKWARD = "forward_backward"
+PEAK_FIELDS = {SCOPE_STEP: "peak_bytes", SCOPE_FORWARD_BACKWARD: "forward_backward_peak_bytes"}
+
 
 @dataclass
 class RunResult:
@@ -95,6 +102,7 @@ class RunResult:
     # --- memory of one tracked training step ------------------------------------------------
     memory_source: str | None = None  # cuda_allocator | tensor_tracker | fake_tensors
     peak_bytes: int | None = None  # peak allocated over the whole step
+    forward_backward_peak_bytes: int | None = None  # over forward, loss and backward only
     peak_reserved_bytes: int | None = None  # CUDA caching allocator only
     params_bytes: int | None = None  # breakdown at the moment of the peak
     grads_bytes: int | None = None
@@ -102,7 +110,8 @@ class RunResult:
     activations_bytes: int | None = None
     temporaries_bytes: int | None = None
     other_bytes: int | None = None
-    # allocated bytes at phase boundaries: after_setup, forward_peak, backward_peak, after_step
+    # allocated bytes at phase boundaries: after_setup, forward_peak, backward_peak,
+    # optimizer_peak, after_step
     phase_bytes: dict[str, int] | None = None
     timeline_file: str | None = None  # memory over the step, next to result.json
 

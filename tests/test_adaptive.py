@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,11 +19,20 @@ from omegaconf import DictConfig
 
 from memexp import planner
 from memexp.config import ExperimentSpec
-from memexp.measure.memory import measure_memory
+from memexp.estimate import predict as fake_predict
+from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.saved import counting_saved_bytes
 from memexp.plan import CheckpointPlan
 from memexp.planner import OPTIONS, StepProfile, cheapest_within, leanest, predict, profile_step
-from memexp.results import STATUS_INFEASIBLE, STATUS_OK, InfeasibleError, RunResult, read_result
+from memexp.results import (
+    PEAK_FIELDS,
+    SCOPE_FORWARD_BACKWARD,
+    STATUS_INFEASIBLE,
+    STATUS_OK,
+    InfeasibleError,
+    RunResult,
+    read_result,
+)
 from memexp.runner import run_job
 from memexp.strategies import adaptive
 from memexp.training import build_workload, forward_loss, train_step
@@ -31,6 +41,7 @@ SpecFn = Callable[..., ExperimentSpec]
 HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
 VARIANTS = {"fp32": (), "bf16_sdpa": ("precision=bf16", "model.attention=sdpa")}
 MIB = 2**20
+OPTION_OF = {planner.option_name(option): option for option in OPTIONS}
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +54,15 @@ def profiles(specs: dict[str, ExperimentSpec]) -> dict[str, StepProfile]:
     return {name: profile_step(spec) for name, spec in specs.items()}
 
 
-def measured_peak(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
-    """The step's peak as a CPU job measures it: after a warm-up step, under the tracker."""
+def measured_memory(spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement:
+    """The step's memory as a CPU job measures it: after a warm-up step, under the tracker."""
     work = build_workload(spec, plan, "cpu")
     train_step(work)
-    return measure_memory(work).peak_bytes
+    return measure_memory(work)
+
+
+def measured_peak(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
+    return measured_memory(spec, plan).peak_bytes
 
 
 def some_plans(layers: int) -> list[tuple[planner.LayerOption, ...]]:
@@ -61,34 +76,57 @@ def some_plans(layers: int) -> list[tuple[planner.LayerOption, ...]]:
 def test_predicted_peak_is_the_measured_peak_to_the_byte(
     variant: str, specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
 ) -> None:
+    """Both scopes: the whole step's peak and the forward+backward one."""
     spec, profile = specs[variant], profiles[variant]
-    peaks = {}
+    peaks, forward_backward_peaks = {}, {}
     for choices in some_plans(spec.model.layers):
-        peaks[choices] = measured_peak(spec, planner.plan_of(choices))
-        assert predict(profile, choices).peak_bytes == peaks[choices], choices
+        memory = measured_memory(spec, planner.plan_of(choices))
+        peaks[choices] = memory.peak_bytes
+        forward_backward_peaks[choices] = memory.forward_backward_peak_bytes
+        prediction = predict(profile, choices)
+        assert prediction.peak_bytes == peaks[choices], choices
+        assert prediction.forward_backward_peak_bytes == memory.forward_backward_peak_bytes
     assert len(set(peaks.values())) > 3  # the plans really differ in peak
+    assert len(set(forward_backward_peaks.values())) > 3
 
 
+@pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_solver_matches_exhaustive_search_on_a_ladder_of_budgets(
-    variant: str, profiles: dict[str, StepProfile]
+    variant: str, scope: str, profiles: dict[str, StepProfile]
 ) -> None:
     profile = profiles[variant]
     every_plan = [
         predict(profile, choices) for choices in itertools.product(OPTIONS, repeat=profile.layers)
     ]
-    peaks = sorted({p.peak_bytes for p in every_plan})
+    peaks = sorted({p.peak_in(scope) for p in every_plan})
     ladder = [peaks[0] - 1, *peaks, *(p - 1 for p in peaks[1:])]
     for budget in ladder:
-        fitting = [p.recompute_flops for p in every_plan if p.peak_bytes <= budget]
-        solution = cheapest_within(profile, budget)
+        fitting = [p.recompute_flops for p in every_plan if p.peak_in(scope) <= budget]
+        solution = cheapest_within(profile, budget, scope)
         if not fitting:
             assert solution is None
             continue
         assert solution is not None
         assert solution.recompute_flops == min(fitting)
-        assert predict(profile, solution.choices).peak_bytes == solution.peak_bytes <= budget
-    assert leanest(profile).peak_bytes == peaks[0]
+        assert predict(profile, solution.choices).peak_in(scope) == solution.peak_bytes <= budget
+    assert leanest(profile, scope).peak_bytes == peaks[0]
+
+
+def test_the_forward_backward_peak_leaves_out_only_the_optimizer_step(
+    profiles: dict[str, StepProfile],
+) -> None:
+    profile = profiles["fp32"]
+    prediction = predict(profile, ((),) * profile.layers)
+    without = dict(prediction.points)
+    optimizer = without.pop(planner.OPTIMIZER_POINT)
+    assert optimizer == profile.optimizer_peak_bytes
+    assert prediction.forward_backward_peak_bytes == max(without.values())
+    assert prediction.peak_bytes == max(optimizer, max(without.values()))
+    assert profile.fixed_peaks(SCOPE_FORWARD_BACKWARD).keys() == {
+        "embedding forward",
+        "embedding backward",
+    }
 
 
 def test_measured_peaks_fit_feasible_budgets_and_fall_as_they_tighten(
@@ -140,10 +178,10 @@ def test_budget_ratio_adds_a_share_of_nones_saved_activations_to_static_memory(
     resting = measure_memory(work).phase_bytes["after_setup"]
     gradients = sum(p.numel() * p.element_size() for p in work.model.parameters())
     assert profile.static_bytes == resting + gradients
-    for ratio, expected in ((None, 0.5), (0.25, 0.25)):
+    for ratio in (0.25, 0.5):
         cfg = adaptive.AdaptiveConfig(budget_ratio=ratio)
         budget = adaptive.budget_for(cfg, profile)
-        assert budget.bytes == resting + gradients + round(expected * none_saved)
+        assert budget.bytes == resting + gradients + round(ratio * none_saved)
     mib = adaptive.budget_for(adaptive.AdaptiveConfig(budget_mb=1.5), profile)
     assert mib.bytes == 1.5 * MIB
 
@@ -153,23 +191,41 @@ def test_a_budget_below_every_plan_is_infeasible_with_the_smallest_peak(
 ) -> None:
     profile = profiles["fp32"]
     monkeypatch.setattr(adaptive, "profile_step", lambda spec: profile)
-    lowest = leanest(profile).peak_bytes
-    cfg = adaptive.AdaptiveConfig(budget_mb=(lowest - 1) / MIB)
-    with pytest.raises(
-        InfeasibleError, match=f"smallest achievable peak is {lowest / MIB:.1f} MiB"
-    ):
-        adaptive.BudgetPlanner(cfg, specs["fp32"]).decide()
-    cfg = adaptive.AdaptiveConfig(budget_mb=lowest / MIB)
-    assert adaptive.BudgetPlanner(cfg, specs["fp32"]).decide().prediction.peak_bytes == lowest
+    for scope, words in adaptive.SCOPE_WORDS.items():
+        lowest = leanest(profile, scope).peak_bytes
+        cfg = adaptive.AdaptiveConfig(budget_mb=(lowest - 1) / MIB, budget_scope=scope)
+        with pytest.raises(
+            InfeasibleError,
+            match=re.escape(f"smallest achievable {words} peak is {lowest / MIB:.1f} MiB"),
+        ):
+            adaptive.BudgetPlanner(cfg, specs["fp32"]).decide()
+        cfg = adaptive.AdaptiveConfig(budget_mb=lowest / MIB, budget_scope=scope)
+        decision = adaptive.BudgetPlanner(cfg, specs["fp32"]).decide()
+        assert decision.prediction.peak_in(scope) == lowest
+
+
+@pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
+def test_with_no_budget_given_it_is_midway_between_none_and_the_leanest_plan(
+    scope: str, profiles: dict[str, StepProfile]
+) -> None:
+    profile = profiles["fp32"]
+    nothing = predict(profile, ((),) * profile.layers).peak_in(scope)
+    lowest = leanest(profile, scope).peak_bytes
+    budget = adaptive.budget_for(adaptive.AdaptiveConfig(budget_scope=scope), profile)
+    assert budget.bytes == (nothing + lowest) // 2
+    assert lowest < budget.bytes < nothing
+    assert adaptive.AdaptiveConfig().budget_scope == SCOPE_FORWARD_BACKWARD
+    job_budget = adaptive.budget_for(adaptive.AdaptiveConfig(), profile, job_budget=123 * MIB)
+    assert job_budget.bytes == 123 * MIB  # batch=auto: the batch's budget
 
 
 # --- the job ---------------------------------------------------------------------------------
 
 
-def middle_budget_mb(profile: StepProfile) -> float:
+def middle_budget_mb(profile: StepProfile, scope: str = SCOPE_FORWARD_BACKWARD) -> float:
     """A budget halfway between the leanest plan's peak and `none`'s: a real plan is needed."""
-    none_peak = predict(profile, ((),) * profile.layers).peak_bytes
-    return (leanest(profile).peak_bytes + none_peak) / 2 / MIB
+    none_peak = predict(profile, ((),) * profile.layers).peak_in(scope)
+    return (leanest(profile, scope).peak_bytes + none_peak) / 2 / MIB
 
 
 def run_adaptive(tiny_cfg: Callable[..., DictConfig], job_dir: Path, *overrides: str) -> RunResult:
@@ -178,16 +234,31 @@ def run_adaptive(tiny_cfg: Callable[..., DictConfig], job_dir: Path, *overrides:
     return read_result(job_dir)
 
 
+@pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
 def test_adaptive_job_records_budget_prediction_and_measurement(
-    tiny_cfg: Callable[..., DictConfig], profiles: dict[str, StepProfile], tmp_path: Path
+    scope: str,
+    tiny_cfg: Callable[..., DictConfig],
+    profiles: dict[str, StepProfile],
+    tmp_path: Path,
 ) -> None:
-    budget_mb = middle_budget_mb(profiles["fp32"])
-    record = run_adaptive(tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}")
+    """The budget holds the peak of its scope; the record says which, and both peaks are
+    predicted to the byte."""
+    budget_mb = middle_budget_mb(profiles["fp32"], scope)
+    record = run_adaptive(
+        tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}", f"strategy.budget_scope={scope}"
+    )
     assert record.status == STATUS_OK, record.message
     adaptive_record = record.extra["adaptive"]
+    peak = getattr(record, PEAK_FIELDS[scope])
+    assert adaptive_record["budget_scope"] == scope
     assert adaptive_record["budget_bytes"] == round(budget_mb * MIB)
-    assert adaptive_record["predicted_peak_bytes"] == record.peak_bytes <= round(budget_mb * MIB)
-    assert adaptive_record["measured_peak_bytes"] == record.peak_bytes
+    assert adaptive_record["predicted_peak_bytes"] == peak <= round(budget_mb * MIB)
+    assert adaptive_record["measured_peak_bytes"] == peak
+    prediction = predict(
+        profiles["fp32"], tuple(OPTION_OF[n] for n in adaptive_record["plan_layers"])
+    )
+    assert prediction.peak_bytes == record.peak_bytes
+    assert prediction.forward_backward_peak_bytes == record.forward_backward_peak_bytes
     assert adaptive_record["predicted_recompute_flops"] == record.flops_recompute > 0
     assert len(adaptive_record["rounds"]) == 1
     assert adaptive_record["planning_s"] > 0
@@ -200,7 +271,7 @@ def test_infeasible_job_is_recorded_with_the_smallest_achievable_peak(
 ) -> None:
     record = run_adaptive(tiny_cfg, tmp_path, "strategy.budget_mb=0.5")
     assert record.status == STATUS_INFEASIBLE
-    assert "smallest achievable peak is" in record.message
+    assert "smallest achievable forward+backward peak is" in record.message
     assert record.extra["adaptive"]["budget_bytes"] == MIB // 2
     assert record.peak_bytes is None
 
@@ -226,7 +297,38 @@ def test_a_plan_measured_over_budget_is_tightened_and_planned_again(
     assert record.status == STATUS_OK, record.message
     assert rounds[0]["measured_peak_bytes"] > round(budget_mb * MIB)
     assert len(rounds) >= 2
-    assert rounds[-1]["measured_peak_bytes"] == record.peak_bytes <= round(budget_mb * MIB)
+    assert (
+        rounds[-1]["measured_peak_bytes"]
+        == record.forward_backward_peak_bytes
+        <= round(budget_mb * MIB)
+    )
     assert [r["planning_budget_bytes"] for r in rounds] == sorted(
         (r["planning_budget_bytes"] for r in rounds), reverse=True
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["small", "medium"])
+def test_default_budget_puts_adaptive_between_none_and_full_on_the_seed_presets(
+    preset: str, tiny_spec: SpecFn
+) -> None:
+    """On the seed presets (fake tensors, the default settings), `adaptive` with no budget given
+    recomputes something, and its forward+backward peak lies strictly between `none`'s and
+    `full`'s, as predicted on fake tensors and by the peak model."""
+    spec = tiny_spec(f"model={preset}", "device=fake")  # the preset's own seq and batch
+    budget_planner = adaptive.BudgetPlanner(adaptive.AdaptiveConfig(), spec)
+    decision = budget_planner.decide()
+    assert decision.plan.recomputes_anything
+    layers = spec.model.layers
+    peaks = {
+        name: fake_predict(spec, plan, spec.imagined_device, counts=False).memory
+        for name, plan in (
+            ("none", CheckpointPlan.nothing(layers)),
+            ("full", planner.plan_of(((planner.LAYER,),) * layers)),
+            ("adaptive", decision.plan),
+        )
+    }
+    fwd_bwd = {name: memory.forward_backward_peak_bytes for name, memory in peaks.items()}
+    assert fwd_bwd["none"] > fwd_bwd["adaptive"] > fwd_bwd["full"]
+    assert fwd_bwd["adaptive"] == decision.prediction.forward_backward_peak_bytes
+    assert fwd_bwd["adaptive"] <= budget_planner.budget.bytes

@@ -43,11 +43,13 @@ def row(frame: pd.DataFrame, strategy: str, **where: Any) -> pd.Series:
 def pair(tmp_path: Path) -> Path:
     """A baseline and a full-checkpoint job of one workload with round numbers."""
     write_job(
-        tmp_path, 0, "none", peak_bytes=1000, activations_bytes=500, saved_activation_bytes=400,
+        tmp_path, 0, "none", peak_bytes=1000, forward_backward_peak_bytes=800,
+        activations_bytes=500, saved_activation_bytes=400,
         step_ms_median=100.0, step_ms_min=90.0, step_ms_max=110.0, recompute_flops_pct=0.0,
     )  # fmt: skip
     write_job(
-        tmp_path, 1, "full", peak_bytes=600, activations_bytes=100, saved_activation_bytes=100,
+        tmp_path, 1, "full", peak_bytes=600, forward_backward_peak_bytes=200,
+        activations_bytes=100, saved_activation_bytes=100,
         step_ms_median=125.0, step_ms_min=120.0, step_ms_max=130.0, recompute_flops_pct=33.0,
     )  # fmt: skip
     return tmp_path
@@ -56,6 +58,7 @@ def pair(tmp_path: Path) -> Path:
 def test_relative_columns_equal_hand_computed_values(pair: Path) -> None:
     full = row(load_results([pair]), "full")
     assert full.peak_saved_pct == 40.0  # 100 * (1000 - 600) / 1000
+    assert full.forward_backward_peak_saved_pct == 75.0  # 100 * (800 - 200) / 800
     assert full.activation_saved_pct == 80.0  # 100 * (500 - 100) / 500
     assert full.saved_activation_saved_pct == 75.0  # 100 * (400 - 100) / 400
     assert full.time_overhead_pct == 25.0  # 100 * (125 - 100) / 100

@@ -78,6 +78,7 @@ def test_three_sources_agree(workload: str, tiny_spec: SpecFn) -> None:
     if spec.precision == "fp32":  # bf16 has no closed form
         assert measured_saved == analytic.saved_activation_bytes(spec, plan)
     assert predicted.memory.peak_bytes == measured.peak_bytes
+    assert predicted.memory.forward_backward_peak_bytes == measured.forward_backward_peak_bytes
     assert predicted.memory.breakdown == measured.breakdown
     assert predicted.memory.phase_bytes == measured.phase_bytes
 
@@ -91,7 +92,14 @@ def test_fake_job_record_equals_the_cpu_job_record(compose_cfg: ComposeFn, tmp_p
         "tensor_tracker",
         SOURCE_FAKE_TENSORS,
     )
-    same = ["peak_bytes", "phase_bytes", *BREAKDOWN, "saved_activation_bytes", "param_count"]
+    same = [
+        "peak_bytes",
+        "forward_backward_peak_bytes",
+        "phase_bytes",
+        *BREAKDOWN,
+        "saved_activation_bytes",
+        "param_count",
+    ]
     same += ["flops_step", "flops_step_no_checkpoint", "flops_recompute"]
     for field in same:
         assert getattr(predicted, field) == getattr(measured, field), field
@@ -173,6 +181,10 @@ def test_fake_device_predicts_a_shape_too_large_to_allocate_here(tiny_spec: Spec
     prediction = predict(spec, plan, "cuda")
     assert prediction.param_count == analytic.parameter_count(spec.model)
     assert prediction.memory.peak_bytes == analytic.optimizer_step_peak_bytes(spec, True)
+    phases = prediction.memory.phase_bytes
+    fwd_bwd = prediction.memory.forward_backward_peak_bytes
+    assert fwd_bwd == max(phases["forward_peak"], phases["backward_peak"])
+    assert fwd_bwd < prediction.memory.peak_bytes == phases["optimizer_peak"]
     assert prediction.saved_activation_bytes == analytic.saved_activation_bytes(spec, plan)
     resident_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     assert prediction.memory.peak_bytes > 12 * 2**30 > 4 * resident_bytes

@@ -16,10 +16,12 @@ import torch.utils.checkpoint
 from memexp import analytic
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.measure.flops import count_flops, fake_workload, step_flops
+from memexp.measure.memory import measure_memory
 from memexp.measure.saved import counting_saved_bytes
 from memexp.plan import CheckpointPlan, Part
+from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.strategies import make_plan
-from memexp.training import build_workload, forward_loss
+from memexp.training import build_workload, forward_loss, train_step
 
 SpecFn = Callable[..., ExperimentSpec]
 
@@ -197,3 +199,24 @@ def test_recompute_flops_of_parts_are_their_forward(
     spec = tiny_spec()
     plan = mixed_plan(spec.model.layers)
     assert step_flops(spec, plan) - tiny_baseline.step_flops == tiny_baseline.rerun_flops(plan)
+
+
+# --- the two peaks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["none", "full sublayer"])
+def test_the_step_peak_is_the_higher_of_the_fwd_bwd_peak_and_the_optimizer_steps(
+    strategy: str, tiny_spec: SpecFn
+) -> None:
+    """The tracker's whole-step peak, taken by itself, is the highest of its phase peaks; the
+    fwd+bwd peak leaves the optimizer step out, and `peak_in` names both scopes."""
+    spec = tiny_spec(*STRATEGIES[strategy], "model.layers=3")
+    work = build_workload(spec, make_plan(spec), "cpu")
+    train_step(work)  # the optimizer's state exists, as in every memory step
+    memory = measure_memory(work)
+    phases = memory.phase_bytes
+    fwd_bwd = max(phases["forward_peak"], phases["backward_peak"])
+    assert memory.forward_backward_peak_bytes == fwd_bwd
+    assert memory.peak_bytes == max(fwd_bwd, phases["optimizer_peak"])
+    assert memory.peak_in(SCOPE_STEP) == memory.peak_bytes
+    assert memory.peak_in(SCOPE_FORWARD_BACKWARD) == fwd_bwd

@@ -15,12 +15,23 @@ from memexp.results import RunResult, write_json_atomic, write_result
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = {"none": 1.0, "full": 0.4, "sqrt": 0.6}  # activation memory kept, vs none
+PARAMETER_BYTES = {"tiny": 50_000, "small": 200_000}
+
+
+def peak_bytes(model: str, seq_len: int, batch: int, strategy: str) -> int:
+    """What `write_job` records: parameters, gradients and optimizer state, then activations."""
+    return 4 * PARAMETER_BYTES[model] + int(seq_len * batch * 1000 * STRATEGIES[strategy])
+
+
+def forward_backward_peak_bytes(model: str, seq_len: int, batch: int, strategy: str) -> int:
+    """The step's peak less a params-sized scratch the optimizer step alone holds."""
+    return peak_bytes(model, seq_len, batch, strategy) - PARAMETER_BYTES[model]
 
 
 def write_job(sweep: Path, num: int, model: str, seq_len: int, batch: int, strategy: str) -> None:
     """A plausible ok job with a breakdown, step times and a three-phase timeline."""
     activations = seq_len * batch * 1000 * STRATEGIES[strategy]
-    params = 50_000 if model == "tiny" else 200_000
+    params = PARAMETER_BYTES[model]
     step = seq_len * batch * (2 - STRATEGIES[strategy]) / 100
     job_dir = sweep / str(num)
     events = [[0, params, "forward"], [1, params + int(activations), "forward"]]
@@ -32,7 +43,9 @@ def write_job(sweep: Path, num: int, model: str, seq_len: int, batch: int, strat
         status="ok", job_num=num, model=model, strategy=strategy, seq_len=seq_len,
         batch_size=batch, device="cpu", precision="fp32", attention="naive",
         param_count=params // 4, memory_source="tensor_tracker",
-        peak_bytes=4 * params + int(activations), params_bytes=params, grads_bytes=params,
+        peak_bytes=peak_bytes(model, seq_len, batch, strategy),
+        forward_backward_peak_bytes=forward_backward_peak_bytes(model, seq_len, batch, strategy),
+        params_bytes=params, grads_bytes=params,
         optimizer_state_bytes=2 * params, activations_bytes=int(activations),
         step_ms_median=step, step_ms_min=0.9 * step, step_ms_max=1.1 * step,
         time_repeats=3, timeline_file="timeline.json",
@@ -100,12 +113,6 @@ def figure(drawn: list[plots.PlotOutcome], name: str) -> pd.DataFrame:
     return outcome.data
 
 
-def peak_bytes(model: str, seq_len: int, batch: int, strategy: str) -> int:
-    """What `write_job` records: parameters, gradients and optimizer state, then activations."""
-    params = 50_000 if model == "tiny" else 200_000
-    return 4 * params + int(seq_len * batch * 1000 * STRATEGIES[strategy])
-
-
 def test_comparison_draws_a_bar_per_ok_job_with_its_peak_and_savings(drawn) -> None:
     data = figure(drawn, "comparison.png").set_index(["model", "workload", "strategy_label"])
     data = data.sort_index()
@@ -116,6 +123,15 @@ def test_comparison_draws_a_bar_per_ok_job_with_its_peak_and_savings(drawn) -> N
         for strategy in STRATEGIES
     }
     assert data.peak_mib.to_dict() == expected  # the OOM job has no bar
+    assert data.forward_backward_peak_mib.to_dict() == {
+        (m, f"{s}\u00d7{b}", strategy): forward_backward_peak_bytes(m, s, b, strategy) / 2**20
+        for m, s, b in workloads
+        for strategy in STRATEGIES
+    }
+    fwd_bwd_saved = data.forward_backward_peak_saved_pct.xs(("tiny", "256\u00d74"))
+    assert fwd_bwd_saved.to_dict() == pytest.approx(
+        {"none": 0.0, "full": 100 * 614_400 / 1_174_000, "sqrt": 100 * 409_600 / 1_174_000}
+    )
     saved = data.peak_saved_pct.xs(("tiny", "256\u00d74"))
     assert saved.to_dict() == pytest.approx(
         {"none": 0.0, "full": 100 * 614_400 / 1_224_000, "sqrt": 100 * 409_600 / 1_224_000}
@@ -238,11 +254,16 @@ def test_panels_without_any_figure_are_left_out(frame: pd.DataFrame) -> None:
     untimed = frame.assign(
         step_ms_median=float("nan"), time_overhead_pct=float("nan"), saved_activation_mib=1.0
     )
-    assert [c for c, _ in plots.comparison_panels(untimed)] == ["peak_mib", "peak_saved_pct"]
-    assert [c for c, _ in plots.scaling_panels(untimed)] == ["peak_mib", "saved_activation_mib"]
-    assert [c for c, _ in plots.comparison_panels(frame)] == [
+    memory_panels = [
         "peak_mib",
         "peak_saved_pct",
+        "forward_backward_peak_mib",
+        "forward_backward_peak_saved_pct",
+    ]
+    assert [c for c, _ in plots.comparison_panels(untimed)] == memory_panels
+    assert [c for c, _ in plots.scaling_panels(untimed)] == ["peak_mib", "saved_activation_mib"]
+    assert [c for c, _ in plots.comparison_panels(frame)] == [
+        *memory_panels,
         "step_ms_median",
         "time_overhead_pct",
     ]
@@ -253,10 +274,14 @@ def test_relative_panels_need_a_strategy_besides_the_baseline(frame: pd.DataFram
     """batch=auto: every strategy at its own batch, so only `none` rows carry a relative 0 %."""
     only_baselines = frame.assign(
         peak_saved_pct=frame.peak_saved_pct.where(frame.strategy.eq("none")),
+        forward_backward_peak_saved_pct=frame.forward_backward_peak_saved_pct.where(
+            frame.strategy.eq("none")
+        ),
         time_overhead_pct=frame.time_overhead_pct.where(frame.strategy.eq("none")),
     )
     assert [c for c, _ in plots.comparison_panels(only_baselines)] == [
         "peak_mib",
+        "forward_backward_peak_mib",
         "step_ms_median",
     ]
 

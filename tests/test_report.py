@@ -41,9 +41,11 @@ WORKLOAD = {
 def sweep(tmp_path: Path) -> Path:
     """none and full measured, sqrt out of memory, and Hydra's multirun.yaml."""
     timing = {"time_repeats": 5, "time_source": "perf_counter", "memory_source": "tensor_tracker"}
+    none = {"peak_bytes": 1000 * 2**20, "forward_backward_peak_bytes": 900 * 2**20}
+    full = {"peak_bytes": 600 * 2**20, "forward_backward_peak_bytes": 450 * 2**20}
     jobs = [
-        ("none", "ok", {"peak_bytes": 1000 * 2**20, "step_ms_median": 100.0, **timing}),
-        ("full", "ok", {"peak_bytes": 600 * 2**20, "step_ms_median": 125.0, **timing}),
+        ("none", "ok", {**none, "step_ms_median": 100.0, **timing}),
+        ("full", "ok", {**full, "step_ms_median": 125.0, **timing}),
         ("sqrt", "oom", {"message": "CUDA out of memory. Tried to allocate 2.00 GiB\nmore"}),
     ]
     for num, (strategy, status, fields) in enumerate(jobs):
@@ -90,10 +92,17 @@ def test_summary_table_has_units_in_headers_and_the_relative_numbers(sweep: Path
     text = summary_of(sweep)
     assert "### small 256\u00d74" in text
     header = next(line for line in text.splitlines() if line.startswith("| strategy | status"))
-    for unit in ("peak (MiB)", "peak saved (%)", "step (ms): median (min\u2013max)"):
+    for unit in (
+        "| step peak (MiB) | step peak saved (%) | fwd+bwd peak (MiB) | fwd+bwd peak saved (%) |",
+        "step (ms): median (min\u2013max)",
+    ):
         assert unit in header
-    # peak MiB, saved %, ..., step, overhead %, ..., efficiency 40 / 25, Pareto
-    assert "| full | ok | 600.0 | 40.0 | \u2014 | \u2014 | \u2014 | \u2014 | 125.0 | 25.0 |" in text
+    # step peak MiB, saved %, fwd+bwd peak MiB, saved %, ..., step, overhead %, ...,
+    # efficiency 40 / 25, Pareto
+    assert (
+        "| full | ok | 600.0 | 40.0 | 450.0 | 50.0 | \u2014 | \u2014 | \u2014 | \u2014 | 125.0 "
+        "| 25.0 |" in text
+    )
     assert "| 1.60 | yes |" in text
     assert "| sqrt | oom | \u2014 |" in text
 

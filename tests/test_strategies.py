@@ -226,6 +226,7 @@ def test_op_policy_keeps_matmul_outputs_and_drops_the_rest(tiny_spec: SpecFn) ->
         (("strategy=adaptive", "strategy.budget_ratio=0"), "strategy.budget_ratio"),
         (("strategy=adaptive", "strategy.budget_ratio=1.5"), "strategy.budget_ratio"),
         (("strategy=adaptive", "strategy.max_rounds=0"), "strategy.max_rounds"),
+        (("strategy=adaptive", "strategy.budget_scope=optimizer"), "strategy.budget_scope"),
     ],
 )
 def test_bad_strategy_fields_are_config_errors(

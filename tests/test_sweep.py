@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig
 
-from memexp.callbacks import collect_results
+from memexp.callbacks import collect_results, format_table
 from memexp.results import RESULT_FILE, RunResult
 
 if TYPE_CHECKING:
@@ -71,10 +71,13 @@ def test_summary_table_lists_every_job_and_failure(tiny_sweep: SweepRun) -> None
     folder = only_sweep_folder(tiny_sweep)
     out = tiny_sweep.stdout
     assert f"[memexp] 3 job(s) in {folder.relative_to(tiny_sweep.cwd)}" in out
-    assert re.search(r"job\s+model\s+strategy\s+seq×batch\s+peak MiB\s+saved act MiB", out)
+    assert re.search(
+        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+fwd\+bwd peak MiB\s+saved act MiB",
+        out,
+    )
     for job, strategy, status in [(0, "none", "ok"), (1, "full", "error"), (2, "sqrt", "oom")]:
         assert re.search(rf"^\s*{job}\s+tiny\s+{strategy}\s+16×2\s.*\s{status}$", out, re.M)
-    assert "peak: tensor_tracker" in out
+    assert "peaks: tensor_tracker (step: the whole step; fwd+bwd: forward, loss and" in out
     assert f"job 1 error: {tiny_sweep.failures['full']}" in out
     assert f"job 2 oom: {tiny_sweep.failures['sqrt']}" in out
 
@@ -101,3 +104,16 @@ def test_sweeps_started_together_get_different_folders(
     assert all(SWEEP_FOLDER.fullmatch(folder) for folder in folders), folders
     assert folders[0] != folders[1]
     assert first.hydra.run.dir != second.hydra.run.dir
+
+
+def test_end_table_shows_both_peaks_in_mib() -> None:
+    medium = RunResult(
+        status="ok", job_num=0, model="medium", strategy="full", seq_len=512, batch_size=2,
+        memory_source="fake_tensors", peak_bytes=3_850_625_428,
+        forward_backward_peak_bytes=3_109_736_860,
+    )  # fmt: skip
+    lines = format_table([medium]).splitlines()
+    assert re.match(
+        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+fwd\+bwd peak MiB", lines[0]
+    )
+    assert re.match(r"\s*0\s+medium\s+full\s+512×2\s+3,672\.2\s+2,965\.7\s+-\s+-\s+ok$", lines[2])

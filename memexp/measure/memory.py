@@ -12,14 +12,22 @@ from typing import Any
 
 import torch
 
-from memexp.results import SOURCE_CUDA_ALLOCATOR, SOURCE_TENSOR_TRACKER
+from memexp.results import (
+    SCOPE_FORWARD_BACKWARD,
+    SCOPE_STEP,
+    SOURCE_CUDA_ALLOCATOR,
+    SOURCE_TENSOR_TRACKER,
+)
 from memexp.training import Workload, backward, forward_loss, optimizer_step
+
+# The phases whose peaks make the forward+backward peak (the forward phase includes the loss).
+FORWARD_BACKWARD_PHASES = ("forward", "backward")
 
 
 @dataclass
 class MemoryMeasurement:
     source: str
-    peak_bytes: int
+    peak_bytes: int  # the whole step, optimizer step included
     breakdown: dict[str, int]
     phase_bytes: dict[str, int]
     timeline: list[tuple[int, int, str]]
@@ -27,6 +35,22 @@ class MemoryMeasurement:
     peak_reserved_bytes: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     other_device_peaks: dict[str, int] = field(default_factory=dict)  # e.g. offloaded to host
+
+    @property
+    def forward_backward_peak_bytes(self) -> int:
+        """The peak over forward, loss and backward: where checkpointing acts (the seed's peak).
+
+        Every source records each phase's own peak in `phase_bytes`, so this is their maximum.
+        """
+        return max(self.phase_bytes[f"{phase}_peak"] for phase in FORWARD_BACKWARD_PHASES)
+
+    def peak_in(self, scope: str) -> int:
+        """The peak over `scope` (memexp.results.PEAK_FIELDS: the whole step or forward+backward)."""
+        peaks = {
+            SCOPE_STEP: self.peak_bytes,
+            SCOPE_FORWARD_BACKWARD: self.forward_backward_peak_bytes,
+        }
+        return peaks[scope]
 
 
 def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:

@@ -1,4 +1,5 @@
-"""Strategies compared: peak MiB, saved %, step ms and overhead %, a column of panels per model."""
+"""Strategies compared: step and fwd+bwd peaks (MiB) and their saved %, step ms and overhead %,
+a column of panels per model."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ from memexp.results import STATUS_OK
 # --- 1. comparison ------------------------------------------------------------------------------
 
 _COMPARISON_PANELS = (
-    ("peak_mib", "peak memory (MiB)"),
-    ("peak_saved_pct", f"peak memory saved\nvs {BASELINE_STRATEGY} (%)"),
+    ("peak_mib", "step peak (MiB)"),
+    ("peak_saved_pct", f"step peak saved\nvs {BASELINE_STRATEGY} (%)"),
+    ("forward_backward_peak_mib", "fwd+bwd peak (MiB)"),
+    ("forward_backward_peak_saved_pct", f"fwd+bwd peak saved\nvs {BASELINE_STRATEGY} (%)"),
     ("step_ms_median", "step time (ms)"),
     ("time_overhead_pct", f"step-time overhead\nvs {BASELINE_STRATEGY} (%)"),
 )
@@ -121,8 +124,9 @@ def _mark_missing_baselines(
 
 @styled
 def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Peak MiB, saved %, step ms and overhead % per config and strategy, a column per model;
-    at most `MAX_PANELS` configs (an evenly spaced subset, named in the figure and the note).
+    """Step and fwd+bwd peaks (MiB) and saved %, step ms and overhead % per config and strategy,
+    a column per model; at most `MAX_PANELS` configs (an evenly spaced subset, named in the
+    figure and the note).
 
     Panels no job has a figure for are left out (see `comparison_panels`). Data: a row per bar
     slot (model, workload, strategy label) with the figure of each panel drawn.
@@ -156,7 +160,15 @@ def plot_comparison(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     timed = "step_ms_median" in dict(panels)
     whiskers = " Whiskers: min\u2013max step time." if timed else ""
     shown_line = [f"Shown: {cut}."] if cut else []
-    footer(fig, memory_footer(frame), time_footer(frame) + whiskers, FAILED_LEGEND, *shown_line)
+    scopes = "Step peak: the whole training step; fwd+bwd peak: forward, loss and backward."
+    footer(
+        fig,
+        memory_footer(frame),
+        scopes,
+        time_footer(frame) + whiskers,
+        FAILED_LEGEND,
+        *shown_line,
+    )
     drawn = ok_rows(frame, "peak_mib")[["model", "workload", "strategy_label", *dict(panels)]]
     path = save(fig, out_dir, COMPARISON_PNG)
     return PlotOutcome(title, path, cut, drawn.reset_index(drop=True))

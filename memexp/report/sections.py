@@ -68,8 +68,10 @@ def _figure(column: str, digits: int | None = 1) -> Callable[[pd.Series], str]:
 _RESULT_COLUMNS: tuple[tuple[str, Callable[[pd.Series], str]], ...] = (
     ("strategy", lambda row: row.strategy_label),
     ("status", lambda row: row.status),
-    ("peak (MiB)", _figure("peak_mib", None)),
-    ("peak saved (%)", _figure("peak_saved_pct")),
+    ("step peak (MiB)", _figure("peak_mib", None)),
+    ("step peak saved (%)", _figure("peak_saved_pct")),
+    ("fwd+bwd peak (MiB)", _figure("forward_backward_peak_mib", None)),
+    ("fwd+bwd peak saved (%)", _figure("forward_backward_peak_saved_pct")),
     ("activations (MiB)", _figure("activations_mib", None)),
     ("activations saved (%)", _figure("activation_saved_pct")),
     ("kept for backward (MiB)", _figure("saved_activation_mib", None)),
@@ -205,8 +207,10 @@ def _estimates_pointer(frame: pd.DataFrame) -> str:
 def _legend(frame: pd.DataFrame) -> list[str]:
     """What every column means and where its numbers come from, once, above the tables."""
     return [
-        f"- Memory (MiB = 2^20 bytes): {describe_memory_sources(frame)}; peak allocated over one "
-        "training step, its parts at the moment of the peak.",
+        f"- Memory (MiB = 2^20 bytes): {describe_memory_sources(frame)}; step peak: allocated "
+        "over one whole training step (optimizer step included), its parts at the moment of "
+        "the peak; fwd+bwd peak: over forward, loss and backward only, where checkpointing "
+        "acts.",
         f"- Kept for backward: bytes autograd saves for backward, excluding parameters; source: "
         f"{_sources(frame, 'saved_source')}.",
         f"- Step time: {describe_times(frame)}{_estimates_pointer(frame)}.",
@@ -217,8 +221,8 @@ def _legend(frame: pd.DataFrame) -> list[str]:
         "time overhead (%) = 100 \u00b7 (step \u2212 baseline step) / baseline step; "
         f"`{WITHIN_NOISE}` where the job's and the baseline's step times (min\u2013max) overlap, "
         "so the difference is no larger than their own spread.",
-        "- Efficiency: peak saved (%) divided by time overhead (%); empty when the overhead is "
-        "zero, negative or within noise, where a ratio would mislead.",
+        "- Efficiency: step peak saved (%) divided by time overhead (%); empty when the overhead "
+        "is zero, negative or within noise, where a ratio would mislead.",
         "- Pareto-optimal: no other strategy of the same config has both less peak memory and "
         "a shorter step; step times whose min\u2013max ranges overlap count as equal.",
         f"- `{BUSY_MARK}`: the 1-minute load average around the timed steps, less the job's own "

@@ -1,11 +1,15 @@
 """`adaptive`: the plan with the least recompute FLOPs whose predicted peak fits a memory budget.
 
-The budget is one of
-- `budget_mb`: the whole step's peak in MiB (2^20 bytes): what "fit in 16 GiB" means;
+The budget holds the peak over `budget_scope`: `forward_backward` (the default: forward, loss
+and backward, where checkpointing acts) or `step` (the whole step, the optimizer step included,
+whose scratch no plan changes). It is one of
+- `budget_mb`: the peak in MiB (2^20 bytes): what "fit in 16 GiB" means;
 - `budget_ratio`: parameters + gradients + optimizer state + batch, plus this fraction of the
   activations the `none` plan saves for backward.
-With neither, the job's memory budget (`batch.budget_gb`, or the imagined device's
-`device.memory_gb` on the fake device) when it has one, else `budget_ratio=0.5`.
+With neither: under `batch=auto` the job's memory budget (`batch.budget_gb`, else the device's
+memory), which the searched batch must fit; otherwise midway between the `none` plan's predicted
+peak and the lowest peak any plan reaches, both over the scope, so that `adaptive` is a point
+between `none` and the leanest plan rather than either end.
 
 Planning (memexp.planner) profiles the job's layer under each of its seven recomputation options
 on fake tensors, predicts the step's peak for any per-layer plan and solves for the cheapest
@@ -36,7 +40,7 @@ from memexp.planner import (
     predict,
     profile_step,
 )
-from memexp.results import InfeasibleError
+from memexp.results import PEAK_FIELDS, SCOPE_FORWARD_BACKWARD, SCOPE_STEP, InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import MIB, format_bytes
 
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
     from memexp.plan import CheckpointPlan
 
-DEFAULT_BUDGET_RATIO = 0.5
+SCOPE_WORDS = {SCOPE_STEP: "whole-step", SCOPE_FORWARD_BACKWARD: "forward+backward"}
 
 
 @dataclass
@@ -52,6 +56,7 @@ class AdaptiveConfig:
     name: str = "adaptive"
     budget_mb: float | None = None
     budget_ratio: float | None = None
+    budget_scope: str = SCOPE_FORWARD_BACKWARD  # step | forward_backward
     max_rounds: int = 3
 
 
@@ -66,6 +71,10 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         raise ConfigError("strategy.budget_mb", cfg.budget_mb, "a positive number of MiB")
     if cfg.budget_ratio is not None and not 0 < cfg.budget_ratio <= 1:
         raise ConfigError("strategy.budget_ratio", cfg.budget_ratio, "a fraction in (0, 1]")
+    if cfg.budget_scope not in PEAK_FIELDS:
+        raise ConfigError(
+            "strategy.budget_scope", cfg.budget_scope, f"one of {', '.join(PEAK_FIELDS)}"
+        )
     if cfg.max_rounds < 1:
         raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
 
@@ -77,18 +86,29 @@ class Budget:
 
 
 def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
-    """An explicit budget wins; then the job's own (the device being imagined); then the ratio."""
+    """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto);
+    then midway between `none` and the leanest plan, over the budget's scope."""
+    scope = SCOPE_WORDS[cfg.budget_scope]
     if cfg.budget_mb is not None:
-        return Budget(round(cfg.budget_mb * MIB), f"budget_mb={cfg.budget_mb:g} MiB")
-    if cfg.budget_ratio is None and job_budget is not None:
-        return Budget(job_budget, f"the job's memory budget, {job_budget / MIB:.1f} MiB")
-    ratio = DEFAULT_BUDGET_RATIO if cfg.budget_ratio is None else cfg.budget_ratio
-    activations = profile.saved_activation_bytes()
+        return Budget(round(cfg.budget_mb * MIB), f"budget_mb={cfg.budget_mb:g} MiB, {scope} peak")
+    if cfg.budget_ratio is not None:
+        activations = profile.saved_activation_bytes()
+        return Budget(
+            profile.static_bytes + round(cfg.budget_ratio * activations),
+            f"budget_ratio={cfg.budget_ratio:g}, {scope} peak: parameters, gradients, optimizer "
+            f"state and batch {profile.static_bytes / MIB:.1f} MiB + {cfg.budget_ratio:g} × "
+            f"{activations / MIB:.1f} MiB saved for backward by `none`",
+        )
+    if job_budget is not None:
+        return Budget(
+            job_budget, f"the job's memory budget, {job_budget / MIB:.1f} MiB, {scope} peak"
+        )
+    nothing = predict(profile, ((),) * profile.layers).peak_in(cfg.budget_scope)
+    lowest = leanest(profile, cfg.budget_scope).peak_bytes
     return Budget(
-        profile.static_bytes + round(ratio * activations),
-        f"budget_ratio={ratio:g}: parameters, gradients, optimizer state and batch "
-        f"{profile.static_bytes / MIB:.1f} MiB + {ratio:g} × {activations / MIB:.1f} MiB "
-        "saved for backward by `none`",
+        (nothing + lowest) // 2,
+        f"midway between the {scope} peaks of `none`, {nothing / MIB:.1f} MiB, and of the "
+        f"leanest plan, {lowest / MIB:.1f} MiB (predicted)",
     )
 
 
@@ -108,19 +128,21 @@ class BudgetPlanner:
 
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
         self.profile = profile_step(spec)
-        self.budget = budget_for(cfg, self.profile, spec.memory_budget_bytes)
+        self.scope = cfg.budget_scope
+        job_budget = spec.memory_budget_bytes if spec.auto_batch else None
+        self.budget = budget_for(cfg, self.profile, job_budget)
 
     def decide(self, margin_bytes: int = 0) -> Decision:
         """The cheapest plan predicted within the budget less `margin_bytes` (measured
         overshoots of earlier plans); InfeasibleError, with the smallest peak, if none is."""
         planning = self.budget.bytes - margin_bytes
-        solution = cheapest_within(self.profile, planning)
+        solution = cheapest_within(self.profile, planning, self.scope)
         if solution is None:
             raise InfeasibleError(self._infeasible_message(margin_bytes))
         return Decision(solution, predict(self.profile, solution.choices), planning)
 
     def _infeasible_message(self, margin_bytes: int) -> str:
-        lean = leanest(self.profile)
+        lean = leanest(self.profile, self.scope)
         lowest = predict(self.profile, lean.choices)
         tightened = (
             f", tightened by {margin_bytes / MIB:.1f} MiB that measured peaks exceeded predictions"
@@ -129,8 +151,9 @@ class BudgetPlanner:
         )
         return (
             f"no plan fits the budget of {self.budget.bytes / MIB:.1f} MiB "
-            f"({self.budget.rule}{tightened}): the smallest achievable peak is "
-            f"{lowest.peak_bytes / MIB:.1f} MiB (predicted, set by the {lowest.where}; "
+            f"({self.budget.rule}{tightened}): the smallest achievable {SCOPE_WORDS[self.scope]} "
+            f"peak is {lowest.peak_in(self.scope) / MIB:.1f} MiB (predicted, set by the "
+            f"{lowest.where_in(self.scope)}; "
             f"plan: {lean.plan.describe()})"
         )
 
@@ -156,6 +179,7 @@ class BudgetPlanner:
         return {
             "budget_bytes": self.budget.bytes,
             "budget_rule": self.budget.rule,
+            "budget_scope": self.scope,
             "profile_source": PROFILE_SOURCE,
             "layer_forward_flops": self.profile.layer_forward_flops,
             "units": units,
@@ -190,7 +214,7 @@ class BudgetStrategy(Strategy):
         outcome = Outcome(extra={"adaptive": record})
         rounds: list[dict[str, Any]] = []
         record["rounds"] = rounds
-        budget = planner.budget.bytes
+        budget, scope = planner.budget.bytes, planner.scope
         margin = 0
         try:
             for _ in range(spec.strategy.max_rounds):
@@ -198,31 +222,33 @@ class BudgetStrategy(Strategy):
                 rounds.append(
                     {
                         "planning_budget_bytes": decision.planning_budget_bytes,
-                        "predicted_peak_bytes": decision.prediction.peak_bytes,
+                        "predicted_peak_bytes": decision.prediction.peak_in(scope),
                         "plan_layers": describe_choices(decision.solution),
                     }
                 )
                 if len(rounds) == 1:
                     record["planning_s"] = round(time.monotonic() - started, 3)
                 figures = measure(decision.plan)
-                rounds[-1]["measured_peak_bytes"] = figures.peak_bytes
-                if figures.peak_bytes <= budget:
+                measured = figures.memory.peak_in(scope)
+                rounds[-1]["measured_peak_bytes"] = measured
+                if measured <= budget:
                     break
-                margin += figures.peak_bytes - budget
+                margin += measured - budget
         except InfeasibleError as error:  # no plan fits: the rounds so far are the record
             outcome.verdict = error
             return outcome
         record.update(
-            predicted_peak_bytes=decision.prediction.peak_bytes,
-            predicted_peak_at=decision.prediction.where,
+            predicted_peak_bytes=decision.prediction.peak_in(scope),
+            predicted_peak_at=decision.prediction.where_in(scope),
             predicted_recompute_flops=decision.solution.recompute_flops,
-            measured_peak_bytes=figures.peak_bytes,
+            measured_peak_bytes=measured,
             measured_recompute_flops=figures.flops_recompute,
             plan_layers=describe_choices(decision.solution),
         )
-        if figures.peak_bytes > budget:
+        if measured > budget:
             outcome.verdict = InfeasibleError(
-                f"the measured peak {format_bytes(figures.peak_bytes)} ({figures.memory.source}) "
+                f"the measured {SCOPE_WORDS[scope]} peak {format_bytes(measured)} "
+                f"({figures.memory.source}) "
                 f"is still over the budget of {format_bytes(budget)} after {len(rounds)} "
                 "plan(s); raise strategy.max_rounds or the budget"
             )
