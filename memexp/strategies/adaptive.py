@@ -14,6 +14,10 @@ over budget (on a GPU the allocator rounds and the kernels differ from the profi
 tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
 A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
 What it planned, predicted and measured goes to the record as `extra["adaptive"]`.
+
+The planner and the device backends (torch) are imported inside the functions that plan: the
+registry imports this module for its schema and checks, and registering the schemas (`memexp
+--help`) must not load torch.
 """
 
 from __future__ import annotations
@@ -23,19 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memexp.config import ConfigError
-from memexp.devices import backend_for
-from memexp.planner import (
-    PROFILE_SOURCE,
-    UNITS,
-    PeakPrediction,
-    Solution,
-    StepProfile,
-    cheapest_within,
-    leanest,
-    option_name,
-    predict,
-    profile_step,
-)
 from memexp.results import InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import MIB, format_bytes
@@ -43,6 +34,7 @@ from memexp.text import MIB, format_bytes
 if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
     from memexp.plan import CheckpointPlan
+    from memexp.planner import PeakPrediction, Solution, StepProfile
 
 DEFAULT_BUDGET_RATIO = 0.5
 
@@ -107,12 +99,16 @@ class BudgetPlanner:
     """One job's profile and budget; plans for the budget, or for it less a margin."""
 
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
+        from memexp.planner import profile_step
+
         self.profile = profile_step(spec)
         self.budget = budget_for(cfg, self.profile, spec.memory_budget_bytes)
 
     def decide(self, margin_bytes: int = 0) -> Decision:
         """The cheapest plan predicted within the budget less `margin_bytes` (measured
         overshoots of earlier plans); InfeasibleError, with the smallest peak, if none is."""
+        from memexp.planner import cheapest_within, predict
+
         planning = self.budget.bytes - margin_bytes
         solution = cheapest_within(self.profile, planning)
         if solution is None:
@@ -120,6 +116,8 @@ class BudgetPlanner:
         return Decision(solution, predict(self.profile, solution.choices), planning)
 
     def _infeasible_message(self, margin_bytes: int) -> str:
+        from memexp.planner import leanest, predict
+
         lean = leanest(self.profile)
         lowest = predict(self.profile, lean.choices)
         tightened = (
@@ -141,6 +139,8 @@ class BudgetPlanner:
         the extra bytes its recomputation adds at its backward's highest point, the FLOPs it
         recomputes (matmuls only, as FlopCounterMode counts) and one timed forward.
         """
+        from memexp.planner import PROFILE_SOURCE, UNITS
+
         options = self.profile.options
         nothing = options[()]
         units = {}
@@ -167,6 +167,8 @@ class BudgetPlanner:
 
 def describe_choices(solution: Solution) -> list[str]:
     """One entry per layer: what it recomputes (`nothing`, `attention_core+ffn`, `layer`, …)."""
+    from memexp.planner import option_name
+
     return [option_name(option) for option in solution.choices]
 
 
@@ -184,6 +186,8 @@ class BudgetStrategy(Strategy):
         Planning time (profile, unit timings, solving) is recorded as `planning_s`: what
         adaptive adds to a job besides measuring its plan.
         """
+        from memexp.devices import backend_for
+
         started = time.monotonic()
         planner = BudgetPlanner(spec.strategy, spec)
         record = planner.record(backend_for(spec).time_units(spec))
