@@ -71,7 +71,10 @@ def test_summary_table_lists_every_job_and_failure(tiny_sweep: SweepRun) -> None
     folder = only_sweep_folder(tiny_sweep)
     out = tiny_sweep.stdout
     assert f"[memexp] 3 job(s) in {folder.relative_to(tiny_sweep.cwd)}" in out
-    assert re.search(r"job\s+model\s+strategy\s+seq×batch\s+peak MiB\s+saved act MiB", out)
+    assert re.search(
+        r"job\s+model\s+strategy\s+seq×batch\s+peak MiB\s+saved %\s+saved act MiB\s+step ms\s+overhead %",
+        out,
+    )
     for job, strategy, status in [(0, "none", "ok"), (1, "full", "error"), (2, "sqrt", "oom")]:
         assert re.search(rf"^\s*{job}\s+tiny\s+{strategy}\s+16×2\s.*\s{status}$", out, re.M)
     assert "peak: tensor_tracker" in out
