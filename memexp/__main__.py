@@ -19,9 +19,11 @@ register_configs()
 
 # Absolute, so the `memexp` console script (whose module is not `__main__`) finds it too.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One job; returns its objective (memexp.objective) to the sweeper, None when resume skips it."""
     # Here, not at the top: `--help` and `--cfg` never import the runner, W&B or pandas.
     from memexp.job import run_guarded
+    from memexp.objective import job_objective
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -32,7 +34,8 @@ def main(cfg: DictConfig) -> None:
     }
     job_dir = Path(hydra_cfg.runtime.output_dir)
     group_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
-    run_guarded(cfg, job_dir, identity, group_dir)
+    result = run_guarded(cfg, job_dir, identity, group_dir)
+    return job_objective(result, cfg) if result is not None else None
 
 
 def cli() -> None:

@@ -48,33 +48,75 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:+.1f}"  # NaN: no baseline
+
+
+def relative_figures(
+    results: list[RunResult],
+) -> dict[str, tuple[float | None, float | None, float | None]]:
+    """Job folder → (step peak saved %, fwd+bwd peak saved %, step overhead %) against its
+    workload's `none` job, as results.csv has them (memexp.aggregate: `peak_saved_pct`,
+    `forward_backward_peak_saved_pct`, `time_overhead_pct`)."""
+    # Imported here: pandas is needed once per sweep, not in every job process.
+    from memexp.aggregate import build_frame, read_rows
+
+    files = [Path(r.job_dir) / RESULT_FILE for r in results if r.job_dir]
+    rows, _ = read_rows([path for path in files if path.is_file()])
+    if not rows:
+        return {}
+    frame = build_frame(rows)
+    return {
+        str(Path(row.result_file).parent): (
+            row.peak_saved_pct,
+            row.forward_backward_peak_saved_pct,
+            row.time_overhead_pct,
+        )
+        for row in frame.itertuples()
+    }
+
+
 def format_table(results: list[RunResult]) -> str:
-    """The one table printed at the end of a sweep; units and sources are in the header."""
+    """The one table printed at the end of a sweep; units and sources are in the header.
+
+    Beside the peak and the step time: % of peak saved and % of step time added against the
+    `none` job of the same workload (blank without one).
+    """
     header = (
         "job",
         "model",
         "strategy",
         "seq×batch",
         "step peak MiB",
+        "saved %",
         "fwd+bwd peak MiB",
+        "saved %",
         "saved act MiB",
         "step ms",
+        "overhead %",
         "status",
     )
-    rows = [
-        (
-            str(r.job_num if r.job_num is not None else "-"),
-            r.model or "-",
-            r.strategy or "-",
-            f"{r.seq_len if r.seq_len is not None else '-'}×{r.batch_size if r.batch_size is not None else '-'}",
-            format_mib(r.peak_bytes),
-            format_mib(r.forward_backward_peak_bytes),
-            format_mib(r.saved_activation_bytes),
-            _ms(r.step_ms_median),
-            r.status,
+    relative = relative_figures(results)
+    rows = []
+    for r in results:
+        key = str(Path(r.job_dir)) if r.job_dir else ""
+        saved, fb_saved, overhead = relative.get(key, (None, None, None))
+        rows.append(
+            (
+                str(r.job_num if r.job_num is not None else "-"),
+                r.model or "-",
+                r.strategy or "-",
+                f"{r.seq_len if r.seq_len is not None else '-'}×{r.batch_size if r.batch_size is not None else '-'}",
+                format_mib(r.peak_bytes),
+                _pct(saved),
+                format_mib(r.forward_backward_peak_bytes),
+                _pct(fb_saved),
+                format_mib(r.saved_activation_bytes),
+                _ms(r.step_ms_median),
+                _pct(overhead),
+                r.status,
+            )
         )
-        for r in results
-    ]
     lines = [aligned_table(header, rows)]
     sources = sorted({r.memory_source for r in results if r.memory_source})
     repeats = sorted({r.time_repeats for r in results if r.time_repeats})
@@ -86,8 +128,9 @@ def format_table(results: list[RunResult]) -> str:
         timing = "n/a"
     lines.append(
         f"peaks: {', '.join(sources) or 'n/a'} (step: the whole step; fwd+bwd: forward, loss and "
-        f"backward); saved act: bytes saved for backward "
-        f"(saved-tensor hooks); step ms: {timing}"
+        f"backward); saved act: bytes saved for backward (saved-tensor hooks); step ms: {timing}; "
+        "saved % (of each peak) and overhead % (of step time) against the `none` job of the "
+        "same workload"
     )
     failed = [r for r in results if r.status != "ok"]
     for r in failed:

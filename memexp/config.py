@@ -18,6 +18,8 @@ FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or comput
 DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
 IMAGINED_DEVICES = ("cuda", "cpu")
 PRECISIONS = ("fp32", "bf16")
+# What a job returns to Hydra's sweeper (`objective`); memexp.objective reads each from the record.
+OBJECTIVES = ("step_ms", "peak_bytes", "forward_backward_peak_bytes", "tokens_per_s")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -135,6 +137,8 @@ class Config:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     # A sweep (or run) folder to finish in place; see memexp.resume.
     resume: str | None = None
+    # The figure each job returns to the sweeper (e.g. Optuna's); see memexp.objective.
+    objective: str = "step_ms"
 
 
 @dataclass(frozen=True)

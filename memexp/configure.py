@@ -22,6 +22,7 @@ from memexp.config import (
     ATTENTION_KINDS,
     DEVICE_TYPES,
     IMAGINED_DEVICES,
+    OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
     BatchConfig,
@@ -213,6 +214,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
     batch: BatchConfig = OmegaConf.to_object(cfg.batch)  # type: ignore[assignment]
     memory_budget = _memory_budget_bytes(batch, device_memory)
     _require_choice("precision", cfg.precision, PRECISIONS)
+    _require_choice("objective", cfg.objective, OBJECTIVES)
 
     optimizer: OptimizerConfig = OmegaConf.to_object(cfg.optimizer)  # type: ignore[assignment]
     _require_choice("optimizer.name", optimizer.name, OPTIMIZERS)

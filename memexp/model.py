@@ -27,7 +27,7 @@ from memexp.plan import CheckpointPlan, Part
 ContextFactory = Callable[[], Any]
 
 _aten = torch.ops.aten
-# Op-level policies for `CheckpointPlan.op_policy`: the operators whose outputs a checkpointed
+# The operators of each policy in `memexp.plan.OP_POLICY_NAMES`: the operators whose outputs a checkpointed
 # segment keeps; every other operator inside it is recomputed in backward.
 OP_POLICIES: dict[str, tuple[Any, ...]] = {
     # Matrix products (linear layers, QKᵀ, ·V) and fused attention are kept: recomputing them

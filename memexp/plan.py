@@ -22,6 +22,10 @@ class Part(str, Enum):
 # The largest unit a plan recomputes: one whole layer (a one-layer segment).
 LAYER = "layer"
 
+# The op-level policies a plan may name (`CheckpointPlan.op_policy`); memexp.model maps each to
+# the operators it keeps. Named here, without torch, so validating a config never imports it.
+OP_POLICY_NAMES: tuple[str, ...] = ("save_matmuls",)
+
 
 @dataclass(frozen=True)
 class CheckpointPlan:

@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -74,6 +73,8 @@ def register_resolvers() -> None:
 
 def config_hash(cfg: DictConfig) -> str:
     """A stable hash of what a job measures: its resolved config, less where results go."""
+    import torch  # here: registering the resolvers (`memexp --help`) must not load torch
+
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     for key in NOT_MEASUREMENT_KEYS:
         config.pop(key, None)

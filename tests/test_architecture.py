@@ -22,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
     ("results", "config"),  # the record schema; the structured configs and the validated spec
-    ("model", "analytic", "environment", "scaling", "launchers", "resume", "cli_help"),
+    (
+        "model",
+        "analytic",
+        "environment",
+        "scaling",
+        "launchers",
+        "resume",
+        "cli_help",
+        "objective",
+    ),
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,3 +140,16 @@ def test_a_users_own_preset_dir_adds_options_that_extend_the_schema(tmp_path: Pa
     )
     assert status == 1  # the schema checks the preset's types
     assert "model.hidden" in error
+
+
+@pytest.mark.slow
+def test_registering_the_schemas_does_not_import_torch() -> None:
+    """`--help` and `--cfg` compose with the schemas only; torch is for the jobs (seconds to load)."""
+    probe = (
+        "import sys, memexp.configure, memexp.__main__; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert shown.strip() == "[]"

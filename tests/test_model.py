@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from memexp.config import ExperimentSpec
-from memexp.model import Transformer
-from memexp.plan import CheckpointPlan, Part
+from memexp.model import OP_POLICIES, Transformer
+from memexp.plan import OP_POLICY_NAMES, CheckpointPlan, Part
 from memexp.strategies import make_plan
 from memexp.training import backward, build_workload, forward_loss
 
@@ -68,3 +68,8 @@ def test_a_plan_for_another_depth_is_refused(tiny_spec: SpecFn) -> None:
     model = Transformer(spec.model)
     with pytest.raises(ValueError, match="plan is for 3 layers, model has 4"):
         model.apply_plan(CheckpointPlan.nothing(3))
+
+
+def test_every_op_policy_name_has_its_operators() -> None:
+    """Configs are checked against the names (no torch); the model runs the operator lists."""
+    assert tuple(OP_POLICIES) == OP_POLICY_NAMES

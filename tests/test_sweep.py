@@ -72,7 +72,7 @@ def test_summary_table_lists_every_job_and_failure(tiny_sweep: SweepRun) -> None
     out = tiny_sweep.stdout
     assert f"[memexp] 3 job(s) in {folder.relative_to(tiny_sweep.cwd)}" in out
     assert re.search(
-        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+fwd\+bwd peak MiB\s+saved act MiB",
+        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+saved %\s+fwd\+bwd peak MiB\s+saved %\s+saved act MiB\s+step ms\s+overhead %",
         out,
     )
     for job, strategy, status in [(0, "none", "ok"), (1, "full", "error"), (2, "sqrt", "oom")]:

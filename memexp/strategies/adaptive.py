@@ -18,6 +18,10 @@ over budget (on a GPU the allocator rounds and the kernels differ from the profi
 tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
 A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
 What it planned, predicted and measured goes to the record as `extra["adaptive"]`.
+
+The planner and the device backends (torch) are imported inside the functions that plan: the
+registry imports this module for its schema and checks, and registering the schemas (`memexp
+--help`) must not load torch.
 """
 
 from __future__ import annotations
@@ -27,19 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memexp.config import ConfigError
-from memexp.devices import backend_for
-from memexp.planner import (
-    PROFILE_SOURCE,
-    UNITS,
-    PeakPrediction,
-    Solution,
-    StepProfile,
-    cheapest_within,
-    leanest,
-    option_name,
-    predict,
-    profile_step,
-)
 from memexp.results import PEAK_FIELDS, SCOPE_FORWARD_BACKWARD, SCOPE_STEP, InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import MIB, format_bytes
@@ -47,6 +38,7 @@ from memexp.text import MIB, format_bytes
 if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
     from memexp.plan import CheckpointPlan
+    from memexp.planner import PeakPrediction, Solution, StepProfile
 
 SCOPE_WORDS = {SCOPE_STEP: "whole-step", SCOPE_FORWARD_BACKWARD: "forward+backward"}
 
@@ -88,6 +80,8 @@ class Budget:
 def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
     """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto);
     then midway between `none` and the leanest plan, over the budget's scope."""
+    from memexp.planner import leanest, predict
+
     scope = SCOPE_WORDS[cfg.budget_scope]
     if cfg.budget_mb is not None:
         return Budget(round(cfg.budget_mb * MIB), f"budget_mb={cfg.budget_mb:g} MiB, {scope} peak")
@@ -127,6 +121,8 @@ class BudgetPlanner:
     """One job's profile and budget; plans for the budget, or for it less a margin."""
 
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
+        from memexp.planner import profile_step
+
         self.profile = profile_step(spec)
         self.scope = cfg.budget_scope
         job_budget = spec.memory_budget_bytes if spec.auto_batch else None
@@ -135,6 +131,8 @@ class BudgetPlanner:
     def decide(self, margin_bytes: int = 0) -> Decision:
         """The cheapest plan predicted within the budget less `margin_bytes` (measured
         overshoots of earlier plans); InfeasibleError, with the smallest peak, if none is."""
+        from memexp.planner import cheapest_within, predict
+
         planning = self.budget.bytes - margin_bytes
         solution = cheapest_within(self.profile, planning, self.scope)
         if solution is None:
@@ -142,6 +140,8 @@ class BudgetPlanner:
         return Decision(solution, predict(self.profile, solution.choices), planning)
 
     def _infeasible_message(self, margin_bytes: int) -> str:
+        from memexp.planner import leanest, predict
+
         lean = leanest(self.profile, self.scope)
         lowest = predict(self.profile, lean.choices)
         tightened = (
@@ -164,6 +164,8 @@ class BudgetPlanner:
         the extra bytes its recomputation adds at its backward's highest point, the FLOPs it
         recomputes (matmuls only, as FlopCounterMode counts) and one timed forward.
         """
+        from memexp.planner import PROFILE_SOURCE, UNITS
+
         options = self.profile.options
         nothing = options[()]
         units = {}
@@ -191,6 +193,8 @@ class BudgetPlanner:
 
 def describe_choices(solution: Solution) -> list[str]:
     """One entry per layer: what it recomputes (`nothing`, `attention_core+ffn`, `layer`, …)."""
+    from memexp.planner import option_name
+
     return [option_name(option) for option in solution.choices]
 
 
@@ -208,6 +212,8 @@ class BudgetStrategy(Strategy):
         Planning time (profile, unit timings, solving) is recorded as `planning_s`: what
         adaptive adds to a job besides measuring its plan.
         """
+        from memexp.devices import backend_for
+
         started = time.monotonic()
         planner = BudgetPlanner(spec.strategy, spec)
         record = planner.record(backend_for(spec).time_units(spec))

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from memexp.config import ConfigError
-from memexp.model import OP_POLICIES
-from memexp.plan import CheckpointPlan
+from memexp.plan import OP_POLICY_NAMES, CheckpointPlan
 from memexp.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -28,8 +27,8 @@ class OpConfig:
 
 
 def validate(cfg: OpConfig, model: ModelConfig) -> None:
-    if cfg.policy not in OP_POLICIES:
-        raise ConfigError("strategy.policy", cfg.policy, "one of " + ", ".join(OP_POLICIES))
+    if cfg.policy not in OP_POLICY_NAMES:
+        raise ConfigError("strategy.policy", cfg.policy, "one of " + ", ".join(OP_POLICY_NAMES))
 
 
 def make_plan(cfg: OpConfig, spec: ExperimentSpec) -> CheckpointPlan:
