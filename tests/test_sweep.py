@@ -114,6 +114,9 @@ def test_end_table_shows_both_peaks_in_mib() -> None:
     )  # fmt: skip
     lines = format_table([medium]).splitlines()
     assert re.match(
-        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+fwd\+bwd peak MiB", lines[0]
+        r"job\s+model\s+strategy\s+seq×batch\s+step peak MiB\s+saved %\s+fwd\+bwd peak MiB",
+        lines[0],
     )
-    assert re.match(r"\s*0\s+medium\s+full\s+512×2\s+3,672\.2\s+2,965\.7\s+-\s+-\s+ok$", lines[2])
+    assert re.match(
+        r"\s*0\s+medium\s+full\s+512×2\s+3,672\.2\s+-\s+2,965\.7\s+-\s+-\s+-\s+-\s+ok$", lines[2]
+    )
