@@ -6,12 +6,14 @@ into a sweep folder (and is the command line, `python -m memexp.summarize`).
 The table (`load_results`) has one row per job, failed jobs included with their `status`:
 
 * every `RunResult` field under its own name (units in the name: `_bytes`, `_ms`, `_flops`,
-  `_pct`), except the nested ones, which are flattened so a CSV reader needs no JSON:
-  `plan` -> `plan_<key>`, `environment` -> `env_<key>`, `extra` -> `extra_<key>` (values that
-  are themselves lists or dicts stay JSON strings), `phase_bytes` -> `phase_<phase>_bytes`, and
-  `overrides` -> one space-separated string;
+  `_pct`), except the nested ones, which are flattened so a CSV reader needs no JSON
+  (`memexp.tidy`): `plan` -> `plan_<key>`, `environment` -> `env_<key>`, `extra` -> `extra_<key>`
+  (a dict inside opens into `extra_<key>_<subkey>`; a list is a table of its own,
+  `memexp.tidy.list_tables`, e.g. the plan's segments and parts as `plans.csv`),
+  `phase_bytes` -> `phase_<phase>_bytes`, and `overrides` -> one space-separated string;
 * `result_file` (the file read) and `sweep` (the folder the job's aggregate belongs in:
-  `memexp.sweepdir.sweep_of`, the run folder itself for a single run);
+  `memexp.sweepdir.sweep_of`, the run folder itself for a single run); the record's own
+  `sweep_dir` is left out, `sweep` says it;
 * `workload`: seq_len x batch_size (written with the sign U+00D7, e.g. `256x4`), followed by
   device, precision and attention when those vary in the table; `config`: the model and the
   workload, e.g. `small 256x4`, the label plots and tables use;
@@ -41,7 +43,6 @@ batches instead.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -59,6 +60,7 @@ from memexp.sweepdir import (
     sweep_of,
 )
 from memexp.text import MIB
+from memexp.tidy import flatten, list_columns
 
 BASELINE_STRATEGY = "none"
 # The workload a job ran: what a reader is told two compared jobs share.
@@ -68,6 +70,8 @@ COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 
 # Nested record fields and the prefix their keys get as columns.
 NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
+# The record's own copy of the sweep folder; the table's `sweep` column says it (for single runs too).
+DUPLICATED_FIELD = "sweep_dir"
 # Saved-% columns and the measured column each compares with the baseline.
 SAVINGS = {
     "peak_saved_pct": "peak_bytes",
@@ -83,21 +87,12 @@ _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", 
 # --- finding and reading records -------------------------------------------------------------
 
 
-def _flatten(values: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
-    """One column per key; lists and dicts stay JSON so every cell is a scalar."""
-    flat = {}
-    for key, value in (values or {}).items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        flat[f"{prefix}_{key}"] = (
-            value if scalar else json.dumps(value, sort_keys=True, default=str)
-        )
-    return flat
-
-
 def _row(result: RunResult, result_file: Path) -> dict[str, Any]:
+    """The record as one flat row; its lists stay lists here, for `memexp.tidy.list_tables`."""
     row = result.to_dict()
+    row.pop(DUPLICATED_FIELD)
     for name, prefix in NESTED_PREFIXES.items():
-        row.update(_flatten(row.pop(name), prefix))
+        row.update(flatten(row.pop(name), prefix))
     row.update({f"phase_{k}_bytes": v for k, v in (row.pop("phase_bytes") or {}).items()})
     row["overrides"] = " ".join(row["overrides"] or [])
     row["result_file"] = str(result_file)
@@ -106,7 +101,7 @@ def _row(result: RunResult, result_file: Path) -> dict[str, Any]:
 
 
 def _record_columns() -> list[str]:
-    nested = {*NESTED_PREFIXES, "phase_bytes"}
+    nested = {*NESTED_PREFIXES, "phase_bytes", DUPLICATED_FIELD}
     return [f.name for f in fields(RunResult) if f.name not in nested] + ["result_file", "sweep"]
 
 
@@ -129,7 +124,10 @@ def _as_integers(series: pd.Series) -> pd.Series:
 
 
 def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    columns = list(dict.fromkeys(_record_columns() + [key for row in rows for key in row]))
+    """One scalar per cell: list-valued columns are tables of their own (`memexp.tidy`)."""
+    lists = list_columns(rows)
+    found = [key for row in rows for key in row if key not in lists]
+    columns = [c for c in dict.fromkeys(_record_columns() + found) if c not in lists]
     frame = pd.DataFrame(rows, columns=columns)
     for column in columns:
         if column in _INT_FIELDS or (column.startswith("phase_") and column.endswith("_bytes")):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
-    ("results", "config"),  # the record schema; the structured configs and the validated spec
+    ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
     ("model", "analytic", "environment", "scaling", "launchers", "resume", "cli_help"),
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
