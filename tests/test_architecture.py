@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
+    ("observe",),  # what a running job reports, to a listener or to no one
     ("model", "analytic", "environment", "scaling", "launchers", "resume", "cli_help"),
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records

@@ -1,7 +1,8 @@
 """Timed training steps with nothing attached to the model: warm-up first, then repeats.
 
 Each phase (forward+loss, backward, optimizer step) is timed on its own; on a GPU the device is
-synchronised at every boundary so a phase's time is its own work, not queued work.
+synchronised at every boundary so a phase's time is its own work, not queued work. Each timed
+step is reported, after its clock stopped, to the job's observer (`memexp.observe`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from memexp.config import ExperimentSpec
 from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, TransformerLayer
+from memexp.observe import current_observer
 from memexp.plan import LAYER, Part
 from memexp.training import (
     Workload,
@@ -97,11 +99,18 @@ def time_steps(work: Workload, warmup: int, repeat: int) -> Timings:
     for _ in range(warmup - 1):
         train_step(work)
     timings = Timings(first_loss=float(first_loss), saved_activation_bytes=saved)
+    observer = current_observer()
     for _ in range(repeat):
         _, phases = _one_step(work, now)
         for phase, ms in phases.items():
             timings.samples_ms[phase].append(ms)
+        observer.on_step(phases, allocated_bytes(work.tokens.device))
     return timings
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """Bytes the device's allocator holds for tensors now; None where it keeps no count (CPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
 
 def time_units(spec: ExperimentSpec) -> dict[str, float]:
