@@ -105,4 +105,5 @@ def list_tables(rows: list[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
     tables = {PLANS_TABLE: [line for row in rows for line in plan_rows(row)]}
     for column in sorted(list_columns(rows) - {PLAN_SEGMENTS, PLAN_PARTS}):
         tables[table_name(column)] = item_rows(rows, column)
-    return {name: pd.DataFrame(lines) for name, lines in tables.items() if lines}
+    # Nullable dtypes: a layer number stays `2`, not `2.0`, where other rows leave it empty.
+    return {name: pd.DataFrame(lines).convert_dtypes() for name, lines in tables.items() if lines}

@@ -147,16 +147,20 @@ class _Runsets:
         )
 
 
+# Scaling panels: (the axis drawn, the workload field held fixed in each grid, its config key,
+# its short name). Workload fields are named as the history keys they are logged under.
+SCALING_FACETS = (
+    (SEQ_LEN_KEY, BATCH_KEY, BATCH_CONFIG_KEY, "batch"),
+    (BATCH_KEY, SEQ_LEN_KEY, SEQ_CONFIG_KEY, "seq"),
+)
+
+
 def _scaling_grids(runsets: _Runsets, model: str, workloads: list[Workload]) -> list[wr.PanelGrid]:
     """Against sequence length per batch, against batch per sequence length, where they vary."""
     grids = []
-    for axis, fixed, fixed_key, fixed_name in (
-        (SEQ_LEN_KEY, "batch_size", BATCH_CONFIG_KEY, "batch"),
-        (BATCH_KEY, "seq_len", SEQ_CONFIG_KEY, "seq"),
-    ):
-        varying = "seq_len" if axis == SEQ_LEN_KEY else "batch_size"
+    for axis, fixed, fixed_key, fixed_name in SCALING_FACETS:
         for value in sorted({getattr(w, fixed) for w in workloads}):
-            points = {getattr(w, varying) for w in workloads if getattr(w, fixed) == value}
+            points = {getattr(w, axis) for w in workloads if getattr(w, fixed) == value}
             if len(points) < 2:
                 continue
             name = f"{model} {fixed_name}={value}"
