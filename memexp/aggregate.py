@@ -6,12 +6,14 @@ into a sweep folder (and is the command line, `python -m memexp.summarize`).
 The table (`load_results`) has one row per job, failed jobs included with their `status`:
 
 * every `RunResult` field under its own name (units in the name: `_bytes`, `_ms`, `_flops`,
-  `_pct`), except the nested ones, which are flattened so a CSV reader needs no JSON:
-  `plan` -> `plan_<key>`, `environment` -> `env_<key>`, `extra` -> `extra_<key>` (values that
-  are themselves lists or dicts stay JSON strings), `phase_bytes` -> `phase_<phase>_bytes`, and
-  `overrides` -> one space-separated string;
+  `_pct`), except the nested ones, which are flattened so a CSV reader needs no JSON
+  (`memexp.tidy`): `plan` -> `plan_<key>`, `environment` -> `env_<key>`, `extra` -> `extra_<key>`
+  (a dict inside opens into `extra_<key>_<subkey>`; a list is a table of its own,
+  `memexp.tidy.list_tables`, e.g. the plan's segments and parts as `plans.csv`),
+  `phase_bytes` -> `phase_<phase>_bytes`, and `overrides` -> one space-separated string;
 * `result_file` (the file read) and `sweep` (the folder the job's aggregate belongs in:
-  `memexp.sweepdir.sweep_of`, the run folder itself for a single run);
+  `memexp.sweepdir.sweep_of`, the run folder itself for a single run); the record's own
+  `sweep_dir` is left out, `sweep` says it;
 * `workload`: seq_len x batch_size (written with the sign U+00D7, e.g. `256x4`), followed by
   device, precision and attention when those vary in the table; `config`: the model and the
   workload, e.g. `small 256x4`, the label plots and tables use;
@@ -69,6 +71,7 @@ from memexp.sweepdir import (
     sweep_of,
 )
 from memexp.text import MIB
+from memexp.tidy import list_columns
 
 BASELINE_STRATEGY = "none"
 # The workload a job ran: what a reader is told two compared jobs share.
@@ -96,7 +99,7 @@ _LEADING_COLUMNS = ["sweep", "job_num", "config", "strategy_label", "strategy", 
 
 
 def _record_columns() -> list[str]:
-    nested = {*sweepindex.NESTED_PREFIXES, "phase_bytes"}
+    nested = {*sweepindex.NESTED_PREFIXES, "phase_bytes", sweepindex.DUPLICATED_FIELD}
     return [f.name for f in fields(RunResult) if f.name not in nested] + ["result_file", "sweep"]
 
 
@@ -125,7 +128,10 @@ def _as_integers(series: pd.Series) -> pd.Series:
 
 
 def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    columns = list(dict.fromkeys(_record_columns() + [key for row in rows for key in row]))
+    """One scalar per cell: list-valued columns are tables of their own (`memexp.tidy`)."""
+    lists = list_columns(rows)
+    found = [key for row in rows for key in row if key not in lists]
+    columns = [c for c in dict.fromkeys(_record_columns() + found) if c not in lists]
     frame = pd.DataFrame(rows, columns=columns)
     for column in columns:
         if column in _INT_FIELDS or (column.startswith("phase_") and column.endswith("_bytes")):

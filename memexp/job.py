@@ -1,5 +1,8 @@
 """One job of a sweep under one guard, from config resolution to the W&B mirror.
 
+The job's W&B run opens before the job starts and listens to it (`memexp.observe`): the
+runner and the measurement never import W&B.
+
 Whatever a job meets (a config that does not resolve, a damaged record in its folder, a failing
 W&B mirror, Ctrl-C), it leaves a record and never raises into Hydra, so every launcher goes on
 with the next job and the end-of-sweep table and aggregate are always written. Only an interrupt
@@ -18,11 +21,12 @@ from memexp import resume, sweepindex
 from memexp.config import ConfigError
 from memexp.configure import require_values
 from memexp.interrupts import describe_interrupt, stop_on_sigterm
+from memexp.observe import NO_OBSERVER, JobObserver, observing
 from memexp.record import describe_outcome, write_identity_from_config
-from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, write_result
+from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, read_result, write_result
 from memexp.runner import run_job
 from memexp.sweepdir import RESULT_FILE
-from memexp.wandb_sink import log_job, sweep_group
+from memexp.wandb_sink import open_job_run, sweep_group
 
 
 def record_failure(
@@ -51,12 +55,13 @@ def _resolved(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
 
 
-def mirror(cfg: DictConfig, result: RunResult, job_dir: Path, group_dir: Path, name: str) -> None:
-    """Copy the record to W&B; any failure is one line, the record on disk is what counts."""
-    try:
-        log_job(cfg.logger, _resolved(cfg), result, job_dir, sweep_group(group_dir), name)
-    except Exception as error:
-        print(f"[memexp] W&B logging skipped ({type(error).__name__}: {error})", flush=True)
+def watch(cfg: DictConfig, group_dir: Path, name: str) -> JobObserver:
+    """The job's W&B run, opened as the job starts (`NO_OBSERVER` when logging is off)."""
+    tags = tuple(
+        OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        for key in ("model.name", "strategy.name")
+    )
+    return open_job_run(cfg.logger, _resolved(cfg), group_dir, sweep_group(group_dir), name, tags)
 
 
 def run_guarded(
@@ -65,21 +70,25 @@ def run_guarded(
     """Run one job and mirror it; returns its record, or None when resume skipped it."""
     stop_on_sigterm()
     sweep_dir = Path(identity["sweep_dir"]) if identity.get("sweep_dir") else None
+    observer = NO_OBSERVER
     try:
         if resume.already_measured(cfg, job_dir, sweep_dir):
             return None
+        observer = watch(cfg, group_dir, " ".join(identity["overrides"]) or "defaults")
         require_values(cfg)  # `model=schema`: the schema, not a preset
         OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails fails here
-        result = run_job(cfg, job_dir, identity)
+        with observing(observer):
+            result = run_job(cfg, job_dir, identity)
     except Exception as error:  # before run_job's own guard (run_job records everything after)
         resume.keep_previous_record(job_dir)
         result = record_failure(cfg, job_dir, identity, error)
     except KeyboardInterrupt as interrupt:
         if not (Path(job_dir) / RESULT_FILE).is_file():
             record_failure(cfg, job_dir, identity, interrupt)
+        observer.on_finish(read_result(job_dir), job_dir)
         raise
     index_record(job_dir)
-    mirror(cfg, result, job_dir, group_dir, " ".join(identity["overrides"]) or "defaults")
+    observer.on_finish(result, job_dir)
     return result
 
 

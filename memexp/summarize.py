@@ -1,5 +1,8 @@
 """Write a sweep's outputs: `results.csv`, `plots/*.png` and `summary.md`; the command line.
 
+Beside `results.csv`: `results.parquet` (the same table, typed; when pyarrow is installed) and
+one tidy table per list in the records (`plans.csv`, ...: `memexp.tidy`).
+
     python -m memexp.summarize PATH... [--out FILE] [--timeline model=small,seq=256 ...]
 
 PATH is a sweep folder, a parent folder holding many sweeps, a job folder, a `result.json`, or a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +44,16 @@ from memexp.figures import PlotOutcome
 from memexp.plots.timeline import DEFAULT_TIMELINES
 from memexp.report import write_summary
 from memexp.results import STATUS_OK
-from memexp.sweepdir import PLOTS_DIR, RESULT_FILE, RESULTS_CSV, find_result_files, sweep_of
+from memexp.sweepdir import (
+    PLOTS_DIR,
+    RESULT_FILE,
+    RESULTS_CSV,
+    RESULTS_PARQUET,
+    find_result_files,
+    sweep_of,
+    table_csv,
+)
+from memexp.tidy import list_tables
 
 # Draws every figure the table supports into a folder and says what it drew or why not.
 Drawer = Callable[[pd.DataFrame, Path], list[PlotOutcome]]
@@ -60,6 +73,28 @@ def no_figures(frame: pd.DataFrame, out_dir: Path) -> list[PlotOutcome]:
     return []
 
 
+def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
+    """The table with its types kept, when pyarrow (`memexp[parquet]`) is installed."""
+    if importlib.util.find_spec("pyarrow") is None:
+        return False
+    frame.to_parquet(path, index=False)
+    return True
+
+
+def write_tables(sweep_dir: Path, frame: pd.DataFrame, rows: list[dict]) -> list[Path]:
+    """`results.csv` (and `results.parquet`), and each list of the records as a tidy table."""
+    csv_path = sweep_dir / RESULTS_CSV
+    frame.to_csv(csv_path, index=False)
+    written = [csv_path]
+    if write_parquet(frame, sweep_dir / RESULTS_PARQUET):
+        written.append(sweep_dir / RESULTS_PARQUET)
+    for name, table in list_tables(rows).items():
+        path = sweep_dir / table_csv(name)
+        table.to_csv(path, index=False)
+        written.append(path)
+    return written
+
+
 def summarize_sweep(sweep_dir: Path, draw: Drawer = plots.draw_all) -> SweepOutput:
     """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md`.
 
@@ -74,11 +109,10 @@ def summarize_sweep(sweep_dir: Path, draw: Drawer = plots.draw_all) -> SweepOutp
     frame = build_frame(rows)
     # Failed jobs get their own table in the summary; these notes are everything else.
     notes = read_notes + missing_result_notes(sweep_dir) + data_notes(frame)
-    csv_path = sweep_dir / RESULTS_CSV
-    frame.to_csv(csv_path, index=False)
+    tables = write_tables(sweep_dir, frame, rows)
     figures = draw(frame, sweep_dir / PLOTS_DIR)
     summary = write_summary(sweep_dir, frame, notes, figures)
-    written = [csv_path, *(f.path for f in figures if f.path), summary]
+    written = [*tables, *(f.path for f in figures if f.path), summary]
     figure_notes = [f.note for f in figures if f.note]
     return SweepOutput(frame, written, failure_notes(frame) + notes + figure_notes)
 

@@ -6,6 +6,8 @@
     <sweep>/<job>/timeline.json        memexp: memory over the job's tracked step
     <sweep>/index.jsonl                memexp: a flattened row per job (memexp.sweepindex)
     <sweep>/results.csv, summary.md, plots/   memexp: the aggregate
+    <sweep>/results.parquet            memexp: the same table, typed (when pyarrow is installed)
+    <sweep>/plans.csv, <list>.csv      memexp: the records' lists as tidy tables (memexp.tidy)
 
 Everything that looks for records or reads Hydra's files in a sweep folder goes through here,
 so the layout can change in one place.
@@ -23,6 +25,7 @@ RESULT_FILE = "result.json"
 TIMELINE_FILE = "timeline.json"
 RESULTS_CSV = "results.csv"
 INDEX_FILE = "index.jsonl"  # memexp.sweepindex: a row per job, appended as each finishes
+RESULTS_PARQUET = "results.parquet"
 SUMMARY_MD = "summary.md"
 PLOTS_DIR = "plots"
 MULTIRUN_YAML = "multirun.yaml"
@@ -35,6 +38,11 @@ JOB_HYDRA = Path(HYDRA_DIR) / "hydra.yaml"
 RECORD_HYDRA_DIR = ".hydra.of-record"
 # A job folder's record files: the record, kept older records and their timelines.
 RECORD_FILE_PATTERNS = ("result*.json", "timeline*.json")
+
+
+def table_csv(name: str) -> str:
+    """The file of a tidy table beside `results.csv`: `plans` -> `plans.csv`."""
+    return f"{name}.csv"
 
 
 def job_order(folder: Path) -> tuple[int, str]:

@@ -24,29 +24,23 @@ from typing import Any
 
 from memexp.results import RunResult, read_result
 from memexp.sweepdir import INDEX_FILE, sweep_of
+from memexp.tidy import flatten
 
 # Nested record fields and the prefix their keys get as columns.
 NESTED_PREFIXES = {"plan": "plan", "environment": "env", "extra": "extra"}
+# The record's own copy of the sweep folder; the table's `sweep` column says it (for single runs too).
+DUPLICATED_FIELD = "sweep_dir"
 STAMP_KEY = "index_stamp"
 RECORD_KEY = "index_record"
 
 
-def _flatten(values: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
-    """One column per key; lists and dicts stay JSON so every cell is a scalar."""
-    flat = {}
-    for key, value in (values or {}).items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        flat[f"{prefix}_{key}"] = (
-            value if scalar else json.dumps(value, sort_keys=True, default=str)
-        )
-    return flat
-
-
 def flatten_record(result: RunResult, result_file: Path) -> dict[str, Any]:
-    """A record as one table row (see `memexp.aggregate`'s docstring for the columns)."""
+    """A record as one table row (see `memexp.aggregate`'s docstring for the columns): nested
+    dicts open into columns; lists stay lists here, for `memexp.tidy.list_tables`."""
     row = result.to_dict()
+    row.pop(DUPLICATED_FIELD)
     for name, prefix in NESTED_PREFIXES.items():
-        row.update(_flatten(row.pop(name), prefix))
+        row.update(flatten(row.pop(name), prefix))
     row.update({f"phase_{k}_bytes": v for k, v in (row.pop("phase_bytes") or {}).items()})
     row["overrides"] = " ".join(row["overrides"] or [])
     row["result_file"] = str(result_file)

@@ -1,5 +1,8 @@
 """Mirror a sweep's results into Weights & Biases: one W&B run per job, one more per sweep.
 
+A job's run opens when the job starts and hears it as it runs (`JobRun`, a
+`memexp.observe.JobObserver`); the sweep's run is written once the aggregate is.
+
 W&B is a copy of the local results, never their keeper: every W&B failure (missing package,
 no network, bad key, anything) becomes one warning line and the sweep carries on.
 
@@ -20,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memexp.config import LoggerConfig, WandbMode
-from memexp.results import STATUS_ERROR, RunResult
-from memexp.sweepdir import TIMELINE_FILE
+from memexp.interrupts import INTERRUPTED_EXIT_CODE
+from memexp.observe import NO_OBSERVER, JobObserver
+from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult
+from memexp.sweepdir import RESULT_FILE
 from memexp.text import to_mib
 
 if TYPE_CHECKING:
@@ -34,13 +39,25 @@ JOB_TYPE_MEASURE = "measure"
 JOB_TYPE_AGGREGATE = "aggregate"
 
 # Each job logs these once as a history row: W&B line plots only take logged numbers as their
-# x axis (not config values), so this row is what lets a report draw figures against seq_len.
+# x axis (not config values), so this row is what lets a report draw figures against seq_len
+# or batch_size.
 SEQ_LEN_KEY = "seq_len"
+BATCH_KEY = "batch_size"
 PEAK_MIB_KEY = "peak_mib"
 STEP_MS_KEY = "step_ms_median"
-HEADLINE_KEYS = (SEQ_LEN_KEY, PEAK_MIB_KEY, STEP_MS_KEY)
+HEADLINE_FIGURES = (PEAK_MIB_KEY, STEP_MS_KEY)
+HEADLINE_KEYS = (SEQ_LEN_KEY, BATCH_KEY, *HEADLINE_FIGURES)
 
 TIMELINE_KEY = "memory_timeline"
+# W&B keeps a custom chart's data as the table `<key>_table`.
+TIMELINE_TABLE_KEY = f"{TIMELINE_KEY}_table"
+PLOT_KEY_PREFIX = "plots/"
+# Each timed step's history row: `step/<phase>_ms` and, where the allocator counts, its bytes.
+STEP_PREFIX = "step/"
+STEP_ALLOCATED_KEY = f"{STEP_PREFIX}allocated_mib"
+RESULT_ARTIFACT_TYPE = "memexp-result"
+# A run's exit code by the job's status: failed in W&B only for an error or an interrupt.
+EXIT_CODES = {STATUS_ERROR: 1, STATUS_INTERRUPTED: INTERRUPTED_EXIT_CODE}
 RESULTS_TABLE_KEY = "results"
 # wandb.Image reads rasters only; vector copies of the same plots (pdf, svg) stay local.
 RASTER_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp"})
@@ -72,41 +89,92 @@ def sweep_group(sweep_dir: Path) -> str:
     return f"{path.parent.name}_{path.name}"
 
 
-def log_job(
+class JobRun(JobObserver):
+    """One job's W&B run, open while the job runs: each timed step is a history row as it
+    happens (W&B samples the system's metrics beside them), and the end brings the record's
+    figures as summary, the headline row and memory timeline, the record and timeline files as
+    an artifact, and the job's status as the run's exit code.
+
+    Only `error` (exit code 1) and `interrupted` (130) mark the run failed: oom, infeasible and
+    not_applicable are answers. A W&B failure here is one warning; the run is then dropped and
+    the job goes on unheard.
+    """
+
+    def __init__(self, run: wandb.Run, what: str) -> None:
+        self._run: wandb.Run | None = run
+        self._what = what
+
+    def on_step(self, phase_ms: Mapping[str, float], allocated_bytes: int | None) -> None:
+        row = {f"{STEP_PREFIX}{phase}_ms": ms for phase, ms in phase_ms.items()}
+        if allocated_bytes is not None:
+            row[STEP_ALLOCATED_KEY] = to_mib(allocated_bytes)
+        self._call(lambda run: run.log(row))
+
+    def on_finish(self, result: RunResult, job_dir: Path) -> None:
+        self._call(lambda run: _write_record(run, result, Path(job_dir)))
+        run, self._run = self._run, None
+        if run is not None:
+            _end_run(run, EXIT_CODES.get(result.status, 0), self._what)
+
+    def _call(self, use: Callable[[wandb.Run], Any]) -> None:
+        if self._run is None:
+            return
+        try:
+            use(self._run)
+        except Exception as exc:
+            run, self._run = self._run, None
+            _warn(self._what, exc)
+            _end_run(run, 1, self._what)
+
+
+def open_job_run(
     logger_cfg: Mapping[str, Any],
     resolved_config: dict[str, Any],
-    result: RunResult,
-    job_dir: Path,
+    group_dir: Path,
     sweep_id: str,
     run_name: str,
-) -> None:
-    """Log one job as its own W&B run: config, flat figures as summary, memory timeline as a chart.
-
-    Only `error` marks the run failed; oom/infeasible/not_applicable are answers, not failures.
-    """
-    job_dir = Path(job_dir)
-
-    def write(run: wandb.Run) -> int:
-        summary = _job_summary(result)
-        row = _headline_row(summary)
-        timeline = job_dir / (result.timeline_file or TIMELINE_FILE)
-        if timeline.is_file():
-            row[TIMELINE_KEY] = _timeline_chart(timeline)
-        if row:
-            run.log(row)
-        run.summary.update(summary)
-        return 1 if result.status == STATUS_ERROR else 0
-
-    _log_run(
+    tag_names: tuple[str | None, ...] = (),
+) -> JobObserver:
+    """Open the W&B run of a job about to start; `NO_OBSERVER` when logging is off or W&B could
+    not start one (one warning)."""
+    what = f"{JOB_TYPE_MEASURE} run {run_name!r}"
+    run = _start_run(
         logger_cfg,
-        Path(result.sweep_dir) if result.sweep_dir else job_dir,
-        write,
+        Path(group_dir),
+        what,
         group=sweep_id,
         job_type=JOB_TYPE_MEASURE,
         name=run_name,
-        tags=_tags(logger_cfg, result.model, result.strategy),
+        tags=_tags(logger_cfg, *tag_names),
         config=resolved_config,
     )
+    return NO_OBSERVER if run is None else JobRun(run, what)
+
+
+def _write_record(run: wandb.Run, result: RunResult, job_dir: Path) -> None:
+    """The record's figures as summary, its headline row, its timeline chart and its files."""
+    summary = _job_summary(result)
+    row = _headline_row(summary)
+    # Only the record's own timeline: a file a previous record of this folder left is not its.
+    timeline = job_dir / result.timeline_file if result.timeline_file else None
+    files = [job_dir / RESULT_FILE]
+    if timeline is not None and timeline.is_file():
+        row[TIMELINE_KEY] = _timeline_chart(timeline)
+        files.append(timeline)
+    if row:
+        run.log(row)
+    run.summary.update(summary)
+    run.log_artifact(_result_artifact(run, files))
+
+
+def _result_artifact(run: wandb.Run, files: list[Path]) -> Any:
+    """The record's files, as they are on disk."""
+    import wandb
+
+    artifact = wandb.Artifact(f"result-{run.id}", type=RESULT_ARTIFACT_TYPE)
+    for path in files:
+        artifact.add_file(str(path))
+    return artifact
 
 
 def log_aggregate(
@@ -123,7 +191,7 @@ def log_aggregate(
         import wandb
 
         images = {
-            f"plots/{path.stem}": wandb.Image(str(path))
+            f"{PLOT_KEY_PREFIX}{path.stem}": wandb.Image(str(path))
             for path in map(Path, plot_paths)
             if path.suffix.lower() in RASTER_SUFFIXES
         }
@@ -159,9 +227,9 @@ def _job_summary(result: RunResult) -> dict[str, Any]:
 
 
 def _headline_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """seq_len with whichever headline figures were measured; nothing when none were."""
+    """The workload's axes with whichever headline figures were measured; nothing when none were."""
     row = {key: summary[key] for key in HEADLINE_KEYS if key in summary}
-    return row if SEQ_LEN_KEY in row and len(row) > 1 else {}
+    return row if SEQ_LEN_KEY in row and any(key in row for key in HEADLINE_FIGURES) else {}
 
 
 def _timeline_chart(path: Path) -> Any:
@@ -209,6 +277,71 @@ def _require_credentials(wandb_module: Any) -> None:
         )
 
 
+def _warn(what: str, exc: BaseException) -> None:
+    reason = next(iter(str(exc).strip().splitlines()), "")
+    LOG.warning(
+        "W&B logging skipped for %s (local results are kept): %s: %s%s",
+        what,
+        type(exc).__name__,
+        reason,
+        "; W&B is off for the rest of this process" if _GAVE_UP["reason"] else "",
+    )
+
+
+def _start_run(
+    logger_cfg: Mapping[str, Any], default_dir: Path, what: str, **init_kwargs: Any
+) -> wandb.Run | None:
+    """A new W&B run, or None: unless `logger.name` is `wandb` (`none` turns logging off), once
+    W&B gave up in this process, or when it cannot start (one warning). Never prompts and never
+    waits past `logger.init_timeout_s`."""
+    if logger_cfg.get("name") != "wandb" or _GAVE_UP["reason"]:
+        return None
+    try:
+        import wandb
+    except Exception as exc:
+        _warn(what, exc)
+        return None
+    try:
+        wandb_dir = Path(_setting(logger_cfg, "dir") or default_dir)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        mode = _setting(logger_cfg, "mode")
+        if mode == WandbMode.online.value:
+            _require_credentials(wandb)
+        timeout = float(logger_cfg.get("init_timeout_s") or DEFAULT_INIT_TIMEOUT_S)
+        try:
+            return wandb.init(
+                project=_setting(logger_cfg, "project"),
+                entity=_setting(logger_cfg, "entity"),
+                mode=mode,
+                dir=str(wandb_dir),
+                reinit="create_new",
+                settings=wandb.Settings(silent=True, console="off", init_timeout=timeout),
+                **init_kwargs,
+            )
+        except Exception as error:  # no network, a refused key: every job would stall the same
+            _GAVE_UP["reason"] = f"could not start a run within {timeout:g} s: {error}"
+            raise
+    except Exception as exc:
+        _warn(what, exc)
+        wandb.teardown()
+        return None
+
+
+def _end_run(run: wandb.Run, exit_code: int, what: str) -> None:
+    """Finish the run with `exit_code` and shut W&B down: no W&B service process is left to
+    compete for the CPU while the next job sets up."""
+    import wandb
+
+    try:
+        run.finish(exit_code=exit_code)
+        if run.settings.mode == WandbMode.offline.value:
+            LOG.info("W&B %s saved offline: wandb sync %s", what, run.settings.sync_dir)
+    except Exception as exc:
+        _warn(what, exc)
+    finally:
+        wandb.teardown()
+
+
 def _log_run(
     logger_cfg: Mapping[str, Any],
     default_dir: Path,
@@ -217,51 +350,16 @@ def _log_run(
 ) -> None:
     """Open one W&B run, let `write` fill it and return its exit code, finish it, shut W&B down.
 
-    Does nothing unless `logger.name` is `wandb` (`none` turns logging off). Shutting down after
-    every run leaves no W&B service process competing for the CPU while the next job is timed.
     Anything W&B raises becomes one warning line.
     """
-    if logger_cfg.get("name") != "wandb" or _GAVE_UP["reason"]:
-        return
     what = f"{init_kwargs['job_type']} run {init_kwargs['name']!r}"
+    run = _start_run(logger_cfg, default_dir, what, **init_kwargs)
+    if run is None:
+        return
+    exit_code = 1
     try:
-        import wandb
-
-        try:
-            wandb_dir = Path(_setting(logger_cfg, "dir") or default_dir)
-            wandb_dir.mkdir(parents=True, exist_ok=True)
-            mode = _setting(logger_cfg, "mode")
-            if mode == WandbMode.online.value:
-                _require_credentials(wandb)
-            timeout = float(logger_cfg.get("init_timeout_s") or DEFAULT_INIT_TIMEOUT_S)
-            try:
-                run = wandb.init(
-                    project=_setting(logger_cfg, "project"),
-                    entity=_setting(logger_cfg, "entity"),
-                    mode=mode,
-                    dir=str(wandb_dir),
-                    reinit="create_new",
-                    settings=wandb.Settings(silent=True, console="off", init_timeout=timeout),
-                    **init_kwargs,
-                )
-            except Exception as error:  # no network, a refused key: every job would stall the same
-                _GAVE_UP["reason"] = f"could not start a run within {timeout:g} s: {error}"
-                raise
-            exit_code = 1
-            try:
-                exit_code = write(run)
-            finally:
-                run.finish(exit_code=exit_code)
-            if run.settings.mode == WandbMode.offline.value:
-                LOG.info("W&B %s saved offline: wandb sync %s", what, run.settings.sync_dir)
-        finally:
-            wandb.teardown()
+        exit_code = write(run)
     except Exception as exc:
-        reason = next(iter(str(exc).strip().splitlines()), "")
-        LOG.warning(
-            "W&B logging skipped for %s (local results are kept): %s: %s%s",
-            what,
-            type(exc).__name__,
-            reason,
-            "; W&B is off for the rest of this process" if _GAVE_UP["reason"] else "",
-        )
+        _warn(what, exc)
+    finally:
+        _end_run(run, exit_code, what)

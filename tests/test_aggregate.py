@@ -11,9 +11,10 @@ import pytest
 
 from memexp import aggregate, summarize
 from memexp.aggregate import load_results
-from memexp.plan import CheckpointPlan
+from memexp.plan import CheckpointPlan, Part
 from memexp.results import RunResult, write_result
 from memexp.summarize import summarize_sweep
+from memexp.sweepdir import RESULTS_PARQUET
 from tests import records
 
 WORKLOAD = {
@@ -122,11 +123,16 @@ def test_nested_fields_are_flattened_into_prefixed_columns(tmp_path: Path) -> No
         tmp_path, 0, "full", peak_bytes=2**20,
         overrides=["strategy=full", "strategy.granularity=sublayer"],
         plan=CheckpointPlan(4, segments=((0, 2), (2, 4))), environment={"torch": "2.6.0"},
-        extra={"budget_bytes": 5}, phase_bytes={"forward_peak": 3 * 2**20},
+        extra={"budget_bytes": 5, "adaptive": {"units": {"ffn": {"recompute_flops": 7}}}},
+        phase_bytes={"forward_peak": 3 * 2**20},
     )  # fmt: skip
-    job = load_results([tmp_path]).iloc[0]
-    assert (job.plan_num_layers, job.plan_segments) == (4, "[[0, 2], [2, 4]]")
+    frame = load_results([tmp_path])
+    job = frame.iloc[0]
+    assert (job.plan_num_layers, job.plan_offload) == (4, False)
+    assert "plan_segments" not in frame  # a list: plans.csv holds it, one row per layer x unit
+    assert "sweep_dir" not in frame  # `sweep` says it
     assert (job.env_torch, job.extra_budget_bytes) == ("2.6.0", 5)
+    assert job.extra_adaptive_units_ffn_recompute_flops == 7
     assert (job.phase_forward_peak_bytes, job.phase_forward_peak_mib) == (3 * 2**20, 3.0)
     assert job.overrides == "strategy=full strategy.granularity=sublayer"
     assert (job.strategy_label, job.config, job.workload) == (
@@ -260,7 +266,7 @@ def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
     write_result(run, RunResult(status="ok", job_num=None, strategy="none", peak_bytes=1000,
                                 step_ms_median=10.0, **WORKLOAD))  # fmt: skip
     assert summarize.main([str(tmp_path / "2026-12-01")]) == 0
-    assert sorted(p.name for p in run.iterdir()) == [
+    assert sorted(p.name for p in run.iterdir() if p.name != RESULTS_PARQUET) == [
         "index.jsonl",
         "plots",
         "result.json",
@@ -272,9 +278,48 @@ def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
     assert (table.sweep.tolist(), table.baseline_sweep.tolist()) == ([str(run)], [str(run)])
 
 
+def test_lists_are_tidy_tables_and_no_cell_of_results_csv_holds_json(tmp_path: Path) -> None:
+    plan = CheckpointPlan(3, segments=((0, 2),), parts=((2, Part.FFN),))
+    rounds = [{"predicted_peak_bytes": 9, "plan_layers": ["layer", "layer", "ffn"]}]
+    write_job(tmp_path, 0, "none")
+    write_job(
+        tmp_path, 1, "adaptive", plan=plan,
+        extra={"auto_batch_probes": [[1, 100], [2, 180]], "adaptive": {"rounds": rounds}},
+    )  # fmt: skip
+    output = summarize_sweep(tmp_path, draw=summarize.no_figures)
+    sweep = str(tmp_path.resolve())
+    plans = pd.read_csv(tmp_path / "plans.csv").fillna(-1)  # a part lies in no segment
+    assert plans.values.tolist() == [
+        [sweep, 1, 0, "segment", 0, 1],
+        [sweep, 1, 1, "segment", 0, 1],
+        [sweep, 1, 2, "ffn", -1, -1],
+    ]
+    assert list(plans) == ["sweep", "job_num", "layer", "unit", "segment_first", "segment_last"]
+    probes = pd.read_csv(tmp_path / "auto_batch_probes.csv")
+    assert probes[["job_num", "item", "value_0", "value_1"]].values.tolist() == [
+        [1, 0, 1, 100],
+        [1, 1, 2, 180],
+    ]
+    (round_row,) = pd.read_csv(tmp_path / "adaptive_rounds.csv").to_dict("records")
+    assert (round_row["predicted_peak_bytes"], round_row["plan_layers"]) == (9, "layer layer ffn")
+    assert {p.name for p in output.written} >= {"plans.csv", "auto_batch_probes.csv"}
+    table = pd.read_csv(tmp_path / "results.csv", dtype=str)
+    cells = table.stack()
+    assert not cells[cells.str.match(r"^\s*[\[{]")].tolist()
+
+
+def test_results_parquet_holds_the_table_when_pyarrow_is_installed(pair: Path) -> None:
+    pytest.importorskip("pyarrow")
+    summarize_sweep(pair, draw=summarize.no_figures)
+    written = pd.read_parquet(pair / "results.parquet")
+    assert written.peak_bytes.tolist() == pd.read_csv(pair / "results.csv").peak_bytes.tolist()
+    assert str(written.peak_bytes.dtype) == "Int64"
+
+
 def test_summarize_sweep_takes_the_figure_drawer_as_a_parameter(pair: Path) -> None:
     output = summarize_sweep(pair, draw=summarize.no_figures)
-    assert output.written == [pair / "results.csv", pair / "summary.md"]
+    written = [path for path in output.written if path.name != RESULTS_PARQUET]
+    assert written == [pair / "results.csv", pair / "summary.md"]
     assert not (pair / "plots").exists()
     assert "## Plots" in (pair / "summary.md").read_text()
 

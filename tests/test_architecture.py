@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
-    ("results", "config"),  # the record schema; the structured configs and the validated spec
+    ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
+    ("observe",),  # what a running job reports, to a listener or to no one
     (
         "model",
         "analytic",

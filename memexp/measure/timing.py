@@ -4,6 +4,7 @@ Each phase (forward+loss, backward, optimizer step) is timed on its own within o
 step; on a GPU the device is synchronised at every boundary so a phase's time is its own work, not
 queued work. Steps repeat until the step time is stable or a time cap is spent (`StoppingRule`),
 and the threads and machine load they ran under are kept beside them (memexp.measure.machine).
+Each timed step is reported, after its clock stopped, to the job's observer (`memexp.observe`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from memexp.config import ExperimentSpec, MeasureConfig
 from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, TransformerLayer
+from memexp.observe import current_observer
 from memexp.plan import LAYER, Part
 from memexp.training import (
     Workload,
@@ -155,8 +157,15 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
     first_loss, saved = first_step(work)
     for _ in range(warmup - 1):
         train_step(work)
+    observer = current_observer()
+
+    def timed_step() -> dict[str, float]:
+        _, phases = _one_step(work, now)
+        observer.on_step(phases, allocated_bytes(work.tokens.device))
+        return phases
+
     load_before = load_average()
-    samples, stable = repeat_until_done(lambda: _one_step(work, now)[1], rule)
+    samples, stable = repeat_until_done(timed_step, rule)
     return Timings(
         first_loss=float(first_loss),
         saved_activation_bytes=saved,
@@ -164,6 +173,11 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
         machine=machine_load(load_before),
         samples_ms=samples,
     )
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """Bytes the device's allocator holds for tensors now; None where it keeps no count (CPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
 
 def time_units(spec: ExperimentSpec) -> dict[str, float]:
