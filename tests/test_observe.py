@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from memexp.config import ExperimentSpec
-from memexp.measure.timing import time_steps
+from memexp.measure.timing import StoppingRule, time_steps
 from memexp.observe import NO_OBSERVER, JobObserver, current_observer, observing
 from memexp.plan import CheckpointPlan
 from memexp.results import RunResult
@@ -28,9 +28,9 @@ def test_each_timed_step_is_reported_with_the_very_samples_timed(
     work = build_workload(spec, CheckpointPlan.nothing(spec.model.layers), "cpu")
     recorder = Recorder()
     with observing(recorder):
-        timings = time_steps(work, warmup=1, repeat=3)
+        timings = time_steps(work, warmup=1, rule=StoppingRule.fixed(3))
     assert current_observer() is NO_OBSERVER  # the listener leaves with the block
-    assert len(recorder.steps) == 3  # timed steps only, not the warm-up
+    assert len(recorder.steps) == 3 == timings.steps  # timed steps only, not the warm-up
     for phase, samples in timings.samples_ms.items():
         assert [phase_ms[phase] for phase_ms, _ in recorder.steps] == samples
     assert {allocated for _, allocated in recorder.steps} == {None}  # the CPU keeps no count
