@@ -72,6 +72,7 @@ def some_plans(layers: int) -> list[tuple[planner.LayerOption, ...]]:
     return uniform + mixed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_predicted_peak_is_the_measured_peak_to_the_byte(
     variant: str, specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
@@ -90,6 +91,7 @@ def test_predicted_peak_is_the_measured_peak_to_the_byte(
     assert len(set(forward_backward_peaks.values())) > 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_solver_matches_exhaustive_search_on_a_ladder_of_budgets(
@@ -129,6 +131,7 @@ def test_the_forward_backward_peak_leaves_out_only_the_optimizer_step(
     }
 
 
+@pytest.mark.slow
 def test_measured_peaks_fit_feasible_budgets_and_fall_as_they_tighten(
     specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile]
 ) -> None:
@@ -234,6 +237,7 @@ def run_adaptive(tiny_cfg: Callable[..., DictConfig], job_dir: Path, *overrides:
     return read_result(job_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
 def test_adaptive_job_records_budget_prediction_and_measurement(
     scope: str,
@@ -266,6 +270,7 @@ def test_adaptive_job_records_budget_prediction_and_measurement(
     assert set(adaptive_record["units"]) == {"attention_core", "attention", "ffn", "layer"}
 
 
+@pytest.mark.slow
 def test_infeasible_job_is_recorded_with_the_smallest_achievable_peak(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -276,6 +281,7 @@ def test_infeasible_job_is_recorded_with_the_smallest_achievable_peak(
     assert record.peak_bytes is None
 
 
+@pytest.mark.slow
 def test_a_plan_measured_over_budget_is_tightened_and_planned_again(
     tiny_cfg: Callable[..., DictConfig],
     profiles: dict[str, StepProfile],

@@ -157,6 +157,7 @@ def test_pareto_marks_the_strategies_no_other_beats_in_both(tmp_path: Path) -> N
     assert optimal.to_dict() == {"none": True, "full": True, "sqrt": False}
 
 
+@pytest.mark.slow
 def test_summarize_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
     output = summarize_sweep(pair)
     assert (pair / "results.csv") in output.written and (pair / "summary.md") in output.written
@@ -197,6 +198,7 @@ def two_sweeps(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_cli_on_a_parent_folder_aggregates_every_sweep(two_sweeps: Path, capsys) -> None:
     out = two_sweeps / "all.csv"
     assert summarize.main([str(two_sweeps), "--out", str(out)]) == 0
@@ -209,6 +211,7 @@ def test_cli_on_a_parent_folder_aggregates_every_sweep(two_sweeps: Path, capsys)
     assert "2 jobs (2 ok)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_expands_a_quoted_glob(two_sweeps: Path) -> None:
     assert summarize.main([str(two_sweeps / "*_b")]) == 0
     assert (two_sweeps / "sweep_b" / "summary.md").is_file()
@@ -260,6 +263,7 @@ def test_pareto_marks_are_found_within_each_sweep(two_different_sweeps: Path) ->
     }
 
 
+@pytest.mark.slow
 def test_a_single_run_folder_is_summarized_into_itself(tmp_path: Path) -> None:
     """`python -m memexp` without -m writes `<date>/<time>/result.json`: outputs go beside it."""
     run = tmp_path / "2026-12-01" / "12-00-00"

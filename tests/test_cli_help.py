@@ -101,6 +101,7 @@ def test_help_lists_every_preset_with_its_first_comment_line(group: str, default
         assert option_line(default_help, group, preset.stem)[4:].split(maxsplit=1)[1] == description
 
 
+@pytest.mark.slow
 def test_help_marks_the_command_lines_choices() -> None:
     text = help_of(overrides=["model=tiny", "strategy=sqrt"])
     assert option_line(text, "model", "tiny").startswith("  * tiny")
@@ -123,6 +124,7 @@ def test_a_schema_is_not_an_option(compose_cfg: ComposeFn) -> None:
         compose_cfg("model=schema")
 
 
+@pytest.mark.slow
 def test_a_users_own_preset_dir_adds_options_that_extend_the_schema(tmp_path: Path) -> None:
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / "mymodel.yaml").write_text(USER_PRESET)

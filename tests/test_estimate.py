@@ -62,6 +62,7 @@ def run(compose_cfg: ComposeFn, tmp_path: Path, *overrides: str) -> RunResult:
     return run_job(compose_cfg(*TINY, *overrides), job_dir, {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
 def test_three_sources_agree(workload: str, tiny_spec: SpecFn) -> None:
     """Closed form, fake tensors and a real CPU step: the same saved bytes; the same peak,
@@ -83,6 +84,7 @@ def test_three_sources_agree(workload: str, tiny_spec: SpecFn) -> None:
     assert predicted.memory.phase_bytes == measured.phase_bytes
 
 
+@pytest.mark.slow
 def test_fake_job_record_equals_the_cpu_job_record(compose_cfg: ComposeFn, tmp_path: Path) -> None:
     """The same through the runner: every memory, saved-byte and FLOP field of the record."""
     measured = run(compose_cfg, tmp_path, "strategy=full", "device=cpu")
@@ -111,6 +113,7 @@ def test_fake_job_record_equals_the_cpu_job_record(compose_cfg: ComposeFn, tmp_p
     assert predicted.extra["analytic_saved_activation_bytes"] == predicted.saved_activation_bytes
 
 
+@pytest.mark.slow
 def test_prediction_leaves_measured_time_empty_and_labels_the_estimate(
     compose_cfg: ComposeFn, tmp_path: Path
 ) -> None:
@@ -132,6 +135,7 @@ def test_prediction_leaves_measured_time_empty_and_labels_the_estimate(
     assert result.extra["device_headroom_bytes"] == 2**30 - result.peak_bytes
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_says_so(compose_cfg: ComposeFn, tmp_path: Path) -> None:
     result = run(compose_cfg, tmp_path, "device=fake", "device.memory_gb=0.0001")
     assert result.status == "ok"  # a prediction, not an out-of-memory error
@@ -139,6 +143,7 @@ def test_a_step_that_does_not_fit_says_so(compose_cfg: ComposeFn, tmp_path: Path
     assert result.extra["device_headroom_bytes"] < 0
 
 
+@pytest.mark.slow
 def test_imagined_cuda_optimizer_needs_one_more_copy_of_the_parameters(tiny_spec: SpecFn) -> None:
     """CUDA's default multi-tensor Adam takes sqrt(v) of all tensors at once."""
     spec = tiny_spec()
@@ -154,6 +159,7 @@ def test_imagined_cuda_optimizer_needs_one_more_copy_of_the_parameters(tiny_spec
     assert peaks["cuda"] - peaks["cpu"] == all_parameters - per_tensor_scratch
 
 
+@pytest.mark.slow
 def test_offloaded_tensors_leave_the_imagined_gpu(tiny_spec: SpecFn) -> None:
     """On an imagined GPU offloading moves saved tensors to host memory; on a CPU it is a no-op."""
     spec = tiny_spec("optimizer.name=sgd")  # no optimizer peak to hide the forward's
@@ -172,6 +178,7 @@ def test_offloaded_tensors_leave_the_imagined_gpu(tiny_spec: SpecFn) -> None:
     assert on_cpu.memory.peak_bytes == predict(spec, kept, "cpu", counts=False).memory.peak_bytes
 
 
+@pytest.mark.slow
 def test_fake_device_predicts_a_shape_too_large_to_allocate_here(tiny_spec: SpecFn) -> None:
     """Two layers at LLaMA-7B width and vocabulary (0.68 billion parameters): a 12 GiB step,
     predicted while this process's memory stays far below it. Short sequences keep the
@@ -200,6 +207,7 @@ def test_flops_without_checkpointing_are_affine_in_depth(
     assert step_flops_without_checkpointing(spec) == step_flops(spec, nothing)
 
 
+@pytest.mark.slow
 def test_core_recomputation_is_predicted_like_the_cpu_run(tiny_spec: SpecFn) -> None:
     spec = tiny_spec(*ODD_SHAPE, "model.attention=sdpa")
     plan = CheckpointPlan(3, parts=((0, Part.ATTENTION_CORE), (1, Part.FFN)), segments=((2, 3),))
@@ -242,6 +250,7 @@ def test_search_probes_few_batches() -> None:
     assert len(search.probes) <= 2 * answer.bit_length() + 1
 
 
+@pytest.mark.slow
 def test_auto_batch_runs_the_largest_batch_predicted_to_fit(
     compose_cfg: ComposeFn, tmp_path: Path, tiny_spec: SpecFn
 ) -> None:
@@ -269,6 +278,7 @@ def test_auto_batch_runs_the_largest_batch_predicted_to_fit(
     assert peaks[4] > budget
 
 
+@pytest.mark.slow
 def test_auto_batch_on_the_cpu_measures_the_batch_it_found(
     compose_cfg: ComposeFn, tmp_path: Path
 ) -> None:
@@ -280,6 +290,7 @@ def test_auto_batch_on_the_cpu_measures_the_batch_it_found(
     assert result.extra["auto_batch_next_peak_bytes"] > result.extra["auto_batch_budget_bytes"]
 
 
+@pytest.mark.slow
 def test_budget_that_batch_one_exceeds_is_an_infeasible_record(
     compose_cfg: ComposeFn, tmp_path: Path
 ) -> None:
@@ -316,6 +327,7 @@ def test_bad_device_and_batch_settings_name_the_field(
     assert error.value.field_name == field
 
 
+@pytest.mark.slow
 def test_spec_exposes_the_memory_a_planner_must_fit(compose_cfg: ComposeFn) -> None:
     fake = validate(compose_cfg(*TINY, "device=fake", "device.memory_gb=2"), cuda_available=False)
     assert fake.device_memory_bytes == fake.memory_budget_bytes == 2 * 2**30

@@ -89,6 +89,7 @@ def drawn(frame: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> list
     return plots.draw_all(frame, tmp_path_factory.mktemp("out") / "plots")
 
 
+@pytest.mark.slow
 def test_every_figure_is_written_when_its_data_exists(drawn: list[plots.PlotOutcome]) -> None:
     written = [o for o in drawn if o.path]
     assert {o.path.name: o.title for o in written} == FIGURES
@@ -100,6 +101,7 @@ def test_every_figure_is_written_when_its_data_exists(drawn: list[plots.PlotOutc
     ]
 
 
+@pytest.mark.slow
 def test_figures_are_readable_sizes(drawn: list[plots.PlotOutcome]) -> None:
     for outcome in (o for o in drawn if o.path):
         with Image.open(outcome.path) as image:

@@ -173,6 +173,7 @@ def test_auto_batch_section_and_figure_are_skipped_without_batch_auto(
     )
 
 
+@pytest.mark.slow
 def test_auto_batch_figure_is_drawn_and_linked(auto_sweep: Path) -> None:
     outcome = plots.plot_auto_batch(load_results([auto_sweep]), auto_sweep / "plots")
     assert outcome.path == auto_sweep / "plots" / "auto_batch.png"

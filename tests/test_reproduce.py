@@ -59,6 +59,7 @@ def pair(tiny_sweep: SweepRun, tmp_path: Path) -> tuple[Path, Path]:
     return copy_sweep(tiny_sweep, tmp_path / "original"), copy_sweep(tiny_sweep, tmp_path / "rerun")
 
 
+@pytest.mark.slow
 def test_a_replayed_job_composes_to_its_saved_config_whatever_the_presets_say(
     tiny_sweep: SweepRun, tmp_path: Path
 ) -> None:

@@ -66,6 +66,7 @@ def test_only_an_ok_record_of_the_same_config_counts_as_measured(
     assert not already_measured(not_resuming, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_folder_of_results_is_refused_unless_resumed(
     tiny_sweep: SweepRun, tmp_path: Path, run_sweep: Callable[..., SweepRun]
 ) -> None:

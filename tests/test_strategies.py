@@ -136,6 +136,7 @@ def recompute_flops(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     return step_flops(spec, plan) - step_flops(spec, CheckpointPlan.nothing(plan.num_layers))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("early_stop", [False, True], ids=["early_stop_off", "early_stop_on"])
 @pytest.mark.parametrize(
     "overrides", [o for o in RECOMPUTING if o != ("strategy=op",)], ids=" ".join
@@ -150,6 +151,7 @@ def test_recompute_flops_are_the_recomputed_units_forward_flops(
     assert measured == expected_recompute(spec, plan, early_stop) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("early_stop", [False, True], ids=["early_stop_off", "early_stop_on"])
 def test_op_policy_recomputes_no_counted_flops(early_stop: bool, tiny_spec: SpecFn) -> None:
     spec = tiny_spec("strategy=op")
@@ -240,6 +242,7 @@ def test_bad_strategy_fields_are_config_errors(
 # --- records -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_offload_on_the_cpu_is_recorded_not_applicable_with_its_reason(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -250,6 +253,7 @@ def test_offload_on_the_cpu_is_recorded_not_applicable_with_its_reason(
     assert record.peak_bytes is None and record.step_ms_median is None
 
 
+@pytest.mark.slow
 def test_bf16_is_applied_and_recorded(
     tiny_cfg: Callable[..., DictConfig], tiny_spec: SpecFn, tmp_path: Path
 ) -> None:

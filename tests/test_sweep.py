@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from omegaconf import DictConfig
 
@@ -86,6 +87,7 @@ def test_an_error_job_makes_the_sweep_exit_one(tiny_sweep: SweepRun) -> None:
     assert tiny_sweep.exit_code == 1
 
 
+@pytest.mark.slow
 def test_out_of_memory_alone_exits_zero(
     tiny_sweep: SweepRun, run_sweep: Callable[..., SweepRun], tmp_path: Path
 ) -> None:
