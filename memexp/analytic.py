@@ -256,3 +256,30 @@ def figures(spec: ExperimentSpec, plan: CheckpointPlan, multi_tensor: bool) -> d
         out["analytic_saved_activation_bytes"] = None
         out["analytic_saved_activation_note"] = str(error)
     return out
+
+
+STEP_FLOOR_RULE = (
+    "the larger of the optimizer step's peak and the weights, optimizer state, batch and "
+    "activations kept for backward"
+)
+
+
+def step_floor_bytes(spec: ExperimentSpec, plan: CheckpointPlan, multi_tensor: bool) -> int:
+    """A lower bound on the step's peak, from shapes alone (`STEP_FLOOR_RULE`).
+
+    Both terms are alive at once in every real step: at the optimizer step's peak, and at the end
+    of the forward (weights, the previous step's optimizer state, the batch and what autograd
+    keeps). Where the activations have no closed form (bf16, op-level policies) they count zero,
+    so the bound stays a bound.
+    """
+    try:
+        activations = saved_activation_bytes(spec, plan)
+    except ConfigError:
+        activations = 0
+    forward_end = (
+        parameter_count(spec.model) * FLOAT_BYTES
+        + optimizer_state_bytes(spec)
+        + batch_bytes(spec)
+        + activations
+    )
+    return max(optimizer_step_peak_bytes(spec, multi_tensor), forward_end)

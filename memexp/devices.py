@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +39,8 @@ from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.timing import StoppingRule, time_steps, time_units
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
+from memexp.results import InfeasibleError
+from memexp.text import format_bytes
 from memexp.training import build_workload
 
 
@@ -92,12 +95,20 @@ def flops_without_checkpointing(spec: ExperimentSpec, plan: CheckpointPlan, with
 
 @dataclass(frozen=True)
 class MeasuredBackend:
-    """Runs the step on the job's device: timed steps, then one tracked memory step."""
+    """Runs the step on the job's device: timed steps, then one tracked memory step.
+
+    `host_memory`: the step allocates in host memory, where running out does not fail cleanly
+    (the process swaps or the kernel kills it), so a step whose closed-form floor exceeds the
+    memory available is refused before anything is allocated.
+    """
 
     time_source: str
     multi_tensor_optimizer: bool  # PyTorch's default optimizer path for this device's tensors
+    host_memory: bool = False
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if self.host_memory:
+            refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
         work = build_workload(spec, plan, spec.device)
@@ -179,10 +190,54 @@ def prediction_extras(spec: ExperimentSpec, prediction: Prediction) -> tuple[str
 # Keyed by `spec.device` (validation resolves `auto`); the fake device looks its imagined
 # device up here too, for the optimizer path it follows.
 BACKENDS: dict[str, Backend] = {
-    "cpu": MeasuredBackend("perf_counter", multi_tensor_optimizer=False),
+    "cpu": MeasuredBackend("perf_counter", multi_tensor_optimizer=False, host_memory=True),
     "cuda": MeasuredBackend("cuda_synchronized_perf_counter", multi_tensor_optimizer=True),
     FAKE_DEVICE: PredictedBackend(),
 }
+
+
+MEMINFO = Path("/proc/meminfo")
+# How an allocation failure reads on each device: CUDA raises its own type, the CPU allocator a
+# RuntimeError with this message.
+CPU_ALLOCATION_FAILURE = "can't allocate memory"
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take without swapping (`MemAvailable`);
+    None where that is not known."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def refuse_beyond_host_memory(
+    spec: ExperimentSpec, plan: CheckpointPlan, multi_tensor: bool
+) -> None:
+    """InfeasibleError, with both figures, when the step's closed-form floor (memexp.analytic:
+    the optimizer step's peak, or the weights, optimizer state, batch and activations the
+    forward keeps, whichever is larger) exceeds the host memory available now."""
+    available = available_host_memory()
+    if available is None:
+        return
+    floor = analytic.step_floor_bytes(spec, plan, multi_tensor)
+    if floor > available:
+        raise InfeasibleError(
+            f"the step needs at least {format_bytes(floor)} (closed form: "
+            f"{analytic.STEP_FLOOR_RULE}), more than the {format_bytes(available)} of host "
+            "memory available (MemAvailable); nothing was allocated. Predict it instead with "
+            "device=fake"
+        )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed, on any device: CUDA's OutOfMemoryError or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and CPU_ALLOCATION_FAILURE in str(error)
+    )
 
 
 def backend_for(spec: ExperimentSpec) -> Backend:

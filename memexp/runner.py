@@ -17,12 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.configure import validate
-from memexp.devices import Figures, backend_for, release_memory
+from memexp.devices import Figures, backend_for, is_out_of_memory, release_memory
 from memexp.environment import describe_environment
 from memexp.estimate import at_chosen_batch, choose_batch
 from memexp.interrupts import describe_interrupt
@@ -98,8 +97,8 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
             try:
                 execute_strategy(result, spec, job_dir)
                 break
-            except torch.OutOfMemoryError:
-                if not spec.auto_batch or spec.batch_size == 1:
+            except Exception as error:
+                if not is_out_of_memory(error) or not spec.auto_batch or spec.batch_size == 1:
                     raise
                 # batch=auto on a GPU: the predicted batch did not fit after all; one smaller.
                 release_memory()
@@ -112,15 +111,13 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
         result.status, result.message = STATUS_INFEASIBLE, str(error)
     except NotApplicableError as error:
         result.status, result.message = STATUS_NOT_APPLICABLE, str(error)
-    except torch.OutOfMemoryError as error:
-        result.status, result.message, result.error_type = (
-            STATUS_OOM,
-            str(error),
-            type(error).__name__,
-        )
     except Exception as error:
-        result.message, result.error_type = str(error) or repr(error), type(error).__name__
-        result.extra["traceback"] = traceback.format_exc()
+        if is_out_of_memory(error):  # CUDA's or the CPU allocator's: an answer, not a failure
+            result.status, result.message = STATUS_OOM, str(error)
+            result.error_type = type(error).__name__
+        else:
+            result.message, result.error_type = str(error) or repr(error), type(error).__name__
+            result.extra["traceback"] = traceback.format_exc()
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: record it, then stop the sweep
         result.status, result.message = STATUS_INTERRUPTED, describe_interrupt(interrupt)
         raise

@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from memexp import job, runner
+from memexp import analytic, devices, job, runner
 from memexp.config import ConfigError
+from memexp.configure import validate
 from memexp.interrupts import Terminated
 from memexp.results import (
     STATUS_ERROR,
+    STATUS_INFEASIBLE,
     STATUS_INTERRUPTED,
     STATUS_OK,
+    STATUS_OOM,
     DamagedRecord,
     RunResult,
     read_result,
@@ -261,3 +264,53 @@ def test_a_sweep_through_every_fault_then_resumed_loses_nothing(tmp_path: Path) 
         ("3", STATUS_ERROR),
     ]
     assert not list(sweep_dir.glob("*/.hydra.of-record"))
+
+
+CPU_ALLOCATION_FAILURE = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def test_a_cpu_allocation_failure_is_out_of_memory(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_strategies(monkeypatch, {"none": CPU_ALLOCATION_FAILURE})
+    record = runner.run_job(tiny_cfg("device=cpu"), tmp_path, {})
+    assert (record.status, record.error_type) == (STATUS_OOM, "RuntimeError")
+    assert "can't allocate memory" in record.message
+
+
+def test_a_step_beyond_host_memory_is_refused_before_it_allocates(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devices, "available_host_memory", lambda: 4096)
+    record = runner.run_job(tiny_cfg("device=cpu"), tmp_path, {})
+    assert record.status == STATUS_INFEASIBLE
+    assert "more than the 0.00 MiB of host memory available" in record.message
+    assert record.peak_bytes is None and record.step_ms_median is None  # nothing ran
+
+
+def test_the_host_memory_floor_is_below_the_measured_peak(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """A floor that exceeded a real step's peak would refuse jobs that fit."""
+    for strategy in ("none", "full"):
+        cfg = tiny_cfg("device=cpu", f"strategy={strategy}")
+        record = runner.run_job(cfg, tmp_path / strategy, {})
+        spec = validate(cfg, cuda_available=False)
+        floor = analytic.step_floor_bytes(spec, record.plan, multi_tensor=False)
+        assert 0 < floor <= record.peak_bytes
+
+
+@pytest.mark.slow
+def test_a_7b_model_on_the_cpu_is_refused_in_seconds(tmp_path: Path) -> None:
+    """Its weights alone (27 GB in fp32) are more than this machine has: refused, not swapped."""
+    run = subprocess.run(
+        [sys.executable, "-m", "memexp", "model=llama7b", "device=cpu", "logger=none",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    record = read_result(tmp_path)
+    assert record.status == STATUS_INFEASIBLE, run.stdout + run.stderr
+    assert "host memory available" in record.message
