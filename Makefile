@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(PY) -m ruff check memexp tests scripts
 	$(PY) -m pytest
 
-# The quick loop: everything but the subprocess, launcher and W&B tests (under a minute).
+# The quick loop: everything but the tests marked slow (subprocess, launcher, W&B, measured and
+# fake-device jobs, figure drawing): about 1.5 minutes on two cores, against about 6.5 for `make test`.
 quick: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
