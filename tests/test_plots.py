@@ -324,7 +324,7 @@ def test_a_failing_figure_becomes_a_note(
     def broken(frame: pd.DataFrame, out_dir: Path) -> plots.PlotOutcome:
         raise ValueError("odd data")
 
-    monkeypatch.setattr(plots, "FIGURES", (("broken figure", broken),))
+    monkeypatch.setattr(plots, "figures", lambda timelines=(): (("broken figure", broken),))
     outcomes = plots.draw_all(frame, tmp_path)
     assert [o.note for o in outcomes] == ["broken figure failed: ValueError: odd data"]
 

@@ -25,11 +25,11 @@ from memexp.plots.timeline import Selection, parse_selection, plot_timeline, rea
 from memexp.plots.tradeoff import plot_tradeoff
 
 __all__ = [
-    "FIGURES",
     "PlotOutcome",
     "Selection",
     "comparison_panels",
     "draw_all",
+    "figures",
     "parse_selection",
     "plot_auto_batch",
     "plot_breakdown",
@@ -42,15 +42,22 @@ __all__ = [
 ]
 
 TIMELINE_FIGURE = "memory over one step"
-FIGURES: tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...] = (
-    ("comparison", plot_comparison),
-    ("scaling vs seq_len", functools.partial(plot_scaling, axis="seq_len")),
-    ("scaling vs batch_size", functools.partial(plot_scaling, axis="batch_size")),
-    ("memory-time trade-off", plot_tradeoff),
-    ("memory breakdown", plot_breakdown),
-    (TIMELINE_FIGURE, plot_timeline),
-    ("largest batch that fits", plot_auto_batch),
-)
+
+
+def figures(
+    timelines: Sequence[Selection] = (),
+) -> tuple[tuple[str, Callable[[pd.DataFrame, Path], PlotOutcome]], ...]:
+    """Every figure, in the order summary.md shows them, each bound to its options: the timeline
+    draws the workloads `timelines` names (`plot_timeline`'s `select`), or its default few."""
+    return (
+        ("comparison", plot_comparison),
+        ("scaling vs seq_len", functools.partial(plot_scaling, axis="seq_len")),
+        ("scaling vs batch_size", functools.partial(plot_scaling, axis="batch_size")),
+        ("memory-time trade-off", plot_tradeoff),
+        ("memory breakdown", plot_breakdown),
+        (TIMELINE_FIGURE, functools.partial(plot_timeline, select=timelines)),
+        ("largest batch that fits", plot_auto_batch),
+    )
 
 
 def draw_all(
@@ -67,9 +74,7 @@ def draw_all(
     for stale in Path(out_dir).glob("*.png"):
         stale.unlink()
     outcomes = []
-    for name, draw in FIGURES:
-        if name == TIMELINE_FIGURE:  # the one figure that draws what the user names
-            draw = functools.partial(draw, select=timelines)
+    for name, draw in figures(timelines):
         try:
             outcomes.append(draw(frame, Path(out_dir)))
         except Exception as error:
