@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memexp.config import ConfigError, ExperimentSpec, ModelConfig
+from memexp.config import SEED_ARCHITECTURE, ConfigError, ExperimentSpec, ModelConfig
 from memexp.plan import CheckpointPlan, Part
 
 FLOAT_BYTES = 4  # fp32 activations
@@ -133,6 +133,12 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
+    if model.architecture != SEED_ARCHITECTURE:
+        raise ConfigError(
+            "model.architecture",
+            model.architecture,
+            f"{SEED_ARCHITECTURE} (the closed form of saved activations is the seed layer's)",
+        )
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
     total = outside_layers_bytes(b, s, h, model.vocab_size)
@@ -163,23 +169,61 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
 # --- parameters, gradients, optimizer state ------------------------------------------------
 
 
-def parameter_sizes(model: ModelConfig) -> list[int]:
-    """Elements of every parameter tensor, in the order the model registers them.
+def _projection(model: ModelConfig, outputs: int, inputs: int) -> list[int]:
+    """A projection's weight, and its bias when `model.bias`."""
+    return [outputs * inputs, outputs] if model.bias else [outputs * inputs]
 
-    Embeddings (tokens; positions, one row per `max_seq_len`, the resolved table); per layer a
-    LayerNorm (weight, bias), the qkv and output projections, a LayerNorm, the FFN's up and down
-    projections (each projection a weight, and a bias only when `model.bias`); the final
-    LayerNorm; the untied head, never with a bias.
+
+def seed_parameter_sizes(model: ModelConfig) -> list[int]:
+    """The seed's layer: embeddings (tokens; positions, one row per `max_seq_len`, the resolved
+    table); per layer a LayerNorm (weight, bias), the qkv and output projections, a LayerNorm,
+    the FFN's up and down projections; the final LayerNorm; the untied head, never with a bias.
     """
     h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-
-    def projection(outputs: int, inputs: int) -> list[int]:
-        return [outputs * inputs, outputs] if model.bias else [outputs * inputs]
-
-    attention = [h, h, *projection(3 * h, h), *projection(h, h)]
-    feed_forward = [h, h, *projection(f, h), *projection(h, f)]
+    attention = [h, h, *_projection(model, 3 * h, h), *_projection(model, h, h)]
+    feed_forward = [h, h, *_projection(model, f, h), *_projection(model, h, f)]
     positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
     return [v * h, positions, *(attention + feed_forward) * model.layers, h, h, v * h]
+
+
+def rotary_parameter_sizes(model: ModelConfig) -> list[int]:
+    """Llama and Mistral in the order memexp.hf_model runs them: the token embedding; per layer
+    an RMSNorm (weight only), the q, k, v (kv_heads·d rows for k and v) and output projections,
+    an RMSNorm, the gate, up and down projections; the final RMSNorm; the head unless tied. No
+    position table."""
+    h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
+    kv = (model.kv_heads or model.heads) * (h // model.heads)
+    attention = [*_projection(model, h, h), *(_projection(model, kv, h) * 2)]
+    attention += _projection(model, h, h)
+    feed_forward = [*(_projection(model, f, h) * 2), *_projection(model, h, f)]
+    head = [] if model.tie_embeddings else [v * h]
+    return [v * h, *([h, *attention, h, *feed_forward]) * model.layers, h, *head]
+
+
+def gpt2_parameter_sizes(model: ModelConfig) -> list[int]:
+    """GPT-2 in the order memexp.hf_model runs it: token and position embeddings; per layer a
+    LayerNorm, the fused qkv and output projections (Conv1D, always biased), a LayerNorm, the
+    MLP's two projections; the final LayerNorm; the head unless tied (GPT-2 ties it)."""
+    h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
+    layer = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h]
+    head = [] if model.tie_embeddings else [v * h]
+    positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
+    return [v * h, positions, *layer * model.layers, h, h, *head]
+
+
+# `model.architecture` → its parameter tensors' sizes, in the order the model registers them.
+PARAMETER_SIZES = {
+    SEED_ARCHITECTURE: seed_parameter_sizes,
+    "llama": rotary_parameter_sizes,
+    "mistral": rotary_parameter_sizes,
+    "gpt2": gpt2_parameter_sizes,
+}
+
+
+def parameter_sizes(model: ModelConfig) -> list[int]:
+    """Elements of every parameter tensor, in the order the model registers them (the order
+    the optimizer's per-tensor loop visits them in)."""
+    return PARAMETER_SIZES[model.architecture](model)
 
 
 def parameter_count(model: ModelConfig) -> int:
@@ -187,8 +231,8 @@ def parameter_count(model: ModelConfig) -> int:
 
 
 def parameter_tensor_count(model: ModelConfig) -> int:
-    """8 tensors a layer (2 LayerNorms of 2, 4 projection weights), 12 with biases; 5 outside
-    (2 embeddings, the final LayerNorm's 2, the head's weight)."""
+    """The seed's: 8 tensors a layer (2 LayerNorms of 2, 4 projection weights), 12 with biases;
+    5 outside (2 embeddings, the final LayerNorm's 2, the head's weight)."""
     return len(parameter_sizes(model))
 
 

@@ -7,6 +7,7 @@ needs to know every strategy.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -14,6 +15,25 @@ from typing import Any
 from omegaconf import MISSING
 
 ATTENTION_KINDS = ("naive", "sdpa")
+# Whose layer a preset builds: the seed's (memexp.model) or a published architecture built with
+# `transformers` (memexp.hf_model, the `.[hf]` extra).
+SEED_ARCHITECTURE = "seed"
+ARCHITECTURES = (SEED_ARCHITECTURE, "llama", "mistral", "gpt2")
+# The model fields an architecture's layer has no choice in, and the value each must keep.
+FIXED_MODEL_FIELDS: dict[str, dict[str, Any]] = {
+    SEED_ARCHITECTURE: {
+        "kv_heads": None,
+        "act": "gelu",
+        "norm_eps": 1e-5,
+        "tie_embeddings": False,
+        "sliding_window": None,
+    },
+    "llama": {"sliding_window": None},
+    "mistral": {"bias": False},
+    "gpt2": {"kv_heads": None, "sliding_window": None, "bias": True},
+}
+# The distribution that builds the real architectures: the `.[hf]` extra.
+TRANSFORMERS = "transformers"
 FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
 DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
 IMAGINED_DEVICES = ("cuda", "cpu")
@@ -33,6 +53,16 @@ class ConfigError(ValueError):
         super().__init__(f"{field_name}={value!r} is not allowed: {allowed}")
 
 
+def require_transformers(architecture: str) -> None:
+    """A one-line ConfigError when a real architecture is asked for without `transformers`."""
+    if architecture != SEED_ARCHITECTURE and importlib.util.find_spec(TRANSFORMERS) is None:
+        raise ConfigError(
+            "model.architecture",
+            architecture,
+            f"{SEED_ARCHITECTURE} (the others need transformers: pip install 'memexp[hf]')",
+        )
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -50,6 +80,18 @@ class ModelConfig:
     # bias-free token embedding).
     bias: bool = False
     attention: str = "naive"
+    # The layer built: `seed` (the seed's) or a real architecture (llama, mistral, gpt2) built by
+    # `transformers` from the fields below, which the seed's layer does not have: each keeps its
+    # seed value (the default) under `architecture: seed`.
+    architecture: str = SEED_ARCHITECTURE
+    kv_heads: int | None = None  # key/value heads (grouped-query attention); None: `heads`
+    # The FFN's activation, a `transformers.activations.ACT2FN` name: the seed's exact `gelu`;
+    # GPT-2's `gelu_new` (tanh approximation); `silu` in Llama and Mistral's gated FFN (SwiGLU).
+    act: str = "gelu"
+    norm_eps: float = 1e-5  # LayerNorm's (seed, GPT-2) or RMSNorm's (Llama, Mistral) epsilon
+    rope_theta: float = 10000.0  # rotary embeddings' base (Llama, Mistral)
+    tie_embeddings: bool = False  # the head is the token embedding (GPT-2)
+    sliding_window: int | None = None  # tokens each query sees (Mistral); None: all before it
     # The preset's own workload, used when seq/batch are left at their `default` option.
     seq_len: int = MISSING
     batch_size: int = MISSING

@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from memexp import cli_help, launchers, resume
 from memexp.cli_help import SCHEMA_GROUP
 from memexp.config import (
+    ARCHITECTURES,
     ATTENTION_KINDS,
     DEVICE_TYPES,
+    FIXED_MODEL_FIELDS,
     IMAGINED_DEVICES,
     OBJECTIVES,
     OPTIMIZERS,
@@ -35,6 +37,7 @@ from memexp.config import (
     ModelConfig,
     OptimizerConfig,
     SeqConfig,
+    require_transformers,
     resolve_device,
 )
 from memexp.strategies import STRATEGIES
@@ -131,6 +134,31 @@ def _position_rows(model: ModelConfig, seq_len: int) -> int:
     return model.max_seq_len
 
 
+def _validate_architecture(model: ModelConfig) -> None:
+    """The architecture is known and installed; the fields its layer has no choice in keep their
+    value; grouped-query heads divide the heads."""
+    _require_choice("model.architecture", model.architecture, ARCHITECTURES)
+    for name, value in FIXED_MODEL_FIELDS[model.architecture].items():
+        if getattr(model, name) != value:
+            raise ConfigError(
+                f"model.{name}",
+                getattr(model, name),
+                f"{value!r}: the {model.architecture} architecture's layer has no such choice",
+            )
+    if model.kv_heads is not None:
+        _require_positive("model.kv_heads", model.kv_heads)
+        if model.heads % model.kv_heads:
+            raise ConfigError(
+                "model.kv_heads", model.kv_heads, f"a divisor of model.heads={model.heads}"
+            )
+    for name in ("norm_eps", "rope_theta"):
+        if getattr(model, name) <= 0:
+            raise ConfigError(f"model.{name}", getattr(model, name), "a positive number")
+    if model.sliding_window is not None:
+        _require_positive("model.sliding_window", model.sliding_window)
+    require_transformers(model.architecture)
+
+
 # The config groups and sections whose keys are closed: each node holds its schema's fields only.
 SCHEMAS = {
     "model": ModelConfig,
@@ -199,6 +227,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
             "model.heads", model.heads, f"a divisor of model.hidden={model.hidden} ({shown})"
         )
     _require_choice("model.attention", model.attention, ATTENTION_KINDS)
+    _validate_architecture(model)
 
     seq_len = int(cfg.seq.len)
     batch_size = int(cfg.batch.size)

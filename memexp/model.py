@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from memexp.config import ModelConfig
-from memexp.plan import CheckpointPlan, Part
+from memexp.plan import LAYER, CheckpointPlan, Part
 
 ContextFactory = Callable[[], Any]
 
@@ -111,6 +111,19 @@ class TransformerLayer(nn.Module):
         self.attention = AttentionBlock(cfg.hidden, cfg.heads, cfg.attention, cfg.bias)
         self.ffn = FeedForwardBlock(cfg.hidden, cfg.ffn_hidden, cfg.bias)
 
+    def unit_runs(self, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """One forward of each recomputable unit of this layer on the residual stream `x` (the
+        core on q, k and v of its shape): what recomputing each costs."""
+        batch, seq, hidden = x.shape
+        head_shape = (batch, self.attention.heads, seq, hidden // self.attention.heads)
+        q, k, v = (torch.randn(head_shape, device=x.device, requires_grad=True) for _ in range(3))
+        return {
+            Part.ATTENTION_CORE.value: lambda: self.attention.core(q, k, v),
+            Part.ATTENTION.value: lambda: self.attention(x),
+            Part.FFN.value: lambda: self.ffn(x),
+            LAYER: lambda: self(x),
+        }
+
     def forward(self, x: torch.Tensor, parts: frozenset[Part] = frozenset()) -> torch.Tensor:
         if Part.ATTENTION in parts:
             x = run_checkpointed(self.attention, x)
@@ -119,48 +132,78 @@ class TransformerLayer(nn.Module):
         return run_checkpointed(self.ffn, x) if Part.FFN in parts else self.ffn(x)
 
 
-class Transformer(nn.Module):
+class PlannedLayers(nn.Module):
+    """A stack of decoder layers that executes a CheckpointPlan: the one loop over layers that
+    every model's forward runs (the seed's here, the real architectures' in memexp.hf_model).
+
+    A layer is called as `layer(x, parts, *inputs)`: `parts` are the sub-blocks the plan
+    recomputes in it, `inputs` whatever else the model's layers take (a mask, rotary
+    embeddings). Segments run under one checkpoint, and under the plan's `op_policy`.
+    """
+
+    layers: nn.ModuleList
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.plan = CheckpointPlan.nothing(num_layers)
+        self.context_fn: ContextFactory | None = None
+
+    def apply_plan(self, plan: CheckpointPlan) -> None:
+        """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
+        if plan.num_layers != len(self.layers):
+            raise ValueError(f"plan is for {plan.num_layers} layers, model has {len(self.layers)}")
+        self.plan = plan
+        self.context_fn = op_policy_context(plan.op_policy)
+
+    def layer_inputs(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """What every layer takes besides the residual stream `x` (none for the seed's)."""
+        return ()
+
+    def unit_runs(self, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """One forward of each recomputable unit (memexp.plan's parts and a whole layer) of the
+        first layer on the residual stream `x`: what the adaptive strategy records it costs."""
+        return self.layers[0].unit_runs(x, *self.layer_inputs(x))
+
+    def _run_layers(self, x: torch.Tensor, start: int, end: int, *inputs: Any) -> torch.Tensor:
+        for index in range(start, end):
+            x = self.layers[index](x, self.plan.parts_of(index), *inputs)
+        return x
+
+    def run_layers(self, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
+        """The residual stream `x` through every layer, as the plan says."""
+        index = 0
+        while index < len(self.layers):
+            segment = self.plan.segment_starting_at(index)
+            if segment is not None:
+                x = run_checkpointed(
+                    self._run_layers, x, *segment, *inputs, context_fn=self.context_fn
+                )
+                index = segment[1]
+            else:
+                x = self._run_layers(x, index, index + 1, *inputs)
+                index += 1
+        return x
+
+
+class Transformer(PlannedLayers):
     """Token + learned position embeddings, L layers, final LayerNorm, untied bias-free head.
 
     `cfg` is a validated spec's model: its `max_seq_len` is the resolved number of positions.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.layers)
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.hidden)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        self.plan = CheckpointPlan.nothing(cfg.layers)
-        self.context_fn: ContextFactory | None = None
-
-    def apply_plan(self, plan: CheckpointPlan) -> None:
-        """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
-        if plan.num_layers != self.cfg.layers:
-            raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
-        self.plan = plan
-        self.context_fn = op_policy_context(plan.op_policy)
-
-    def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        for index in range(start, end):
-            x = self.layers[index](x)
-        return x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
-        index = 0
-        while index < self.cfg.layers:
-            segment = self.plan.segment_starting_at(index)
-            if segment is not None:
-                x = run_checkpointed(self._run_layers, x, *segment, context_fn=self.context_fn)
-                index = segment[1]
-            else:
-                x = self.layers[index](x, self.plan.parts_of(index))
-                index += 1
-        return self.head(self.norm(x))
+        return self.head(self.norm(self.run_layers(x)))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -399,11 +399,12 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
         kept = forward_end.start - forward.start
         layer_saved[option] = forward_end.saved - forward.saved
         cache = kept + (backward_end.start - backward_phase.start) - gradient_bytes
-        if cache < 0:
-            raise RuntimeError(
-                f"a layer under {option_name(option)} frees {-cache} bytes more in its backward "
-                "than it kept; the peak model has no place for that"
-            )
+        # Negative when the layer's backward frees what was made before its forward: on a real
+        # architecture (memexp.hf_model), the rotary embeddings, mask and positions every
+        # layer's attention shares, freed by the last backward (or attention-core checkpoint)
+        # to hold them. Counted as no cache, the layer holds those bytes a little longer in the
+        # peak model than in the step: the model errs high, by at most those bytes.
+        cache = max(cache, 0)
         options[option] = OptionProfile(
             kept_bytes=kept,
             forward_peak_bytes=forward.peak - forward.start,

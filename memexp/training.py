@@ -7,15 +7,16 @@ these functions, so they all measure the same step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memexp.config import ExperimentSpec
-from memexp.model import Transformer
+from memexp import hf_model
+from memexp.config import SEED_ARCHITECTURE, ExperimentSpec, ModelConfig
+from memexp.model import PlannedLayers, Transformer
 from memexp.plan import CheckpointPlan
 
 
@@ -24,11 +25,29 @@ class Workload:
     """Everything one step needs: the model under its plan, the optimizer and a fixed batch."""
 
     spec: ExperimentSpec
-    model: Transformer
+    model: PlannedLayers
     optimizer: torch.optim.Optimizer
     tokens: torch.Tensor
     targets: torch.Tensor
     plan: CheckpointPlan
+
+
+def _build_seed(cfg: ModelConfig, initialise: bool) -> PlannedLayers:
+    """The seed's model; it is small to initialise at any size, so it always is."""
+    return Transformer(cfg)
+
+
+# `model.architecture` → its builder: the seed's layer, or a real one made by `transformers`.
+MODEL_BUILDERS: dict[str, Callable[[ModelConfig, bool], PlannedLayers]] = {
+    SEED_ARCHITECTURE: _build_seed,
+    **{name: architecture.build for name, architecture in hf_model.ARCHITECTURES.items()},
+}
+
+
+def build_model(cfg: ModelConfig, initialise: bool = True) -> PlannedLayers:
+    """The model `cfg` describes, built on the current default device; `initialise=False` may
+    skip drawing initial weights (fake tensors have no values to draw)."""
+    return MODEL_BUILDERS[cfg.architecture](cfg, initialise)
 
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -55,11 +74,12 @@ def build_workload(
     spec: ExperimentSpec,
     plan: CheckpointPlan,
     device: torch.device | str,
+    initialise: bool = True,
 ) -> Workload:
     """Same seed ⇒ same initial weights and batch, whatever the plan: losses are comparable."""
     torch.manual_seed(spec.seed)
     with torch.device(device):  # built in place: no host copy of a large model first
-        model = Transformer(spec.model)
+        model = build_model(spec.model, initialise)
     model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)

@@ -1,10 +1,10 @@
 """Benchmark the fake device: how long a prediction takes, how much memory it needs, how exact it is.
 
-    .venv/bin/python scripts/bench_predict.py                  # llama7b cost; error on tiny, small
+    .venv/bin/python scripts/bench_predict.py                  # seed_llama7b cost; error on tiny, small
     .venv/bin/python scripts/bench_predict.py --error-models tiny small medium
     .venv/bin/python scripts/bench_predict.py --out scripts/results/bench_predict.md
 
-Cost: each llama7b case (seq 4096, batch 1) runs in a fresh Python process, so its peak
+Cost: each seed_llama7b case (seq 4096, batch 1) runs in a fresh Python process, so its peak
 resident memory (ru_maxrss) is the prediction's own; the time covers what a fake-device job
 computes (the step on fake tensors, saved bytes, FLOPs with and without checkpointing), from a
 process that has already imported torch. The command line's wall time, start-up included, is
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
 COST_STRATEGIES = ("none", "full", "sqrt")
-CLI = ("model=llama7b", "strategy=full", "device=fake", "device.memory_gb=141", "logger=none")
+CLI = ("model=seed_llama7b", "strategy=full", "device=fake", "device.memory_gb=141", "logger=none")
 
 
 def spec_for(*overrides: str) -> Any:
@@ -49,11 +49,11 @@ def spec_for(*overrides: str) -> Any:
 
 
 def predict_once(strategy: str) -> dict[str, Any]:
-    """In this (fresh) process: predict llama7b under `strategy`, as a fake-device job does."""
+    """In this (fresh) process: predict seed_llama7b under `strategy`, as a fake-device job does."""
     from memexp.estimate import predict_job, step_flops_without_checkpointing
     from memexp.strategies import make_plan
 
-    spec = spec_for("model=llama7b", f"strategy={strategy}", "device=fake")
+    spec = spec_for("model=seed_llama7b", f"strategy={strategy}", "device=fake")
     plan = make_plan(spec)
     started = time.perf_counter()
     prediction = predict_job(spec, plan)
@@ -151,7 +151,7 @@ def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]
         "",
         "Produced by `.venv/bin/python scripts/bench_predict.py`.",
         "",
-        "## Cost: llama7b (hidden 4096, 32 layers, vocab 32000), seq 4096, batch 1",
+        "## Cost: seed_llama7b (hidden 4096, 32 layers, vocab 32000), seq 4096, batch 1",
         "",
         "Each row is a fresh process; seconds exclude Python start-up and imports, peak RSS is the "
         "whole process. Predicted peak: fake tensors imagining CUDA's default code paths "

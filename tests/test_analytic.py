@@ -36,7 +36,7 @@ def measured_saved_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         return saved_so_far()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "gpt2_medium", "llama7b"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "gpt2_medium", "seed_llama7b"])
 def test_parameters_in_model_order(preset: str, tiny_spec: SpecFn) -> None:
     """Built on the meta device: shapes only, so even the 7B model costs nothing."""
     spec = tiny_spec(f"model={preset}")
@@ -47,7 +47,7 @@ def test_parameters_in_model_order(preset: str, tiny_spec: SpecFn) -> None:
 
 
 def test_llama7b_has_seven_billion_parameters(tiny_spec: SpecFn) -> None:
-    spec = tiny_spec("model=llama7b")
+    spec = tiny_spec("model=seed_llama7b")
     assert 6.7e9 < analytic.parameter_count(spec.model) < 6.8e9
 
 

@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cli_help",
         "objective",
     ),
+    ("hf_model",),  # real architectures built by transformers, behind the seed model's interface
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search

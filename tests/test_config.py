@@ -46,7 +46,7 @@ def test_seq_and_batch_overrides_win_over_the_preset(compose_cfg: ComposeFn) -> 
         (("model=small",), 256),
         (("model=small", "seq.len=1024"), 1024),  # a seq.len sweep needs no max_seq_len
         (("model=medium", "seq.len=4096"), 4096),
-        (("model=llama7b",), 4096),
+        (("model=seed_llama7b",), 4096),
         (("model=gpt2_medium", "seq.len=256"), 1024),  # GPT-2's table is fixed
         (("model=small", "model.max_seq_len=2048"), 2048),
     ],
@@ -65,7 +65,7 @@ def test_the_position_table_follows_the_workload_unless_the_preset_fixes_it(
         ("tiny", False),
         ("small", False),
         ("medium", False),
-        ("llama7b", False),
+        ("seed_llama7b", False),
         ("gpt2_medium", True),
     ],
 )

@@ -183,7 +183,7 @@ def test_fake_device_predicts_a_shape_too_large_to_allocate_here(tiny_spec: Spec
     """Two layers at LLaMA-7B width and vocabulary (0.68 billion parameters): a 12 GiB step,
     predicted while this process's memory stays far below it. Short sequences keep the
     optimizer step the peak, which the closed form gives exactly."""
-    spec = tiny_spec("model=llama7b", "model.layers=2", "seq.len=32", "batch.size=1")
+    spec = tiny_spec("model=seed_llama7b", "model.layers=2", "seq.len=32", "batch.size=1")
     plan = make_plan(spec)
     prediction = predict(spec, plan, "cuda")
     assert prediction.param_count == analytic.parameter_count(spec.model)

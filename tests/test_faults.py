@@ -307,7 +307,7 @@ def test_the_host_memory_floor_is_below_the_measured_peak(
 def test_a_7b_model_on_the_cpu_is_refused_in_seconds(tmp_path: Path) -> None:
     """Its weights alone (27 GB in fp32) are more than this machine has: refused, not swapped."""
     run = subprocess.run(
-        [sys.executable, "-m", "memexp", "model=llama7b", "device=cpu", "logger=none",
+        [sys.executable, "-m", "memexp", "model=seed_llama7b", "device=cpu", "logger=none",
          f"hydra.run.dir={tmp_path}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -40,7 +40,7 @@ def count_flops(run: Callable[[], None]) -> FlopCounterMode:
 def fake_workload(spec: ExperimentSpec, plan: CheckpointPlan) -> tuple[FakeTensorMode, Workload]:
     mode = FakeTensorMode()
     with mode:
-        work = build_workload(spec, plan, "cpu")
+        work = build_workload(spec, plan, "cpu", initialise=False)
     return mode, work
 
 

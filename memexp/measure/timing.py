@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,13 +20,13 @@ from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 from memexp.config import ExperimentSpec, MeasureConfig
 from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
-from memexp.model import ATTENTION_CORES, TransformerLayer
 from memexp.observe import current_observer
-from memexp.plan import LAYER, Part
+from memexp.plan import LAYER
 from memexp.training import (
     Workload,
     autocast_context,
     backward,
+    build_model,
     forward_loss,
     optimizer_step,
     train_step,
@@ -188,19 +188,9 @@ def time_units(spec: ExperimentSpec) -> dict[str, float]:
     device = torch.device(spec.device)
     now = _clock(device)
     torch.manual_seed(spec.seed)
-    model = spec.model
     with torch.device(device):
-        layer = TransformerLayer(model)
-        x = torch.randn(spec.batch_size, spec.seq_len, model.hidden, requires_grad=True)
-        head_shape = (spec.batch_size, model.heads, spec.seq_len, model.hidden // model.heads)
-        q, k, v = (torch.randn(head_shape, requires_grad=True) for _ in range(3))
-    core = ATTENTION_CORES[model.attention]
-    units: dict[str, Callable[[], Any]] = {
-        Part.ATTENTION_CORE.value: lambda: core(q, k, v),
-        Part.ATTENTION.value: lambda: layer.attention(x),
-        Part.FFN.value: lambda: layer.ffn(x),
-        LAYER: lambda: layer(x),
-    }
+        model = build_model(replace(spec.model, layers=1))
+        x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
 
     def milliseconds(run: Callable[[], Any]) -> float:
         start = now()
@@ -208,5 +198,6 @@ def time_units(spec: ExperimentSpec) -> dict[str, float]:
         return (now() - start) * 1000.0
 
     with autocast_context(spec, device.type):
-        layer(x)
+        units = model.unit_runs(x)
+        units[LAYER]()
         return {unit: milliseconds(run) for unit, run in units.items()}
