@@ -3,12 +3,16 @@
     .venv/bin/python scripts/bench_predict.py                  # seed_llama7b cost; error on tiny, small
     .venv/bin/python scripts/bench_predict.py --error-models tiny small medium
     .venv/bin/python scripts/bench_predict.py --out scripts/results/bench_predict.md
+    .venv/bin/python scripts/bench_predict.py --model llama3_8b --seq 8192 --precision bf16 \
+        --strategies full --error-models llama_tiny mistral_tiny gpt2_tiny \
+        --out scripts/results/bench_predict_llama3_8b.md
 
-Cost: each seed_llama7b case (seq 4096, batch 1) runs in a fresh Python process, so its peak
-resident memory (ru_maxrss) is the prediction's own; the time covers what a fake-device job
-computes (the step on fake tensors, saved bytes, FLOPs with and without checkpointing), from a
-process that has already imported torch. The command line's wall time, start-up included, is
-measured once too.
+Cost: each case of `--model` (default seed_llama7b at its own seq 4096, batch 1) runs in a fresh
+Python process, so its peak resident memory (ru_maxrss) is the prediction's own; the time (wall
+and CPU) covers what a fake-device job computes (building the model, the step on fake tensors,
+saved bytes, FLOPs with and without checkpointing), from a process that has already imported
+torch. The command line's wall and CPU time and peak RSS, start-up included, are measured once
+too, before anything else runs.
 
 Error: for each model the same job is measured on the CPU (tensor tracker, after a warm-up step,
 as `device=cpu` runs it) and predicted on fake tensors imagining the CPU; the difference is
@@ -34,7 +38,22 @@ sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
 COST_STRATEGIES = ("none", "full", "sqrt")
-CLI = ("model=seed_llama7b", "strategy=full", "device=fake", "device.memory_gb=141", "logger=none")
+
+
+def cost_overrides(args: argparse.Namespace) -> list[str]:
+    """The cost model's workload as overrides: its own seq unless `--seq`, and the precision."""
+    seq = [f"seq.len={args.seq}"] if args.seq else []
+    return [f"model={args.model}", *seq, f"precision={args.precision}"]
+
+
+def cli_command(args: argparse.Namespace) -> list[str]:
+    return [
+        *cost_overrides(args),
+        "strategy=full",
+        "device=fake",
+        f"device.memory_gb={args.memory_gb}",
+        "logger=none",
+    ]
 
 
 def spec_for(*overrides: str) -> Any:
@@ -48,14 +67,14 @@ def spec_for(*overrides: str) -> Any:
         return validate(compose("config", overrides=list(overrides)), cuda_available=False)
 
 
-def predict_once(strategy: str) -> dict[str, Any]:
-    """In this (fresh) process: predict seed_llama7b under `strategy`, as a fake-device job does."""
+def predict_once(overrides: list[str], strategy: str) -> dict[str, Any]:
+    """In this (fresh) process: predict the job under `strategy`, as a fake-device job does."""
     from memexp.estimate import predict_job, step_flops_without_checkpointing
     from memexp.strategies import make_plan
 
-    spec = spec_for("model=seed_llama7b", f"strategy={strategy}", "device=fake")
+    spec = spec_for(*overrides, f"strategy={strategy}", "device=fake")
     plan = make_plan(spec)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     prediction = predict_job(spec, plan)
     if plan.recomputes_anything:
         step_flops_without_checkpointing(spec)
@@ -63,6 +82,7 @@ def predict_once(strategy: str) -> dict[str, Any]:
     return {
         "strategy": strategy,
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_started,
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_bytes": prediction.memory.peak_bytes,
         "saved_activation_bytes": prediction.saved_activation_bytes,
@@ -70,11 +90,11 @@ def predict_once(strategy: str) -> dict[str, Any]:
     }
 
 
-def cost_rows() -> list[dict[str, Any]]:
+def cost_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for strategy in COST_STRATEGIES:
+    for strategy in args.strategies:
         child = subprocess.run(
-            [sys.executable, __file__, "--predict-once", strategy],
+            [sys.executable, __file__, *passed_on(args), "--predict-once", strategy],
             capture_output=True,
             text=True,
             check=True,
@@ -83,20 +103,35 @@ def cost_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def cli_seconds() -> float:
+def passed_on(args: argparse.Namespace) -> list[str]:
+    """The options that say the cost model's workload, for a child process."""
+    seq = ["--seq", str(args.seq)] if args.seq else []
+    return ["--model", args.model, *seq, "--precision", args.precision]
+
+
+def cli_cost(args: argparse.Namespace) -> dict[str, float]:
+    """Wall and CPU seconds and peak RSS of the command line (run before any other child, so
+    the children's peak RSS is its own)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench_predict_")) / "run"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "memexp", *CLI, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "memexp", *cli_command(args), f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         capture_output=True,
         check=True,
     )
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "seconds": wall,
+        "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        "max_rss_bytes": after.ru_maxrss * 1024,
+        "load_after": os.getloadavg()[0],
+    }
 
 
 def error_row(model: str, strategy: str) -> dict[str, Any]:
-    from memexp import analytic
     from memexp.estimate import predict
     from memexp.measure.memory import measure_memory
     from memexp.measure.timing import StoppingRule, time_steps
@@ -119,8 +154,19 @@ def error_row(model: str, strategy: str) -> dict[str, Any]:
         "breakdown_equal": predicted.memory.breakdown == measured.breakdown,
         "measured_saved": measured_saved,
         "predicted_saved": predicted.saved_activation_bytes,
-        "closed_form_saved": analytic.saved_activation_bytes(spec, plan),
+        "closed_form_saved": closed_form_saved(spec, plan),
     }
+
+
+def closed_form_saved(spec: Any, plan: Any) -> int | None:
+    """The closed form's saved bytes; None where it has none (a real architecture's layer)."""
+    from memexp import analytic
+    from memexp.config import ConfigError
+
+    try:
+        return analytic.saved_activation_bytes(spec, plan)
+    except ConfigError:
+        return None
 
 
 def machine() -> str:
@@ -143,33 +189,46 @@ def machine() -> str:
     )
 
 
-def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]]) -> str:
+def markdown(
+    args: argparse.Namespace,
+    cost: list[dict[str, Any]],
+    cli: dict[str, float],
+    errors: list[dict[str, Any]],
+) -> str:
+    spec = spec_for(*cost_overrides(args), "device=fake")
+    model = spec.model
     lines = [
         "# Fake-device prediction: cost and exactness",
         "",
         f"Machine: {machine()}.",
         "",
-        "Produced by `.venv/bin/python scripts/bench_predict.py`.",
+        f"Produced by `.venv/bin/python scripts/bench_predict.py {' '.join(sys.argv[1:])}`.",
         "",
-        "## Cost: seed_llama7b (hidden 4096, 32 layers, vocab 32000), seq 4096, batch 1",
+        f"## Cost: {model.name} ({model.architecture} architecture, hidden {model.hidden}, "
+        f"{model.layers} layers, vocab {model.vocab_size}), seq {spec.seq_len}, "
+        f"batch {spec.batch_size}, {spec.precision}",
         "",
-        "Each row is a fresh process; seconds exclude Python start-up and imports, peak RSS is the "
+        "Each row is a fresh process; seconds exclude Python start-up and the imports before the "
+        "model is built (a real architecture's `transformers` import is inside), peak RSS is the "
         "whole process. Predicted peak: fake tensors imagining CUDA's default code paths "
-        "(multi-tensor Adam), fp32, Adam.",
+        "(multi-tensor Adam), fp32 weights, Adam.",
         "",
-        "| strategy | prediction s | process peak RSS GiB | ops tracked | predicted peak GiB | saved activations GiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| strategy | prediction s (wall) | CPU s | process peak RSS GiB | ops tracked | predicted peak GiB | saved activations GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in cost:
         lines.append(
-            f"| {row['strategy']} | {row['seconds']:.1f} | {row['max_rss_bytes'] / GIB:.2f} | "
+            f"| {row['strategy']} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+            f"{row['max_rss_bytes'] / GIB:.2f} | "
             f"{row['tracked_ops']:,} | {row['peak_bytes'] / GIB:.2f} | "
             f"{row['saved_activation_bytes'] / GIB:.2f} |"
         )
     lines += [
         "",
-        f"Command line end to end (`python -m memexp {' '.join(CLI)}`, start-up, imports and "
-        f"record writing included): {cli:.1f} s wall.",
+        f"Command line end to end (`python -m memexp {' '.join(cli_command(args))}`, start-up, "
+        f"imports and record writing included): {cli['seconds']:.1f} s wall, "
+        f"{cli['cpu_seconds']:.1f} s CPU, peak RSS {cli['max_rss_bytes'] / GIB:.2f} GiB "
+        f"(load average {cli['load_after']:.2f} when it ended).",
         "",
         "## Exactness: predicted (fake tensors, imagining the CPU) against measured (CPU tracker)",
         "",
@@ -184,7 +243,8 @@ def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]
             f"| {row['model']} | {row['strategy']} | {row['workload']} | "
             f"{row['measured_peak']:,} | {row['predicted_peak']:,} | {row['peak_error']:,} | "
             f"{'equal' if row['breakdown_equal'] else 'differs'} | {row['measured_saved']:,} | "
-            f"{row['predicted_saved']:,} | {row['closed_form_saved']:,} |"
+            f"{row['predicted_saved']:,} | "
+            f"{'—' if row['closed_form_saved'] is None else format(row['closed_form_saved'], ',')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -192,16 +252,21 @@ def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--predict-once", metavar="STRATEGY", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="seed_llama7b", help="the model whose cost is measured")
+    parser.add_argument("--seq", type=int, help="its sequence length (default: the preset's)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--memory-gb", default=141, type=float, help="the imagined device's GiB")
+    parser.add_argument("--strategies", nargs="*", default=list(COST_STRATEGIES))
     parser.add_argument("--error-models", nargs="*", default=["tiny", "small"])
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     args = parser.parse_args()
     if args.predict_once:
-        print(json.dumps(predict_once(args.predict_once)))
+        print(json.dumps(predict_once(cost_overrides(args), args.predict_once)))
         return
-    cost = cost_rows()
-    cli = cli_seconds()
+    cli = cli_cost(args)
+    cost = cost_rows(args)
     errors = [error_row(m, s) for m in args.error_models for s in COST_STRATEGIES]
-    report = markdown(cost, cli, errors)
+    report = markdown(args, cost, cli, errors)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
