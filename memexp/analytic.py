@@ -51,6 +51,7 @@ parameters) with the multi-tensor `foreach` implementation PyTorch uses by defau
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from memexp.config import SEED_ARCHITECTURE, ConfigError, ExperimentSpec, ModelConfig
@@ -121,11 +122,100 @@ def outside_layers_bytes(b: int, s: int, h: int, v: int) -> int:
     )
 
 
+@dataclass(frozen=True)
+class LayerForm:
+    """What one architecture's forward keeps, by where it is made: outside the layers (kept by
+    every plan), per attention sub-block (its core kept or recomputed), per FFN sub-block, and
+    made once but kept only while some layer's attention runs outside a checkpoint (rotary
+    cos and sin, which every layer's attention shares)."""
+
+    outside: int
+    attention_kept: int
+    attention_core_recomputed: int
+    ffn: int
+    shared_by_attention: int = 0
+
+
+def seed_form(spec: ExperimentSpec) -> LayerForm:
+    """The seed's layer, either attention core (the table in this module's docstring)."""
+    model = spec.model
+    b, s, h, a = spec.batch_size, spec.seq_len, model.hidden, model.heads
+    return LayerForm(
+        outside=outside_layers_bytes(b, s, h, model.vocab_size),
+        attention_kept=attention_block_bytes(b, s, h, a, False, model.attention),
+        attention_core_recomputed=attention_block_bytes(b, s, h, a, True, model.attention),
+        ffn=ffn_block_bytes(b, s, h, model.ffn_hidden),
+    )
+
+
+def rms_norm_bytes(b: int, s: int, h: int) -> int:
+    """transformers' RMSNorm (pow, mean, rsqrt, two products): its input, the per-row rsqrt
+    and the normalised rows before the weight."""
+    return (2 * b * s * h + b * s) * FLOAT_BYTES
+
+
+def rotary_form(spec: ExperimentSpec) -> LayerForm:
+    """Llama and Mistral (memexp.hf_model) with sdpa and no mask, where the library calls the
+    kernel with `enable_gqa` and the CPU flash kernel runs.
+
+    attention: RMSNorm; the q, k, v projections' one input (b·s·h); q and k after the rotary
+    embedding (new tensors: b·s·h and b·s·kv, kv = kv_heads·d), v (b·s·kv, the projection's
+    output), the kernel's output (b·s·h, laid out so that merging heads is a view and it is the
+    output projection's input) and logsumexp (a·b·s). Recomputing the core keeps its inputs q, k
+    and v, which the forward keeps anyway, and drops the logsumexp only: the output is still the
+    output projection's input. The rotary products keep cos and sin (s·d each), made once and
+    shared by every layer.
+    FFN (SwiGLU): RMSNorm; the gate and up projections' one input; the gate's output (SiLU's
+    input), SiLU's output and the up projection's output (kept by their product), and the
+    product (the down projection's input): 4·b·s·f.
+    outside: token ids, the final RMSNorm, the head's input, log-probabilities, targets and the
+    loss's 0-d total weight, as for the seed's layer (no positions are embedded).
+    """
+    model = spec.model
+    b, s, h, a, f = spec.batch_size, spec.seq_len, model.hidden, model.heads, model.ffn_hidden
+    d = h // a
+    kv = (model.kv_heads or a) * d
+    masked = model.sliding_window is not None and s >= model.sliding_window
+    if model.attention != "sdpa" or masked:
+        raise ConfigError(
+            "model.attention",
+            model.attention,
+            "sdpa with no sliding window shorter than seq.len (the closed form's kernel: "
+            "a masked or eager attention keeps other tensors)",
+        )
+    logsumexp = a * b * s * FLOAT_BYTES
+    attention_core_recomputed = (
+        rms_norm_bytes(b, s, h) + (3 * b * s * h + 2 * b * s * kv) * FLOAT_BYTES
+    )
+    token_ids = targets = b * s * INDEX_BYTES
+    return LayerForm(
+        outside=token_ids
+        + rms_norm_bytes(b, s, h)
+        + b * s * h * FLOAT_BYTES
+        + b * s * model.vocab_size * FLOAT_BYTES
+        + targets
+        + FLOAT_BYTES,
+        attention_kept=attention_core_recomputed + logsumexp,
+        attention_core_recomputed=attention_core_recomputed,
+        ffn=rms_norm_bytes(b, s, h) + (b * s * h + 4 * b * s * f) * FLOAT_BYTES,
+        shared_by_attention=2 * s * d * FLOAT_BYTES,
+    )
+
+
+# `model.architecture` → the closed form of what its forward keeps (it raises ConfigError where
+# it has none); GPT-2's tanh-GELU and Conv1D layers have none yet.
+LAYER_FORMS = {
+    SEED_ARCHITECTURE: seed_form,
+    "llama": rotary_form,
+    "mistral": rotary_form,
+}
+
+
 def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     """Bytes autograd keeps for backward after the forward and loss of `spec` under `plan`.
 
     Offloading moves these bytes to host memory without changing them, so an offloading plan
-    has the same figure. Covers fp32 with either attention core; op-level policies decide
+    has the same figure. Covers fp32 with the forms of `LAYER_FORMS`; op-level policies decide
     per operator at run time and have no closed form here.
     """
     model = spec.model
@@ -133,36 +223,37 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
-    if model.architecture != SEED_ARCHITECTURE:
+    if model.architecture not in LAYER_FORMS:
         raise ConfigError(
             "model.architecture",
             model.architecture,
-            f"{SEED_ARCHITECTURE} (the closed form of saved activations is the seed layer's)",
+            f"one of {', '.join(LAYER_FORMS)} (the architectures with a closed form)",
         )
+    form = LAYER_FORMS[model.architecture](spec)
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
-    total = outside_layers_bytes(b, s, h, model.vocab_size)
+    total = form.outside
     total += len(plan.segments) * checkpoint_input_bytes(b, s, h)
     in_segments = {layer for start, end in plan.segments for layer in range(start, end)}
+    attention_outside_checkpoints = False
     for layer in range(model.layers):
         if layer in in_segments:
             continue
         parts = plan.parts_of(layer)
         if Part.ATTENTION in parts:
             total += checkpoint_input_bytes(b, s, h)
+        elif Part.ATTENTION_CORE in parts:
+            total += form.attention_core_recomputed
+            attention_outside_checkpoints = True
         else:
-            total += attention_block_bytes(
-                b,
-                s,
-                h,
-                model.heads,
-                core_recomputed=Part.ATTENTION_CORE in parts,
-                attention=model.attention,
-            )
+            total += form.attention_kept
+            attention_outside_checkpoints = True
         if Part.FFN in parts:
             total += checkpoint_input_bytes(b, s, h)
         else:
-            total += ffn_block_bytes(b, s, h, model.ffn_hidden)
+            total += form.ffn
+    if attention_outside_checkpoints:
+        total += form.shared_by_attention
     return total
 
 

@@ -206,3 +206,43 @@ def test_each_unit_is_timed_on_the_real_layer(preset: str, tiny_spec: SpecFn) ->
     units = time_units(spec)
     assert set(units) == {"attention_core", "attention", "ffn", "layer"}
     assert all(ms >= 0 for ms in units.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model=llama_tiny",),
+        ("model=mistral_tiny", "model.sliding_window=17"),  # a window the sequence fits in
+    ],
+)
+def test_the_closed_form_counts_the_saved_bytes_under_every_plan(
+    overrides: tuple[str, ...], tiny_spec: SpecFn
+) -> None:
+    """RMSNorm, rotary, grouped-query sdpa and SwiGLU, derived by hand (memexp.analytic), equal
+    the bytes the forward saves, counted by saved-tensor hooks on the CPU."""
+    from memexp.measure.timing import first_step
+
+    spec = tiny_spec(*overrides, "device=cpu")
+    for name, plan in {"none": CheckpointPlan.nothing(4), **PLANS}.items():
+        if plan.op_policy is not None:
+            continue  # no closed form per operator
+        _, measured = first_step(build_workload(spec, plan, "cpu"))
+        assert analytic.saved_activation_bytes(spec, plan) == measured, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (("model=gpt2_tiny",), "model.architecture"),
+        (("model=mistral_tiny",), "model.attention"),  # its window (8) masks seq 16
+        (("model=llama_tiny", "model.attention=naive"), "model.attention"),
+    ],
+)
+def test_no_closed_form_is_given_where_the_saved_tensors_differ(
+    overrides: tuple[str, ...], field: str, tiny_spec: SpecFn
+) -> None:
+    spec = tiny_spec(*overrides)
+    with pytest.raises(ConfigError) as caught:
+        analytic.saved_activation_bytes(spec, CheckpointPlan.nothing(4))
+    assert caught.value.field_name == field
