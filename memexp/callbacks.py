@@ -9,6 +9,7 @@ any state shared with the entry point.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
 from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
+log = logging.getLogger(__name__)
+
 # The process's exit status when some job ended in `error` (OOM and infeasible are answers).
 ERROR_EXIT_CODE = 1
 # The sweep (or run) config and whether it is a multirun, kept when it starts: Hydra's end hooks
@@ -40,7 +43,7 @@ def collect_results(sweep_dir: Path) -> list[RunResult]:
         try:
             results.append(read_result(path))
         except DamagedRecord as damaged:
-            print(f"[memexp] left out: {damaged}", flush=True)
+            log.warning("left out: %s", damaged)
     return results
 
 
@@ -140,6 +143,7 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def report(results: list[RunResult], where: Path) -> None:
+    """The table on stdout: it is the command's result, not a log line of one job."""
     print(f"\n[memexp] {len(results)} job(s) in {where}")
     print(format_table(results), flush=True)
 
@@ -152,12 +156,12 @@ def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
     try:
         output = summarize_sweep(sweep_dir)
     except Exception as error:  # the jobs' records are safe on disk; say why and move on
-        print(f"[memexp] aggregation failed ({type(error).__name__}: {error}); records are intact")
+        log.error("aggregation failed (%s: %s); records are intact", type(error).__name__, error)
         return
     for note in output.notes:
-        print(f"[memexp] note: {note}")
-    print(
-        f"[memexp] wrote {len(output.written)} file(s): results.csv, summary.md, plots/ in {sweep_dir}"
+        log.warning("note: %s", note)
+    log.info(
+        "wrote %d file(s): results.csv, summary.md, plots/ in %s", len(output.written), sweep_dir
     )
     plots = [path for path in output.written if path.suffix == ".png"]
     log_aggregate(config.logger, sweep_dir, sweep_group(sweep_dir), sweep_dir / RESULTS_CSV, plots)
@@ -186,7 +190,7 @@ def finish_run(config: DictConfig) -> list[RunResult]:
     try:
         results = [read_result(run_dir)]
     except DamagedRecord as damaged:
-        print(f"[memexp] left out: {damaged}", flush=True)
+        log.warning("left out: %s", damaged)
         return []
     report(results, run_dir)
     return results
@@ -194,7 +198,7 @@ def finish_run(config: DictConfig) -> list[RunResult]:
 
 def finish_interrupted() -> None:
     """After Ctrl-C or SIGTERM: the table and the aggregate of what finished."""
-    print("\n[memexp] interrupted; summarizing what finished", flush=True)
+    log.warning("interrupted; summarizing what finished")
     if "config" not in _STARTED:
         return
     config, multirun = _STARTED["config"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from memexp.aggregate import (
     read_rows,
 )
 from memexp.figures import PlotOutcome
+from memexp.logs import log_to_stderr
 from memexp.plots.timeline import DEFAULT_TIMELINES
 from memexp.report import write_summary
 from memexp.results import STATUS_OK
@@ -54,6 +56,8 @@ from memexp.sweepdir import (
     table_csv,
 )
 from memexp.tidy import list_tables
+
+log = logging.getLogger(__name__)
 
 # Draws every figure the table supports into a folder and says what it drew or why not.
 Drawer = Callable[[pd.DataFrame, Path], list[PlotOutcome]]
@@ -135,18 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"default: {DEFAULT_TIMELINES} configs evenly spaced from smallest to largest",
     )
     args = parser.parse_args(argv)
+    log_to_stderr()
     draw = functools.partial(plots.draw_all, timelines=args.timeline)
 
     files = find_result_files(args.paths)
     if not files:
-        print(f"no {RESULT_FILE} under {' '.join(args.paths)}", file=sys.stderr)
+        log.error("no %s under %s", RESULT_FILE, " ".join(args.paths))
         return 1
     for sweep in sorted({sweep_of(f) for f in files}):
         output = summarize_sweep(sweep, draw)
         ok = int(output.frame.status.eq(STATUS_OK).sum())
         print(f"{sweep}: {len(output.frame)} jobs ({ok} ok), wrote {len(output.written)} files")
         for note in output.notes:
-            print(f"  note: {note}")
+            log.warning("note: %s", note)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         load_results(files).to_csv(args.out, index=False)
