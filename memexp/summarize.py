@@ -34,12 +34,12 @@ import pandas as pd
 
 from memexp import plots
 from memexp.aggregate import (
-    build_frame,
+    SweepTable,
     data_notes,
     failure_notes,
     load_results,
     missing_result_notes,
-    read_rows,
+    read_sweep,
 )
 from memexp.figures import PlotOutcome
 from memexp.logs import log_to_stderr
@@ -100,19 +100,21 @@ def write_tables(sweep_dir: Path, frame: pd.DataFrame, rows: list[dict]) -> list
 
 
 def summarize_sweep(sweep_dir: Path, draw: Drawer = plots.draw_all) -> SweepOutput:
-    """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md`.
+    """Read the sweep, then write `results.csv`, the figures `draw` makes into `plots/`, and
+    `summary.md` (`write_outputs`)."""
+    return write_outputs(sweep_dir, read_sweep(sweep_dir), draw)
+
+
+def write_outputs(sweep_dir: Path, table: SweepTable, draw: Drawer = plots.draw_all) -> SweepOutput:
+    """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md` of `table`.
 
     Meant for the end of a Hydra multirun, so odd data (no baseline, failed jobs, one job, no job)
     becomes notes in the output rather than an exception that would hide the sweep's results.
-    Only records whose aggregate belongs in `sweep_dir` are read (`sweepdir.sweep_of`).
     """
     sweep_dir = Path(sweep_dir)
-    found = find_result_files([sweep_dir])
-    mine = [path for path in found if sweep_of(path) == sweep_dir.resolve()]
-    rows, read_notes = read_rows(mine)
-    frame = build_frame(rows)
+    frame, rows = table.frame, table.rows
     # Failed jobs get their own table in the summary; these notes are everything else.
-    notes = read_notes + missing_result_notes(sweep_dir) + data_notes(frame)
+    notes = table.notes + missing_result_notes(sweep_dir) + data_notes(frame)
     tables = write_tables(sweep_dir, frame, rows)
     figures = draw(frame, sweep_dir / PLOTS_DIR)
     summary = write_summary(sweep_dir, frame, notes, figures)
