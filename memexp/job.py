@@ -24,6 +24,7 @@ from memexp.config import ConfigError
 from memexp.configure import require_values
 from memexp.interrupts import describe_interrupt, stop_on_sigterm
 from memexp.logs import job_lines
+from memexp.memo import caching_in
 from memexp.observe import JobObserver, Observers, observing
 from memexp.progress import showing_progress
 from memexp.record import describe_outcome, write_identity_from_config
@@ -76,7 +77,8 @@ def run_guarded(
     """Run one job and mirror it; returns its record, or None when resume skipped it."""
     stop_on_sigterm()
     job_num = identity.get("job_num")
-    with job_lines(job_num), showing_progress(job_num) as progress:
+    sweep_dir = identity.get("sweep_dir")
+    with job_lines(job_num), caching_in(sweep_dir), showing_progress(job_num) as progress:
         return _run_observed(cfg, job_dir, identity, group_dir, progress)
 
 

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "logs",
     ),  # units, folder layout, data, signals, log lines
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
-    ("observe",),  # what a running job reports, to a listener or to no one
+    ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
         "analytic",
