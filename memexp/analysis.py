@@ -65,7 +65,10 @@ class SweepTime:
 
     def describe(self) -> str:
         if not self.steps_s:
-            return f"wall time {format_seconds(self.wall_s)} from the first job's start to the last job's finish; no step was timed"
+            return (
+                f"wall time {format_seconds(self.wall_s)} from the first job's start to the last "
+                "job's finish; no step was timed"
+            )
         share = self.steps_share
         share_text = f" ({share:.0%} of the wall time)" if share is not None else ""
         return (

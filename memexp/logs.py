@@ -12,6 +12,7 @@ line, and a handler's format is left as the user configured it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,6 @@ from contextvars import ContextVar
 
 PACKAGE_LOGGER = "memexp"
 _JOB_NUM: ContextVar[int | None] = ContextVar("memexp_job_num", default=None)
-_installed: list[bool] = []
 
 
 def job_prefix(job_num: int | None) -> str:
@@ -28,10 +28,9 @@ def job_prefix(job_num: int | None) -> str:
     return "" if job_num is None else f"[job {job_num}] "
 
 
+@functools.cache
 def _install_factory() -> None:
     """Wrap the process's log-record factory once: memexp's records get the running job's prefix."""
-    if _installed:
-        return
     make_record = logging.getLogRecordFactory()
 
     def prefixed(*args: object, **kwargs: object) -> logging.LogRecord:
@@ -42,7 +41,6 @@ def _install_factory() -> None:
         return record
 
     logging.setLogRecordFactory(prefixed)
-    _installed.append(True)
 
 
 def log_to_stderr() -> None:
