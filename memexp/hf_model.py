@@ -202,6 +202,19 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[1], device=x.device).unsqueeze(0)
 
 
+def _mask_arguments(library_config: Any, x: torch.Tensor) -> dict[str, Any]:
+    """The library's mask functions for one unpadded sequence a row. No positions are passed:
+    from positions the library looks for packed sequences, which it cannot read on fake
+    tensors, so it would build a mask there that real tensors never get (ours never pack)."""
+    return {
+        "config": library_config,
+        "inputs_embeds": x,
+        "attention_mask": None,
+        "cache": None,
+        "position_ids": None,
+    }
+
+
 class RotaryDecoder(PretrainedDecoder):
     """Llama and Mistral: token embedding, rotary positions, RMSNorm, grouped-query attention,
     gated SiLU MLP (SwiGLU), untied head; Mistral's mask sees a sliding window."""
@@ -223,13 +236,7 @@ class RotaryDecoder(PretrainedDecoder):
         position_ids = _positions(x)
         sliding = getattr(self.library_config, "sliding_window", None) is not None
         make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = make_mask(
-            config=self.library_config,
-            inputs_embeds=x,
-            attention_mask=None,
-            cache=None,
-            position_ids=position_ids,
-        )
+        mask = make_mask(**_mask_arguments(self.library_config, x))
         return {
             "attention_mask": mask,
             "position_embeddings": self.rotary_emb(x, position_ids=position_ids),
@@ -256,13 +263,7 @@ class Gpt2Decoder(PretrainedDecoder):
     def _attention_inputs(self, x: torch.Tensor) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask
 
-        mask = create_causal_mask(
-            config=self.library_config,
-            inputs_embeds=x,
-            attention_mask=None,
-            cache=None,
-            position_ids=_positions(x),
-        )
+        mask = create_causal_mask(**_mask_arguments(self.library_config, x))
         return {"attention_mask": mask}
 
 

@@ -246,3 +246,23 @@ def test_no_closed_form_is_given_where_the_saved_tensors_differ(
     with pytest.raises(ConfigError) as caught:
         analytic.saved_activation_bytes(spec, CheckpointPlan.nothing(4))
     assert caught.value.field_name == field
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", SMALL_MEMBERS)
+def test_the_fake_device_predicts_the_cpu_step_to_the_byte(preset: str, tiny_spec: SpecFn) -> None:
+    """Fake tensors imagining the CPU give the CPU tracker's peak, breakdown and saved bytes: the
+    library's masks come out the same on fake tensors as on real ones."""
+    from memexp.estimate import predict
+    from memexp.measure.memory import measure_memory
+    from memexp.measure.timing import first_step
+
+    spec = tiny_spec(f"model={preset}", "device=cpu")
+    plan = CheckpointPlan.nothing(4)
+    predicted = predict(spec, plan, "cpu")
+    work = build_workload(spec, plan, "cpu")
+    _, saved = first_step(work)
+    measured = measure_memory(work)
+    assert predicted.memory.peak_bytes == measured.peak_bytes
+    assert predicted.memory.breakdown == measured.breakdown
+    assert predicted.saved_activation_bytes == saved
