@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from memexp.batching import Buckets
+
 ATTENTION_KINDS = ("naive", "sdpa")
 FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
 DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
@@ -66,6 +68,14 @@ class BatchConfig:
     # auto: the largest batch whose predicted peak fits the budget (searched from `size` up).
     auto: bool = False
     budget_gb: float | None = None  # GiB; None: the device's memory
+    # dynamic: sequences of the lengths in `lengths` (a file) cut into buckets, the largest batch
+    # that fits per bucket (memexp.batching). Buckets: the upper bounds `buckets`, else the rule
+    # `bucket_rule` (pow2, or quantile with `bucket_count` buckets).
+    dynamic: bool = False
+    lengths: str | None = None
+    buckets: list[int] = field(default_factory=list)
+    bucket_rule: str = "pow2"
+    bucket_count: int = 4
 
 
 @dataclass
@@ -161,6 +171,13 @@ class ExperimentSpec:
     # Planners that fit a budget and the batch search read `memory_budget_bytes`.
     device_memory_bytes: int | None = None
     memory_budget_bytes: int | None = None
+    # batch=dynamic: the lengths in buckets; each bucket gets the largest batch that fits.
+    buckets: Buckets | None = None
+
+    @property
+    def searches_batch(self) -> bool:
+        """The job's batch is chosen to fit its memory budget (batch=auto or batch=dynamic)."""
+        return self.auto_batch or self.buckets is not None
 
     @property
     def tokens_per_step(self) -> int:

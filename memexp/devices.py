@@ -7,7 +7,9 @@ two questions, as figures and never as records (memexp.record writes them):
   backward, the parameter count and, on the fake device, what the prediction adds (whether it
   fits the imagined device, an estimated step time, the host memory offloading would use);
 * `time_units(spec)`: one timed forward of each recomputable unit, which the adaptive strategy
-  records beside the FLOPs it plans with (none where nothing runs).
+  records beside the FLOPs it plans with (none where nothing runs);
+* `memory_step(spec, plan)`: one step's memory, measured at steady state, which confirms a
+  predicted batch (batch=dynamic's buckets); None where nothing runs.
 
 `cpu` and `cuda` run the step and time it; `fake` predicts it on fake tensors (memexp.estimate).
 `BACKENDS` is the one place a job's device is looked up, and so the seam for substituting a
@@ -18,13 +20,15 @@ never by patching the runner.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from memexp import analytic
+from memexp.batching import BucketTable
 from memexp.config import FAKE_DEVICE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
@@ -36,7 +40,7 @@ from memexp.estimate import (
 from memexp.measure.flops import step_flops
 from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
-from memexp.measure.timing import StoppingRule, time_steps, time_units
+from memexp.measure.timing import StoppingRule, first_step, time_steps, time_units
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import InfeasibleError
@@ -87,6 +91,10 @@ class Backend(Protocol):
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]: ...
 
+    def memory_step(
+        self, spec: ExperimentSpec, plan: CheckpointPlan
+    ) -> MemoryMeasurement | None: ...
+
 
 def flops_without_checkpointing(spec: ExperimentSpec, plan: CheckpointPlan, with_plan: int) -> int:
     """A plan that recomputes nothing is its own baseline: no second count."""
@@ -133,6 +141,14 @@ class MeasuredBackend:
     def time_units(self, spec: ExperimentSpec) -> dict[str, float]:
         return time_units(spec)
 
+    def memory_step(self, spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement:
+        """A warm-up step (the optimizer's state exists after it), then one measured step."""
+        if self.host_memory:
+            refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
+        work = build_workload(spec, plan, spec.device)
+        first_step(work)
+        return measure_memory(work)
+
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
         return analytic.figures(spec, plan, self.multi_tensor_optimizer)
 
@@ -155,6 +171,9 @@ class PredictedBackend:
 
     def time_units(self, spec: ExperimentSpec) -> dict[str, float]:
         return {}  # nothing runs, so nothing can be timed
+
+    def memory_step(self, spec: ExperimentSpec, plan: CheckpointPlan) -> None:
+        return None  # nothing runs: the prediction is all there is
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
         return BACKENDS[spec.imagined_device].theory(spec, plan)
@@ -242,6 +261,25 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def backend_for(spec: ExperimentSpec) -> Backend:
     return BACKENDS[spec.device]
+
+
+def confirm_bucket_batches(
+    spec: ExperimentSpec, table: BucketTable, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+) -> BucketTable:
+    """Each bucket's batch measured once on the job's device, where it is a real one: the table
+    with `measured_peak_bytes` filled in (the batches stay as predicted; a measured peak over
+    the budget is reported, not stepped down). The fake device's table comes back unchanged."""
+    backend = backend_for(spec)
+    rows, source = [], None
+    for row in table.rows:
+        at = replace(spec, seq_len=row.bucket.longest, batch_size=row.batch)
+        memory = backend.memory_step(at, plan_for(at))
+        if memory is None:
+            return table
+        release_memory()
+        rows.append(replace(row, measured_peak_bytes=memory.peak_bytes))
+        source = memory.source
+    return replace(table, rows=tuple(rows), measured_source=source)
 
 
 def release_memory() -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from memexp.batching import BucketBatch, BucketTable
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
@@ -219,9 +220,12 @@ def search_largest_batch(
 
 
 def choose_batch(
-    spec: ExperimentSpec, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+    spec: ExperimentSpec,
+    plan_for: Callable[[ExperimentSpec], CheckpointPlan],
+    limit: int = MAX_AUTO_BATCH,
 ) -> BatchSearch:
-    """The search for the largest batch predicted to fit the job's budget, from its own batch up.
+    """The search for the largest batch predicted to fit the job's budget, from its own batch up
+    to `limit`.
 
     Each batch tried is planned afresh (`plan_for`), since a planner may adapt to the batch.
     """
@@ -233,7 +237,7 @@ def choose_batch(
 
     budget = spec.memory_budget_bytes
     assert budget is not None, "validate() requires a budget for batch=auto"
-    search = search_largest_batch(peak_of, budget, start=spec.batch_size)
+    search = search_largest_batch(peak_of, budget, start=spec.batch_size, limit=limit)
     return replace(search, imagine=imagine)
 
 
@@ -241,8 +245,51 @@ def at_chosen_batch(spec: ExperimentSpec, search: BatchSearch) -> ExperimentSpec
     """The job at the batch `search` chose; InfeasibleError when even its first batch did not fit."""
     if search.batch_size is None:
         raise InfeasibleError(
-            f"batch {spec.batch_size} already needs {format_bytes(search.peak_bytes)} "
+            f"batch {spec.batch_size} at seq {spec.seq_len} already needs "
+            f"{format_bytes(search.peak_bytes)} "
             f"(predicted peak, {SOURCE_FAKE_TENSORS}), over the budget of "
             f"{format_bytes(search.budget_bytes)}"
         )
     return replace(spec, batch_size=search.batch_size)
+
+
+# --- batch=dynamic ---------------------------------------------------------------------------
+
+
+def choose_bucket_batches(
+    spec: ExperimentSpec, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+) -> BucketTable:
+    """batch=auto's search at the longest length, for the fixed batch every bucket is compared
+    with, and at each bucket's longest length, for the bucket's own batch.
+
+    No batch is searched beyond the sequences there are (all of them for the fixed batch, the
+    bucket's own for a bucket): a larger one would carry padding only. Shorter buckets start
+    from the batch of the bucket above, which fits at their shorter length too (a step's peak
+    grows with its length). InfeasibleError when even the job's batch does not fit the longest.
+    """
+    buckets = spec.buckets
+    assert buckets is not None, "validate() gives batch=dynamic its buckets"
+    longest = replace(spec, seq_len=buckets.longest)
+    fixed = choose_batch(longest, plan_for, limit=buckets.sequences)
+    fixed_batch = start = at_chosen_batch(longest, fixed).batch_size
+    rows: list[BucketBatch] = []
+    for bucket in reversed(buckets.buckets):
+        at = replace(spec, seq_len=bucket.longest, batch_size=min(start, bucket.sequences))
+        search = choose_batch(at, plan_for, limit=bucket.sequences)
+        start = at_chosen_batch(at, search).batch_size
+        rows.insert(0, BucketBatch(bucket, start, search.peak_bytes, search.limit_reached))
+    return BucketTable(
+        buckets,
+        tuple(rows),
+        budget_bytes=fixed.budget_bytes,
+        fixed_batch=fixed_batch,
+        fixed_peak_bytes=fixed.peak_bytes,
+        source=SOURCE_FAKE_TENSORS,
+        imagine=spec.imagined_device,
+    )
+
+
+def at_longest_bucket(spec: ExperimentSpec, table: BucketTable) -> ExperimentSpec:
+    """The job at one fixed batch at the longest length: the step every bucket is compared
+    with."""
+    return replace(spec, seq_len=table.buckets.longest, batch_size=table.fixed_batch)

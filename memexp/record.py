@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from memexp.batching import BucketTable
 from memexp.config import ExperimentSpec
 from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
@@ -23,7 +24,7 @@ from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK, RunResult, write_json_atomic
 from memexp.strategies.base import Outcome
 from memexp.sweepdir import TIMELINE_FILE
-from memexp.text import format_bytes
+from memexp.text import aligned_table, format_bytes, format_mib
 
 
 def write_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
@@ -69,6 +70,55 @@ def write_batch_search(result: RunResult, search: BatchSearch) -> None:
         auto_batch_next_peak_bytes=search.probes.get(search.batch_size + 1),
         auto_batch_limit_reached=search.limit_reached,
     )
+
+
+def bucket_rows(table: BucketTable) -> list[dict[str, Any]]:
+    """One dict per bucket, shortest first: the record's `extra.dynamic_batch.buckets`."""
+    return [
+        {
+            "shortest_len": row.bucket.shortest,
+            "longest_len": row.bucket.longest,
+            "sequences": row.bucket.sequences,
+            "tokens": row.bucket.tokens,
+            "batch": row.batch,
+            "whole_bucket": row.whole_bucket,
+            "tokens_per_step": row.tokens_per_step,
+            "padding_pct": row.padding_pct,
+            "steps": row.steps,
+            "predicted_peak_bytes": row.predicted_peak_bytes,
+            "measured_peak_bytes": row.measured_peak_bytes,
+        }
+        for row in table.rows
+    ]
+
+
+def write_bucket_table(result: RunResult, table: BucketTable) -> None:
+    """batch=dynamic's table as `extra.dynamic_batch`: its buckets (a list: the sweep's
+    `dynamic_batch_buckets.csv`) and the comparison with one fixed batch at the longest length."""
+    result.extra["dynamic_batch"] = {
+        "lengths_file": table.buckets.source,
+        "bucket_rule": table.buckets.rule,
+        "budget_bytes": table.budget_bytes,
+        "source": table.source,
+        "imagines": table.imagine,
+        "measured_source": table.measured_source,
+        "sequences": table.buckets.sequences,
+        "tokens": table.buckets.tokens,
+        "longest_len": table.buckets.longest,
+        "bucket_count": len(table.rows),
+        "fixed_batch": table.fixed_batch,
+        "fixed_peak_bytes": table.fixed_peak_bytes,
+        "fixed_steps": table.fixed_steps,
+        "steps": table.steps,
+        "fixed_padding_pct": table.fixed_padding_pct,
+        "padding_pct": table.padding_pct,
+        "padding_saved_tokens": table.padding_saved_tokens,
+        "padding_saved_pct": table.padding_saved_pct,
+        "fixed_tokens_per_step": table.fixed_tokens_per_step,
+        "tokens_per_step": table.tokens_per_step,
+        "tokens_per_step_gain": table.tokens_per_step_gain,
+        "buckets": bucket_rows(table),
+    }
 
 
 def write_plan(result: RunResult, plan: CheckpointPlan, theory: dict[str, Any]) -> None:
@@ -151,6 +201,56 @@ def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
         f"[memexp] {spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
         f"batch={spec.batch_size} device={spec.device} precision={spec.precision}\n"
         f"[memexp] plan: {plan.describe()}"
+    )
+
+
+def describe_bucket_table(table: BucketTable) -> str:
+    """batch=dynamic's table as a job prints it: units in the headers, each peak's source."""
+    measured = table.measured_source is not None
+    header = [
+        "lengths",
+        "sequences",
+        "batch",
+        "tokens/step",
+        "padding %",
+        "steps",
+        f"peak MiB ({table.source})",
+        *([f"peak MiB ({table.measured_source})"] if measured else []),
+    ]
+    rows = [
+        [
+            f"{row.bucket.shortest}-{row.bucket.longest}",
+            f"{row.bucket.sequences:,}",
+            f"{row.batch:,}" + (" (all)" if row.whole_bucket else ""),
+            f"{row.tokens_per_step:,}",
+            f"{row.padding_pct:.1f}",
+            f"{row.steps:,}",
+            format_mib(row.predicted_peak_bytes),
+            *([format_mib(row.measured_peak_bytes)] if measured else []),
+        ]
+        for row in table.rows
+    ]
+    buckets = table.buckets
+    return "\n".join(
+        [
+            f"[memexp] dynamic batching: {buckets.sequences:,} sequences ({buckets.tokens:,} "
+            f"tokens) from {buckets.source}, buckets by {buckets.rule}, budget "
+            f"{format_bytes(table.budget_bytes)}, peaks predicted on {table.source} imagining "
+            f"{table.imagine}" + (f", measured by {table.measured_source}" if measured else ""),
+            aligned_table(header, rows),
+            *(
+                ["(all): the batch holds the whole bucket; a larger one would carry padding only"]
+                if any(row.whole_bucket for row in table.rows)
+                else []
+            ),
+            f"[memexp] against one fixed batch of {table.fixed_batch} at length "
+            f"{buckets.longest} (peak {format_mib(table.fixed_peak_bytes)} MiB): padding {table.fixed_padding_pct:.1f}% -> "
+            f"{table.padding_pct:.1f}% of tokens ({table.padding_saved_tokens:,} padding tokens "
+            f"saved, {table.padding_saved_pct:.1f}% of its padding); steps per pass "
+            f"{table.fixed_steps:,} -> {table.steps:,}, own tokens per step "
+            f"{table.fixed_tokens_per_step:,.1f} -> {table.tokens_per_step:,.1f} "
+            f"(x{table.tokens_per_step_gain:.2f})",
+        ]
     )
 
 

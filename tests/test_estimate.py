@@ -300,7 +300,7 @@ def test_budget_that_batch_one_exceeds_is_an_infeasible_record(
     assert result.memory_source == SOURCE_FAKE_TENSORS
     assert result.peak_bytes == result.extra["auto_batch_probes"][0][1]
     assert result.peak_bytes > result.extra["auto_batch_budget_bytes"] == int(0.0005 * 2**30)
-    assert result.message.startswith("batch 1 already needs ")
+    assert result.message.startswith("batch 1 at seq 16 already needs ")
 
 
 # --- configuration --------------------------------------------------------------------------

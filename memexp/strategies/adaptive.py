@@ -6,8 +6,8 @@ whose scratch no plan changes). It is one of
 - `budget_mb`: the peak in MiB (2^20 bytes): what "fit in 16 GiB" means;
 - `budget_ratio`: parameters + gradients + optimizer state + batch, plus this fraction of the
   activations the `none` plan saves for backward.
-With neither: under `batch=auto` the job's memory budget (`batch.budget_gb`, else the device's
-memory), which the searched batch must fit; otherwise midway between the `none` plan's predicted
+With neither: under `batch=auto` or `batch=dynamic` the job's memory budget (`batch.budget_gb`,
+else the device's memory), which the searched batch must fit; otherwise midway between the `none` plan's predicted
 peak and the lowest peak any plan reaches, both over the scope, so that `adaptive` is a point
 between `none` and the leanest plan rather than either end.
 
@@ -78,7 +78,8 @@ class Budget:
 
 
 def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
-    """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto);
+    """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto or
+    batch=dynamic);
     then midway between `none` and the leanest plan, over the budget's scope."""
     from memexp.planner import leanest, predict
 
@@ -125,7 +126,7 @@ class BudgetPlanner:
 
         self.profile = profile_step(spec)
         self.scope = cfg.budget_scope
-        job_budget = spec.memory_budget_bytes if spec.auto_batch else None
+        job_budget = spec.memory_budget_bytes if spec.searches_batch else None
         self.budget = budget_for(cfg, self.profile, job_budget)
 
     def decide(self, margin_bytes: int = 0) -> Decision:
