@@ -195,7 +195,7 @@ def test_a_missing_lengths_file_fails_naming_the_field(tiny_spec: SpecFn, tmp_pa
 
 def test_a_lengths_file_outside_batch_dynamic_is_refused(tiny_spec: SpecFn, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only read under batch=dynamic") as raised:
-        tiny_spec(f"+batch.lengths={lengths_file(tmp_path, LONG_TAIL)}")
+        tiny_spec(f"batch.lengths={lengths_file(tmp_path, LONG_TAIL)}")
     assert raised.value.field_name == "batch.lengths"
 
 
@@ -323,7 +323,8 @@ def test_on_the_cpu_each_buckets_batch_is_measured_and_equals_the_prediction(
 ) -> None:
     path = lengths_file(tmp_path, "8:40\n32:6\n64:1\n")
     cfg = compose_cfg(
-        "model=tiny", "logger=none", "device=cpu", "measure.repeat=1", *DYNAMIC[:2],
+        "model=tiny", "logger=none", "device=cpu", "measure.repeat=1", "measure.max_time_s=0.01",
+        *DYNAMIC[:2],
         f"batch.lengths={path}", "batch.budget_gb=0.004",
     )  # fmt: skip
     result = run_job(cfg, tmp_path / "job", {})
