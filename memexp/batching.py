@@ -280,6 +280,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         shuffle: bool = False,
         seed: int = 0,
     ) -> None:
+        if not batches or min(batches.values()) < 1:
+            raise ValueError(f"every bucket needs a batch of at least 1: {dict(batches)}")
         self.limits = sorted(batches)
         self.batch_of = dict(batches)
         self.shuffle = shuffle
@@ -298,9 +300,6 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _chunks(self, indices: list[int], size: int) -> list[list[int]]:
-        return [indices[start : start + size] for start in range(0, len(indices), size)]
-
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
@@ -308,7 +307,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             indices = self.members[limit]
             if self.shuffle:
                 indices = [indices[i] for i in torch.randperm(len(indices), generator=generator)]
-            batches += self._chunks(indices, self.batch_of[limit])
+            size = self.batch_of[limit]
+            batches += [indices[start : start + size] for start in range(0, len(indices), size)]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         yield from batches

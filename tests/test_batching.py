@@ -151,9 +151,11 @@ def test_the_sampler_yields_every_index_once_within_its_buckets_batch() -> None:
     assert list(sampler) != yielded
 
 
-def test_the_sampler_refuses_a_sequence_longer_than_every_bucket() -> None:
+def test_the_sampler_refuses_a_sequence_longer_than_every_bucket_and_an_empty_batch() -> None:
     with pytest.raises(ValueError, match="sequence 1 has length 101"):
         BucketBatchSampler([5, 101], {5: 4, 100: 1})
+    with pytest.raises(ValueError, match="a batch of at least 1"):
+        BucketBatchSampler([5], {5: 0})
 
 
 # --- configuration --------------------------------------------------------------------------
