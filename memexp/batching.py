@@ -21,6 +21,7 @@ batches pad to that length, never to a boundary no sequence reaches.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -289,13 +290,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.members: dict[int, list[int]] = {limit: [] for limit in self.limits}
         for index, length in enumerate(lengths):
-            limit = next((limit for limit in self.limits if length <= limit), None)
-            if limit is None:
+            position = bisect.bisect_left(self.limits, length)
+            if position == len(self.limits):
                 raise ValueError(
                     f"sequence {index} has length {length}, longer than the longest bucket "
                     f"({self.limits[-1]}): no batch was chosen for it"
                 )
-            self.members[limit].append(index)
+            self.members[self.limits[position]].append(index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
