@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from memexp.batching import Buckets
+from memexp.buckets import Buckets
 
 ATTENTION_KINDS = ("naive", "sdpa")
 FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
@@ -69,7 +69,7 @@ class BatchConfig:
     auto: bool = False
     budget_gb: float | None = None  # GiB; None: the device's memory
     # dynamic: sequences of the lengths in `lengths` (a file) cut into buckets, the largest batch
-    # that fits per bucket (memexp.batching). Buckets: the upper bounds `buckets`, else the rule
+    # that fits per bucket (memexp.buckets). Buckets: the upper bounds `buckets`, else the rule
     # `bucket_rule` (pow2, or quantile with `bucket_count` buckets).
     dynamic: bool = False
     lengths: str | None = None

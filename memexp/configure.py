@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import cli_help, launchers, resume
-from memexp.batching import (
+from memexp.buckets import (
     BUCKET_RULES,
     GIVEN,
     QUANTILE,

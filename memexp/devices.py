@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from memexp import analytic
-from memexp.batching import BucketTable
+from memexp.buckets import BucketTable
 from memexp.config import FAKE_DEVICE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,

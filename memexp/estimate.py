@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from memexp.batching import BucketBatch, BucketTable
+from memexp.buckets import BucketBatch, BucketTable
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memexp.batching import BucketTable
+from memexp.buckets import BucketTable
 from memexp.config import ExperimentSpec
 from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch

@@ -20,14 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    (
-        "text",
-        "sweepdir",
-        "plan",
-        "figures",
-        "interrupts",
-        "batching",
-    ),  # units, layout, data, signals, buckets
+    # units, folder layout, data, signals; sequence lengths in buckets and their batch sampler
+    ("text", "sweepdir", "plan", "figures", "interrupts", "buckets", "batching"),
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
     ("observe",),  # what a running job reports, to a listener or to no one
     (

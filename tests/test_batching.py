@@ -17,12 +17,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from memexp.batching import (
+from memexp.batching import BucketBatchSampler
+from memexp.buckets import (
     POW2,
     QUANTILE,
     Bucket,
     BucketBatch,
-    BucketBatchSampler,
     BucketTable,
     LengthsError,
     bucket_bounds,
