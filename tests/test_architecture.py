@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # units, folder layout, data, signals; sequence lengths in buckets and their batch sampler
-    ("text", "sweepdir", "plan", "figures", "interrupts", "buckets", "batching"),
+    # units, folder layout, data, signals, log lines; sequence lengths in buckets, their sampler
+    ("text", "sweepdir", "plan", "figures", "interrupts", "logs", "buckets", "batching"),
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
-    ("observe",),  # what a running job reports, to a listener or to no one
+    ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
         "analytic",
@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "resume",
         "cli_help",
         "objective",
+        "progress",
     ),
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records

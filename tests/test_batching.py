@@ -7,6 +7,7 @@ tracker's measured peaks (slow: each prediction takes a fraction of a second).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
@@ -302,7 +303,7 @@ def test_every_batch_the_sampler_yields_fits_the_budget(
 
 @pytest.mark.slow
 def test_the_table_is_printed_recorded_and_summarized(
-    dynamic_job: tuple[RunResult, Path], capsys: pytest.CaptureFixture[str]
+    dynamic_job: tuple[RunResult, Path],
 ) -> None:
     result, job_dir = dynamic_job
     dynamic = result.extra["dynamic_batch"]
@@ -321,8 +322,9 @@ def test_the_table_is_printed_recorded_and_summarized(
 
 @pytest.mark.slow
 def test_on_the_cpu_each_buckets_batch_is_measured_and_equals_the_prediction(
-    tmp_path: Path, compose_cfg: Callable, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, compose_cfg: Callable, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="memexp")
     path = lengths_file(tmp_path, "8:40\n32:6\n64:1\n")
     cfg = compose_cfg(
         "model=tiny", "logger=none", "device=cpu", "measure.repeat=1", "measure.max_time_s=0.01",
@@ -335,6 +337,6 @@ def test_on_the_cpu_each_buckets_batch_is_measured_and_equals_the_prediction(
     assert dynamic["measured_source"] == "tensor_tracker"
     for bucket in dynamic["buckets"]:
         assert bucket["measured_peak_bytes"] == bucket["predicted_peak_bytes"]
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "peak MiB (fake_tensors)" in printed and "peak MiB (tensor_tracker)" in printed
     assert f"against one fixed batch of {dynamic['fixed_batch']} at length 64" in printed
