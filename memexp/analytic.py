@@ -133,6 +133,8 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
+    if plan.selective:
+        raise ConfigError("plan.selective", plan.selective, "() (no closed form per operator)")
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
     total = outside_layers_bytes(b, s, h, model.vocab_size)

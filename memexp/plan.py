@@ -21,6 +21,8 @@ class Part(str, Enum):
 
 # The largest unit a plan recomputes: one whole layer (a one-layer segment).
 LAYER = "layer"
+# Every unit of a layer a plan may recompute, smallest first.
+UNITS: tuple[str, ...] = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
 
 # The op-level policies a plan may name (`CheckpointPlan.op_policy`); memexp.model maps each to
 # the operators it keeps. Named here, without torch, so validating a config never imports it.
@@ -34,7 +36,10 @@ class CheckpointPlan:
     `segments` are half-open layer ranges each run under one checkpoint (only the segment's
     input is kept); `parts` name the sub-blocks recomputed inside layers outside any segment.
     `op_policy` turns each segment into an op-level selective checkpoint; `offload` keeps the
-    saved activations in host memory.
+    saved activations in host memory. `selective` names units (layer, unit of `UNITS`, op
+    policy) recomputed under their own op-level policy: the policy's operators (matrix products
+    under `save_matmuls`) keep their outputs and only the rest of the unit is recomputed, so a
+    plan may recompute one unit element-wise and another one whole, layer by layer.
     """
 
     num_layers: int
@@ -42,6 +47,7 @@ class CheckpointPlan:
     parts: tuple[tuple[int, Part], ...] = ()
     op_policy: str | None = None
     offload: bool = False
+    selective: tuple[tuple[int, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         covered: set[int] = set()
@@ -57,10 +63,17 @@ class CheckpointPlan:
                 raise ValueError(f"part {part.value} names layer {layer} outside the model")
             if layer in covered:
                 raise ValueError(f"layer {layer} is inside a segment and also has parts")
+        for layer, unit, policy in self.selective:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"selective {unit} names layer {layer} outside the model")
+            if unit not in UNITS:
+                raise ValueError(f"selective unit {unit!r} is not one of {', '.join(UNITS)}")
+            if policy not in OP_POLICY_NAMES:
+                raise ValueError(f"op policy {policy!r} is not one of {', '.join(OP_POLICY_NAMES)}")
+            if layer in covered:
+                raise ValueError(f"layer {layer} is inside a segment and also has a selective unit")
         for layer in range(self.num_layers):
-            chosen = self.parts_of(layer)
-            if Part.ATTENTION in chosen and Part.ATTENTION_CORE in chosen:
-                raise ValueError(f"layer {layer}: attention already contains attention_core")
+            _check_units(layer, [p.value for p in self.parts_of(layer)], self.selective_of(layer))
         if self.op_policy is not None and not self.segments:
             raise ValueError("an op-level policy applies to segments, and the plan has none")
 
@@ -71,6 +84,10 @@ class CheckpointPlan:
     def parts_of(self, layer: int) -> frozenset[Part]:
         return frozenset(part for index, part in self.parts if index == layer)
 
+    def selective_of(self, layer: int) -> dict[str, str]:
+        """The units of `layer` recomputed under an op-level policy, each with its policy."""
+        return {unit: policy for index, unit, policy in self.selective if index == layer}
+
     def segment_starting_at(self, layer: int) -> tuple[int, int] | None:
         for segment in self.segments:
             if segment[0] == layer:
@@ -79,7 +96,12 @@ class CheckpointPlan:
 
     @property
     def recomputes_anything(self) -> bool:
-        return bool(self.segments or self.parts)
+        return bool(self.segments or self.parts or self.selective)
+
+    @property
+    def uses_op_policy(self) -> bool:
+        """Some unit keeps tensors in an op-level policy's cache, out of saved-tensor hooks' sight."""
+        return self.op_policy is not None or bool(self.selective)
 
     def describe(self) -> str:
         """One line a person can read: what is recomputed, and where."""
@@ -98,6 +120,13 @@ class CheckpointPlan:
                 by_part.setdefault(part, []).append(layer)
             for part, layers in by_part.items():
                 pieces.append(f"{part.value} recomputed in layers {_ranges(sorted(layers))}")
+            by_unit: dict[tuple[str, str], list[int]] = {}
+            for layer, unit, policy in self.selective:
+                by_unit.setdefault((unit, policy), []).append(layer)
+            for (unit, policy), layers in by_unit.items():
+                pieces.append(
+                    f"{unit} recomputed element-wise ({policy}) in layers {_ranges(sorted(layers))}"
+                )
             text = "; ".join(pieces)
         if self.op_policy:
             text += f"; op policy {self.op_policy}"
@@ -112,6 +141,7 @@ class CheckpointPlan:
             "parts": [[layer, part.value] for layer, part in self.parts],
             "op_policy": self.op_policy,
             "offload": self.offload,
+            "selective": [list(entry) for entry in self.selective],
         }
 
     @classmethod
@@ -122,7 +152,24 @@ class CheckpointPlan:
             parts=tuple((int(layer), Part(part)) for layer, part in data.get("parts", [])),
             op_policy=data.get("op_policy"),
             offload=bool(data.get("offload", False)),
+            selective=tuple(
+                (int(layer), str(unit), str(policy))
+                for layer, unit, policy in data.get("selective", [])
+            ),
         )
+
+
+def _check_units(layer: int, whole: list[str], selective: dict[str, str]) -> None:
+    """One layer's units may not overlap: each is recomputed one way, a layer holds its blocks
+    and the attention block its core."""
+    both = set(whole) & set(selective)
+    if both:
+        raise ValueError(f"layer {layer}: {', '.join(sorted(both))} recomputed two ways")
+    chosen = set(whole) | set(selective)
+    if LAYER in chosen and len(chosen) > 1:
+        raise ValueError(f"layer {layer}: the whole layer already contains its other units")
+    if Part.ATTENTION.value in chosen and Part.ATTENTION_CORE.value in chosen:
+        raise ValueError(f"layer {layer}: attention already contains attention_core")
 
 
 def _ranges(values: list[int]) -> str:

@@ -77,24 +77,46 @@ import torch
 
 from memexp import analytic
 from memexp.config import ExperimentSpec
-from memexp.measure.flops import fake_workload, flop_counter
+from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
+from memexp.measure.timing import time_layer_backwards
+from memexp.model import layer_units
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
 
-LayerOption = tuple[str, ...]  # the units one layer recomputes
-OPTIONS: tuple[LayerOption, ...] = (
-    (),
-    (Part.ATTENTION_CORE.value,),
-    (Part.ATTENTION.value,),
-    (Part.FFN.value,),
-    (Part.ATTENTION_CORE.value, Part.FFN.value),
-    (Part.ATTENTION.value, Part.FFN.value),
-    (LAYER,),
-)
-UNITS = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
+LayerOption = tuple[str, ...]  # the units one layer recomputes, each a token (`unit_token`)
+# The op-level policy of a unit recomputed element-wise: matrix products keep their outputs.
+ELEMENTWISE = "save_matmuls"
+SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that op policy
+
+
+def unit_token(unit: str, policy: str | None = None) -> str:
+    """A unit recomputed whole (`ffn`) or under an op-level policy (`ffn@save_matmuls`)."""
+    return unit if policy is None else f"{unit}{SELECTIVE_MARK}{policy}"
+
+
+def _layer_options() -> tuple[LayerOption, ...]:
+    """Every way to recompute one layer's units, the seven whole-unit options first.
+
+    The attention side is kept, its core or its block recomputed, whole or element-wise; the
+    FFN side likewise; or the whole layer, whole or element-wise (which is `op`'s layer).
+    """
+    core, attention, ffn = (p.value for p in (Part.ATTENTION_CORE, Part.ATTENTION, Part.FFN))
+    ways = (None, ELEMENTWISE)
+    attention_side = [()] + [(unit_token(u, w),) for u in (core, attention) for w in ways]
+    ffn_side = [()] + [(unit_token(ffn, w),) for w in ways]
+    blocks = [a + f for a in attention_side for f in ffn_side]
+    whole = [(unit_token(LAYER, w),) for w in ways]
+    first = [(), (core,), (attention,), (ffn,), (core, ffn), (attention, ffn), (LAYER,)]
+    return (*first, *[o for o in blocks + whole if o not in first])
+
+
+OPTIONS: tuple[LayerOption, ...] = _layer_options()
 PROFILE_SOURCE = "tensor_tracker_and_flop_counter_on_fake_tensors"
+COST_ROOFLINE = "roofline"  # per operator: max(FLOPs / peak rate, bytes moved / memory rate)
+COST_MEASURED = "measured"  # each option's backward timed on the job's device
+MEASURED_REPEATS = 5
 OPTIMIZER_POINT = "optimizer step"  # the one highest point outside forward and backward
 
 
@@ -104,11 +126,19 @@ def option_name(option: LayerOption) -> str:
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments = tuple((i, i + 1) for i, option in enumerate(choices) if option == (LAYER,))
-    parts = tuple(
-        (i, Part(unit)) for i, option in enumerate(choices) if option != (LAYER,) for unit in option
+    segments, parts, selective = [], [], []
+    for index, option in enumerate(choices):
+        for token in option:
+            unit, _, policy = token.partition(SELECTIVE_MARK)
+            if policy:
+                selective.append((index, unit, policy))
+            elif unit == LAYER:
+                segments.append((index, index + 1))
+            else:
+                parts.append((index, Part(unit)))
+    return CheckpointPlan(
+        len(choices), segments=tuple(segments), parts=tuple(parts), selective=tuple(selective)
     )
-    return CheckpointPlan(len(choices), segments=segments, parts=parts)
 
 
 # --- profiling -----------------------------------------------------------------------------
@@ -123,6 +153,7 @@ class OptionProfile:
     backward_peak_bytes: int
     cache_bytes: int  # of the kept bytes, those the end of the forward frees (autocast cache)
     recompute_flops: int  # its backward's FLOPs minus those of the same layer recomputing nothing
+    recompute_ps: int  # its backward's time minus that of the same layer recomputing nothing
 
     @property
     def held_bytes(self) -> int:
@@ -150,9 +181,16 @@ class StepProfile:
     layer_saved_bytes: int  # saved for backward by a layer recomputing nothing (saved-tensor hooks)
     outside_saved_bytes: int  # saved for backward outside the layers (embeddings, head, loss)
     layer_forward_flops: int
+    cost_source: str  # where `recompute_ps` comes from (COST_ROOFLINE or COST_MEASURED, …)
 
     def cost(self, option: LayerOption) -> int:
-        return self.options[option].recompute_flops
+        """What the solver minimises: the option's recompute time, in picoseconds."""
+        return self.options[option].recompute_ps
+
+    def with_costs(self, recompute_ps: dict[LayerOption, int], source: str) -> StepProfile:
+        """The same profile with each option's recompute time taken from elsewhere."""
+        options = {o: replace(s, recompute_ps=recompute_ps[o]) for o, s in self.options.items()}
+        return replace(self, options=options, cost_source=source)
 
     @property
     def _after_head(self) -> int:
@@ -211,6 +249,7 @@ class PeakPrediction:
 
     points: dict[str, int]
     recompute_flops: int
+    recompute_ps: int
 
     def _in(self, scope: str) -> dict[str, int]:
         if scope == SCOPE_STEP:
@@ -254,7 +293,11 @@ def predict(profile: StepProfile, choices: Sequence[LayerOption]) -> PeakPredict
         points[f"backward of layer {index}"] = now + stats.backward_peak_bytes
         # the layer's held activations go; its weight gradients stay
         now += profile.layer_gradient_bytes - stats.held_bytes
-    return PeakPrediction(points, sum(profile.cost(option) for option in choices))
+    return PeakPrediction(
+        points,
+        recompute_flops=sum(profile.options[option].recompute_flops for option in choices),
+        recompute_ps=sum(profile.cost(option) for option in choices),
+    )
 
 
 class _PhaseMarks:
@@ -358,14 +401,18 @@ def _memory_phases(work: Workload) -> dict[str, _Phase]:
     return {name: phases[name] for name in order}
 
 
-def _flops_at_marks(work: Workload) -> dict[str, int]:
-    """FLOPs counted when each phase began (a separate pass: the counter's module hooks hold
-    tensors a little longer, which the memory pass must not see)."""
-    flops: dict[str, int] = {}
-    with flop_counter() as counter:
-        marks = _PhaseMarks(lambda name: flops.__setitem__(name, counter.get_total_flops()))
-        marks.run(work)
-    return flops
+def _counts_at_marks(work: Workload, rates: tuple[float, float]) -> dict[str, tuple[int, int]]:
+    """FLOPs and roofline picoseconds (at `rates`: peak TFLOP/s, memory GB/s) counted when
+    each phase began (a separate pass: the counter's module hooks hold tensors a little
+    longer, which the memory pass must not see)."""
+    counts: dict[str, tuple[int, int]] = {}
+    with flop_counter() as counter, RooflineClock(counter, *rates) as clock:
+
+        def mark(name: str) -> None:
+            counts[name] = (counter.get_total_flops(), clock.picoseconds)
+
+        _PhaseMarks(mark).run(work)
+    return counts
 
 
 def profile_step(spec: ExperimentSpec) -> StepProfile:
@@ -375,9 +422,10 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
     mode, work = fake_workload(shallow, plan)
     with mode:
         phases = _memory_phases(work)
+    rates = spec.roofline_rates
     mode, work = fake_workload(shallow, plan)
     with mode:
-        flops = _flops_at_marks(work)
+        counts = _counts_at_marks(work, rates)
         gradient_bytes = sum(
             p.numel() * p.element_size() for p in work.model.layers[0].parameters()
         )
@@ -386,9 +434,15 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
     def after(name: str) -> str:
         return names[names.index(name) + 1]
 
-    def backward_flops(index: int) -> int:
-        name = f"backward:{index}"
-        return flops[after(name)] - flops[name]
+    def backward_counts(index: int) -> tuple[int, int]:
+        """FLOPs and roofline picoseconds of layer `index`'s backward, less the `nothing`
+        layer's: what its option recomputes."""
+        name, baseline = f"backward:{index}", f"backward:{OPTIONS.index(())}"
+        return tuple(  # type: ignore[return-value]
+            (counts[after(name)][k] - counts[name][k])
+            - (counts[after(baseline)][k] - counts[baseline][k])
+            for k in (0, 1)
+        )
 
     options: dict[LayerOption, OptionProfile] = {}
     layer_saved: dict[LayerOption, int] = {}
@@ -404,12 +458,14 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
                 f"a layer under {option_name(option)} frees {-cache} bytes more in its backward "
                 "than it kept; the peak model has no place for that"
             )
+        recompute_flops, recompute_ps = backward_counts(index)
         options[option] = OptionProfile(
             kept_bytes=kept,
             forward_peak_bytes=forward.peak - forward.start,
             backward_peak_bytes=backward_phase.peak - backward_phase.start,
             cache_bytes=cache,
-            recompute_flops=backward_flops(index) - backward_flops(OPTIONS.index(())),
+            recompute_flops=recompute_flops,
+            recompute_ps=recompute_ps,
         )
     start = phases["embedding"].start
     head_forward, head_backward = phases["head_forward"], phases["head_backward"]
@@ -434,8 +490,31 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
         optimizer_peak_bytes=analytic.optimizer_step_peak_bytes(spec, multi_tensor),
         layer_saved_bytes=layer_saved[()],
         outside_saved_bytes=phases["end"].saved - sum(layer_saved.values()),
-        layer_forward_flops=flops["forward:1"] - flops["forward:0"],
+        layer_forward_flops=counts["forward:1"][0] - counts["forward:0"][0],
+        cost_source=roofline_source(rates),
     )
+
+
+def roofline_source(rates: tuple[float, float]) -> str:
+    peak, memory = rates
+    return (
+        f"{COST_ROOFLINE}: per operator max(FLOPs / {peak:g} TFLOP/s, bytes moved / "
+        f"{memory:g} GB/s), on fake tensors"
+    )
+
+
+def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfile:
+    """`profile` with each option's recompute time measured on the job's device: one layer's
+    backward under the option less its backward keeping everything (median of repeats; a
+    difference below zero is timing noise and counts as 0)."""
+    ways = {option: layer_units(plan_of((option,)), 0) for option in profile.options}
+    ms = time_layer_backwards(spec, ways, MEASURED_REPEATS)
+    costs = {option: max(0, round((ms[option] - ms[()]) * 1e9)) for option in profile.options}
+    source = (
+        f"{COST_MEASURED}: one layer's backward per option on {spec.device}, median of "
+        f"{MEASURED_REPEATS}, less the backward that recomputes nothing"
+    )
+    return profile.with_costs(costs, source)
 
 
 # --- solving -------------------------------------------------------------------------------
@@ -444,6 +523,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
 @dataclass(frozen=True)
 class Solution:
     choices: tuple[LayerOption, ...]
+    recompute_ps: int  # the cost solved for: predicted recompute time, in picoseconds
     recompute_flops: int
     peak_bytes: int  # predicted, over the scope the plan was solved for
 
@@ -455,7 +535,7 @@ class Solution:
 @dataclass(frozen=True)
 class _Partial:
     """The first layers of a plan: bytes they keep in the forward and hold into the backward,
-    their recompute FLOPs, and the highest point so far."""
+    their recompute time (the cost), and the highest point so far."""
 
     kept: int
     held: int
@@ -464,7 +544,7 @@ class _Partial:
     choices: tuple[LayerOption, ...]
 
     def covers(self, other: _Partial) -> bool:
-        """No more bytes kept or held, no more FLOPs, no higher peak: `other` can be dropped."""
+        """No more bytes kept or held, no more time, no higher peak: `other` can be dropped."""
         return (
             self.kept <= other.kept
             and self.held <= other.held
@@ -509,7 +589,7 @@ def _search(
                     _Partial(
                         kept=partial.kept + stats.kept_bytes,
                         held=partial.held + stats.held_bytes,
-                        cost=partial.cost + stats.recompute_flops,
+                        cost=partial.cost + stats.recompute_ps,
                         peak=peak,
                         choices=(*partial.choices, option),
                     )
@@ -519,7 +599,8 @@ def _search(
     for partial in frontier:
         peak = max(partial.peak, profile.head_peak(partial.kept, partial.held))
         if limit is None or peak <= limit:
-            finals.append(Solution(partial.choices, partial.cost, peak))
+            flops = sum(profile.options[option].recompute_flops for option in partial.choices)
+            finals.append(Solution(partial.choices, partial.cost, flops, peak))
     return min(finals, key=objective, default=None)
 
 
@@ -531,12 +612,12 @@ def _order(choices: Sequence[LayerOption]) -> tuple[int, ...]:
 def cheapest_within(
     profile: StepProfile, budget_bytes: int, scope: str = SCOPE_STEP
 ) -> Solution | None:
-    """The plan with the least recompute FLOPs whose predicted peak over `scope` is within the
+    """The plan with the least recompute time whose predicted peak over `scope` is within the
     budget."""
     return _search(
         profile,
         budget_bytes,
-        lambda s: (s.recompute_flops, s.peak_bytes, _order(s.choices)),
+        lambda s: (s.recompute_ps, s.peak_bytes, _order(s.choices)),
         scope,
     )
 
@@ -544,7 +625,7 @@ def cheapest_within(
 def leanest(profile: StepProfile, scope: str = SCOPE_STEP) -> Solution:
     """The plan with the lowest predicted peak over `scope` (the cheapest among equals)."""
     solution = _search(
-        profile, None, lambda s: (s.peak_bytes, s.recompute_flops, _order(s.choices)), scope
+        profile, None, lambda s: (s.peak_bytes, s.recompute_ps, _order(s.choices)), scope
     )
     assert solution is not None  # without a limit every plan is a candidate
     return solution

@@ -10,7 +10,7 @@ Each timed step is reported, after its clock stopped, to the job's observer (`me
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 from memexp.config import ExperimentSpec, MeasureConfig
 from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
-from memexp.model import ATTENTION_CORES, TransformerLayer
+from memexp.model import ATTENTION_CORES, LayerUnits, TransformerLayer
 from memexp.observe import current_observer
 from memexp.plan import LAYER, Part
 from memexp.training import (
@@ -210,3 +210,40 @@ def time_units(spec: ExperimentSpec) -> dict[str, float]:
     with autocast_context(spec, device.type):
         layer(x)
         return {unit: milliseconds(run) for unit, run in units.items()}
+
+
+def time_layer_backwards(
+    spec: ExperimentSpec, ways: Mapping[Hashable, LayerUnits], repeats: int = 5
+) -> dict[Hashable, float]:
+    """Milliseconds of one layer's backward on the job's device under each way of recomputing
+    its units: what each way's recomputation costs in time, against the way that keeps all.
+
+    One layer at the job's batch and sequence, so any model that runs can be timed. Each
+    repeat runs every way once, in turn, so that a change of machine load falls on all of
+    them alike; the median of `repeats` is kept, after one untimed warm-up of each.
+    """
+    device = torch.device(spec.device)
+    now = _clock(device)
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        layer = TransformerLayer(spec.model)
+        x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
+        grad = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden)
+
+    def backward_ms(units: LayerUnits) -> float:
+        with autocast_context(spec, device.type):
+            out = layer(x, units)
+        start = now()
+        out.backward(grad)
+        elapsed = (now() - start) * 1000.0
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        return elapsed
+
+    samples: dict[Hashable, list[float]] = {key: [] for key in ways}
+    for round_ in range(repeats + 1):
+        for key, units in ways.items():
+            ms = backward_ms(units)
+            if round_:  # the first round warms up
+                samples[key].append(ms)
+    return {key: spread(values).median for key, values in samples.items()}
