@@ -68,6 +68,7 @@ plan. `predict` names every point, so it gives both peaks of a plan.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -532,76 +533,153 @@ class Solution:
         return plan_of(self.choices)
 
 
+Rank = Callable[["_Partial"], Any]  # what a search minimises, compared as a whole
+Trail = tuple[LayerOption, Any] | None  # (last choice, the trail before it): a shared list
+
+
 @dataclass(frozen=True)
 class _Partial:
     """The first layers of a plan: bytes they keep in the forward and hold into the backward,
-    their recompute time (the cost), and the highest point so far."""
+    their recompute time (the cost), the highest point so far, and their choices."""
 
     kept: int
     held: int
     cost: int
     peak: int
-    choices: tuple[LayerOption, ...]
+    trail: Trail = None
 
-    def covers(self, other: _Partial) -> bool:
-        """No more bytes kept or held, no more time, no higher peak: `other` can be dropped."""
-        return (
-            self.kept <= other.kept
-            and self.held <= other.held
-            and self.cost <= other.cost
-            and self.peak <= other.peak
-        )
+    @property
+    def choices(self) -> tuple[LayerOption, ...]:
+        out: list[LayerOption] = []
+        node = self.trail
+        while node is not None:
+            out.append(node[0])
+            node = node[1]
+        return tuple(reversed(out))
 
 
-def _undominated(partials: list[_Partial]) -> list[_Partial]:
-    """Keep only the partial plans no other one covers (the first of identical ones).
+def _by_cost(partial: _Partial) -> tuple[int, int]:
+    return partial.cost, partial.peak
 
-    Every later constraint grows with kept and held bytes, so a covered partial plan can never
-    end better than the one covering it.
+
+def _by_peak(partial: _Partial) -> int:
+    return partial.peak
+
+
+def _undominated(partials: list[_Partial], rank: Rank) -> list[_Partial]:
+    """Keep only the partial plans no other one dominates: keeps and holds no more bytes and
+    ranks no worse (the first of identical ones).
+
+    Every later constraint grows with kept and held bytes, so a dominated partial plan can
+    never end better than the one dominating it. Sorted by kept bytes, a plan is dominated
+    exactly when one before it holds no more and ranks no worse: a staircase of the best rank
+    seen at each held size (held rising, rank falling) answers that by bisection.
     """
     frontier: list[_Partial] = []
-    ordered = sorted(partials, key=lambda p: (p.kept, p.held, p.cost, p.peak, _order(p.choices)))
-    for partial in ordered:
-        if not any(other.covers(partial) for other in frontier):
-            frontier.append(partial)
+    stair_held: list[int] = []
+    stair_rank: list[Any] = []
+    keyed = sorted((p.kept, p.held, rank(p), i) for i, p in enumerate(partials))
+    for _, held, value, i in keyed:
+        at = bisect.bisect_right(stair_held, held)
+        if at and stair_rank[at - 1] <= value:
+            continue
+        frontier.append(partials[i])
+        if at and stair_held[at - 1] == held:
+            at -= 1
+        end = at
+        while end < len(stair_held) and stair_rank[end] >= value:
+            end += 1
+        stair_held[at:end] = [held]
+        stair_rank[at:end] = [value]
     return frontier
 
 
-def _search(
-    profile: StepProfile, limit: int | None, objective: Callable[[Solution], Any], scope: str
-) -> Solution | None:
-    """The best plan by `objective` among those whose predicted peak over `scope` is within
-    `limit` bytes."""
+def _useful_options(profile: StepProfile, with_cost: bool) -> list[LayerOption]:
+    """The options no other one beats wherever it stands: keeps, holds, peaks in its forward
+    and (held + its backward's peak) no more, and, `with_cost`, costs no more. Dropping the
+    others loses no optimum and shrinks every step of the search."""
+
+    def figures(option: LayerOption) -> tuple[int, ...]:
+        s = profile.options[option]
+        own = (
+            s.kept_bytes,
+            s.held_bytes,
+            s.forward_peak_bytes,
+            s.held_bytes + s.backward_peak_bytes,
+        )
+        return (*own, s.recompute_ps) if with_cost else own
+
+    table = {option: figures(option) for option in profile.options}
+
+    def beats(a: LayerOption, b: LayerOption) -> bool:
+        return all(x <= y for x, y in zip(table[a], table[b], strict=True))
+
+    order = list(profile.options)
+    return [
+        b
+        for i, b in enumerate(order)
+        if not any(
+            beats(a, b) and (j < i or not beats(b, a)) for j, a in enumerate(order) if a != b
+        )
+    ]
+
+
+def _search(profile: StepProfile, limit: int | None, rank: Rank, scope: str) -> list[_Partial]:
+    """Every undominated whole plan (by `rank`) whose predicted peak over `scope` is within
+    `limit` bytes, with its peak."""
     fixed = max(profile.fixed_peaks(scope).values())
     if limit is not None and fixed > limit:
-        return None
-    frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed, choices=())]
+        return []
+    options = _useful_options(profile, with_cost=rank is _by_cost)
+    before_layers = profile.resting_bytes + profile.embedding_net_bytes
+    steps = []  # per option: kept, held, cost, forward point less kept, backward point less held
+    for option in options:
+        s = profile.options[option]
+        steps.append(
+            (
+                option,
+                s.kept_bytes,
+                s.held_bytes,
+                s.recompute_ps,
+                before_layers + s.forward_peak_bytes,
+                profile._after_head + s.held_bytes + s.backward_peak_bytes,
+            )
+        )
+    frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed)]
     for index in range(profile.layers):
+        gradients_above = (profile.layers - 1 - index) * profile.layer_gradient_bytes
         grown = []
         for partial in frontier:
-            for option, stats in profile.options.items():
+            for option, kept, held, cost, forward_point, backward_point in steps:
                 peak = max(
-                    partial.peak, profile.layer_peak(index, partial.kept, partial.held, option)
+                    partial.peak,
+                    forward_point + partial.kept,
+                    backward_point + partial.held + gradients_above,
                 )
                 if limit is not None and peak > limit:
                     continue
                 grown.append(
                     _Partial(
-                        kept=partial.kept + stats.kept_bytes,
-                        held=partial.held + stats.held_bytes,
-                        cost=partial.cost + stats.recompute_ps,
-                        peak=peak,
-                        choices=(*partial.choices, option),
+                        partial.kept + kept,
+                        partial.held + held,
+                        partial.cost + cost,
+                        peak,
+                        (option, partial.trail),
                     )
                 )
-        frontier = _undominated(grown)
+        frontier = _undominated(grown, rank)
     finals = []
     for partial in frontier:
         peak = max(partial.peak, profile.head_peak(partial.kept, partial.held))
         if limit is None or peak <= limit:
-            flops = sum(profile.options[option].recompute_flops for option in partial.choices)
-            finals.append(Solution(partial.choices, partial.cost, flops, peak))
-    return min(finals, key=objective, default=None)
+            finals.append(replace(partial, peak=peak))
+    return finals
+
+
+def _solution(profile: StepProfile, partial: _Partial) -> Solution:
+    choices = partial.choices
+    flops = sum(profile.options[option].recompute_flops for option in choices)
+    return Solution(choices, partial.cost, flops, partial.peak)
 
 
 def _order(choices: Sequence[LayerOption]) -> tuple[int, ...]:
@@ -613,19 +691,20 @@ def cheapest_within(
     profile: StepProfile, budget_bytes: int, scope: str = SCOPE_STEP
 ) -> Solution | None:
     """The plan with the least recompute time whose predicted peak over `scope` is within the
-    budget."""
-    return _search(
-        profile,
-        budget_bytes,
-        lambda s: (s.recompute_ps, s.peak_bytes, _order(s.choices)),
-        scope,
+    budget (the lowest peak among equals)."""
+    finals = [_solution(profile, p) for p in _search(profile, budget_bytes, _by_cost, scope)]
+    return min(
+        finals, key=lambda s: (s.recompute_ps, s.peak_bytes, _order(s.choices)), default=None
     )
+
+
+def lowest_peak(profile: StepProfile, scope: str = SCOPE_STEP) -> int:
+    """The lowest predicted peak over `scope` any plan reaches."""
+    return min(p.peak for p in _search(profile, None, _by_peak, scope))
 
 
 def leanest(profile: StepProfile, scope: str = SCOPE_STEP) -> Solution:
     """The plan with the lowest predicted peak over `scope` (the cheapest among equals)."""
-    solution = _search(
-        profile, None, lambda s: (s.peak_bytes, s.recompute_ps, _order(s.choices)), scope
-    )
-    assert solution is not None  # without a limit every plan is a candidate
+    solution = cheapest_within(profile, lowest_peak(profile, scope), scope)
+    assert solution is not None  # the lowest peak is some plan's
     return solution
