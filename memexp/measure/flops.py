@@ -78,7 +78,8 @@ class RooflineClock(TorchDispatchMode):
     rate) in whole picoseconds (an integer, so sums are exact and plans compare exactly).
 
     Enter it inside `counter` (a `flop_counter()`), which counts each operator's FLOPs; bytes
-    moved are the operator's tensor inputs and outputs; views move nothing.
+    moved are the operator's tensor inputs and outputs; views, and operators that make no
+    tensor, move nothing.
     """
 
     def __init__(self, counter: FlopCounterMode, peak_tflops: float, memory_gbps: float) -> None:
@@ -92,8 +93,9 @@ class RooflineClock(TorchDispatchMode):
         kwargs = kwargs or {}
         before = self.counter.get_total_flops()
         out = func(*args, **kwargs)
-        if not _is_view(func):
+        written = _bytes_of(out)
+        if written and not _is_view(func):  # views and queries (a tensor's device) move nothing
             flops = self.counter.get_total_flops() - before
-            moved = _bytes_of((args, kwargs)) + _bytes_of(out)
+            moved = _bytes_of((args, kwargs)) + written
             self.picoseconds += round(max(flops / self.flops_per_ps, moved / self.bytes_per_ps))
         return out
