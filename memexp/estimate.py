@@ -23,8 +23,7 @@ FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +35,7 @@ from memexp.measure.timing import first_step
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
+from memexp.storage import FORMATS, Format, StorageLedger, Stored
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
@@ -55,6 +55,7 @@ class Prediction:
     host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
     saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
     flops_step: int | None = None  # forward, loss and backward, recomputation included
+    storage: StorageLedger | None = None  # what the tracked step's storage packed and restored
 
 
 def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -63,19 +64,30 @@ def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
         group["foreach"] = True
 
 
-@contextlib.contextmanager
-def held_in_host_memory() -> Iterator[None]:
-    """`save_on_cpu` as a GPU sees it: saved tensors move to host memory, come back for backward."""
+def to_imagined_host(tensor: torch.Tensor) -> Stored:
+    """`save_on_cpu` as a GPU sees it: the saved tensor moves to host memory (the meta device
+    stands in for it, tracked apart) and comes back for the backward."""
+    device = tensor.device
+    copy = tensor.detach().to(IMAGINED_HOST)
+    return Stored((), copy.numel() * copy.element_size(), lambda: copy.to(device))
 
-    def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-        return tensor.device, tensor.to(IMAGINED_HOST)
 
-    def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-        device, tensor = packed
-        return tensor.to(device)
+def to_imagined_disk(tensor: torch.Tensor) -> Stored:
+    """A file as fake tensors see one: the bytes leave every device's memory, and a tensor of
+    the same shape and strides is allocated again for the backward."""
+    size, stride, dtype, device = tensor.size(), tensor.stride(), tensor.dtype, tensor.device
+    nbytes = tensor.numel() * tensor.element_size()
+    return Stored((), nbytes, lambda: torch.empty_strided(size, stride, dtype=dtype, device=device))
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+
+def imagined_formats(imagine: str) -> dict[str, Format]:
+    """The storage formats of a step on fake tensors: compression runs as it would (shapes and
+    dtypes are all it needs); disk is imagined; host memory is imagined for a GPU and is where
+    the tensors already are for a CPU."""
+    formats = {**FORMATS, "disk": to_imagined_disk}
+    if imagine == "cuda":
+        formats["host"] = to_imagined_host
+    return formats
 
 
 def _warm_up(work: Workload) -> tuple[int, int]:
@@ -110,7 +122,8 @@ def predict(
     warm-up step also counts saved bytes and FLOPs.
     """
     mode, work = fake_workload(spec, plan)
-    offload_to_host = plan.offload and imagine == "cuda"
+    work.storage_formats = imagined_formats(imagine)
+    offload_to_host = plan.storage == "host" and imagine == "cuda"
     saved = flops = None
     with mode:
         if imagine == "cuda":
@@ -119,11 +132,8 @@ def predict(
             saved, flops = _warm_up(work)
         else:
             _create_optimizer_state(work)
-        if offload_to_host:
-            work.plan = replace(plan, offload=False)  # the host hooks below stand in for it
-        placement = held_in_host_memory() if offload_to_host else contextlib.nullcontext()
-        with placement:
-            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+        work.storage_ledger = StorageLedger()  # the tracked step's own
+        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
     return Prediction(
         memory=memory,
         param_count=parameter_count(work.model),
@@ -132,6 +142,7 @@ def predict(
         else None,
         saved_activation_bytes=saved,
         flops_step=flops,
+        storage=work.storage_ledger,
     )
 
 

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("observe",),  # what a running job reports, to a listener or to no one
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",

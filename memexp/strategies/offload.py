@@ -31,7 +31,7 @@ def make_plan(cfg: OffloadConfig, spec: ExperimentSpec) -> CheckpointPlan:
             f"offload moves saved activations from an accelerator to host memory; on {device} "
             "they are in host memory already, so there is nothing to offload and nothing to measure"
         )
-    return CheckpointPlan(spec.model.layers, offload=True)
+    return CheckpointPlan(spec.model.layers, storage="host")
 
 
 STRATEGY = Strategy("offload", OffloadConfig, make_plan)
