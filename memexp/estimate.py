@@ -35,13 +35,11 @@ from memexp.measure.timing import first_step
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
-from memexp.storage import FORMATS, Format, StorageLedger, Stored
+from memexp.storage import IMAGINED_HOST, StorageLedger
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
 TIME_SOURCE_ESTIMATE = "estimate_from_flops"
-# Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
-IMAGINED_HOST = torch.device("meta")
 # The batch search stops doubling here, so a budget nothing reaches still ends.
 MAX_AUTO_BATCH = 1 << 16
 
@@ -62,32 +60,6 @@ def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Run the `foreach` implementation, PyTorch's default for CUDA tensors (not for CPU ones)."""
     for group in optimizer.param_groups:
         group["foreach"] = True
-
-
-def to_imagined_host(tensor: torch.Tensor) -> Stored:
-    """`save_on_cpu` as a GPU sees it: the saved tensor moves to host memory (the meta device
-    stands in for it, tracked apart) and comes back for the backward."""
-    device = tensor.device
-    copy = tensor.detach().to(IMAGINED_HOST)
-    return Stored((), copy.numel() * copy.element_size(), lambda: copy.to(device))
-
-
-def to_imagined_disk(tensor: torch.Tensor) -> Stored:
-    """A file as fake tensors see one: the bytes leave every device's memory, and a tensor of
-    the same shape and strides is allocated again for the backward."""
-    size, stride, dtype, device = tensor.size(), tensor.stride(), tensor.dtype, tensor.device
-    nbytes = tensor.numel() * tensor.element_size()
-    return Stored((), nbytes, lambda: torch.empty_strided(size, stride, dtype=dtype, device=device))
-
-
-def imagined_formats(imagine: str) -> dict[str, Format]:
-    """The storage formats of a step on fake tensors: compression runs as it would (shapes and
-    dtypes are all it needs); disk is imagined; host memory is imagined for a GPU and is where
-    the tensors already are for a CPU."""
-    formats = {**FORMATS, "disk": to_imagined_disk}
-    if imagine == "cuda":
-        formats["host"] = to_imagined_host
-    return formats
 
 
 def _warm_up(work: Workload) -> tuple[int, int]:
@@ -121,8 +93,7 @@ def predict(
     `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
     warm-up step also counts saved bytes and FLOPs.
     """
-    mode, work = fake_workload(spec, plan)
-    work.storage_formats = imagined_formats(imagine)
+    mode, work = fake_workload(spec, plan, host_apart=imagine == "cuda")
     offload_to_host = plan.storage == "host" and imagine == "cuda"
     saved = flops = None
     with mode:

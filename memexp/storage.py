@@ -32,6 +32,7 @@ original: otherwise every format would store it twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -168,7 +169,7 @@ def to_host(tensor: torch.Tensor) -> Stored | None:
         return None  # already in host memory
     device, pin = tensor.device, tensor.device.type == "cuda"
     copy = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=pin)
-    copy.copy_(tensor, non_blocking=pin)
+    copy.copy_(tensor)  # on the compute stream, as save_on_cpu copies
     return Stored((), _nbytes(copy), lambda: copy.to(device, non_blocking=pin))
 
 
@@ -219,6 +220,39 @@ FORMATS: Mapping[str, Format] = {
     "host": to_host,
     "disk": ToDisk(),
 }
+
+
+# --- formats on fake tensors ----------------------------------------------------------------
+
+# Stands for host memory on fake tensors: offloaded tensors are tracked there, apart.
+IMAGINED_HOST = torch.device("meta")
+
+
+def to_imagined_host(tensor: torch.Tensor) -> Stored:
+    """`save_on_cpu` as a GPU sees it, on fake tensors: the saved tensor moves to host memory
+    (IMAGINED_HOST, tracked apart from the device) and comes back for the backward."""
+    device = tensor.device
+    copy = tensor.detach().to(IMAGINED_HOST)
+    return Stored((), _nbytes(copy), lambda: copy.to(device))
+
+
+def to_imagined_disk(tensor: torch.Tensor) -> Stored:
+    """A file as fake tensors see one: the bytes leave every memory, and a tensor of the same
+    shape and strides is allocated again for the backward."""
+    size, stride, dtype, device = tensor.size(), tensor.stride(), tensor.dtype, tensor.device
+    restore = functools.partial(torch.empty_strided, size, stride, dtype=dtype, device=device)
+    return Stored((), _nbytes(tensor), restore)
+
+
+def fake_tensor_formats(host_apart: bool) -> dict[str, Format]:
+    """The formats of a step on fake tensors, which hold no data to round or write: compression
+    runs as it would (shapes and dtypes are all it needs); disk is imagined; host memory is
+    imagined apart when the tensors stand for an accelerator's (`host_apart`), and is where
+    they already are otherwise."""
+    formats = {**FORMATS, "disk": to_imagined_disk}
+    if host_apart:
+        formats["host"] = to_imagined_host
+    return formats
 
 
 def stored_bytes(kind: str, shape: tuple[int, ...], element_size: int = 4) -> int:

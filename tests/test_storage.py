@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,11 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memexp.config import ExperimentSpec
+from memexp.config import ConfigError, ExperimentSpec
+from memexp.devices import predicted_storage
+from memexp.estimate import predict_job
+from memexp.measure.fidelity import gradient_error
+from memexp.measure.memory import measure_memory
 from memexp.measure.timing import first_step
 from memexp.plan import STORAGE_KINDS, CheckpointPlan
 from memexp.storage import (
@@ -26,6 +32,7 @@ from memexp.storage import (
     saved_tensor_storage,
     stored_bytes,
 )
+from memexp.strategies import make_plan
 from memexp.training import build_workload, forward_loss
 
 SpecFn = Callable[..., ExperimentSpec]
@@ -183,3 +190,75 @@ def test_disk_offload_writes_and_reads_each_saved_tensor_once(
     del loss
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offloading_to_disk_takes_its_bytes_off_the_tracked_device(tiny_spec: SpecFn) -> None:
+    """At the forward's last op every offloaded tensor is gone from the CPU's tracked memory,
+    but the log-probabilities, which cross_entropy still holds there (b·s·V fp32)."""
+    spec = tiny_spec("optimizer.name=sgd")
+    log_probabilities = spec.batch_size * spec.seq_len * spec.model.vocab_size * 4
+    end_of_forward, stored = {}, {}
+    for kind in ("keep", "disk", "int8"):
+        work = build_workload(spec, CheckpointPlan(spec.model.layers, storage=kind), "cpu")
+        timeline = measure_memory(work).timeline
+        end_of_forward[kind] = [total for _, total, phase in timeline if phase == "forward"][-1]
+        stored[kind] = work.storage_ledger.stored_bytes
+        source = work.storage_ledger.source_bytes
+    assert end_of_forward["keep"] - end_of_forward["disk"] == source - log_probabilities
+    assert end_of_forward["keep"] - end_of_forward["int8"] == (
+        source - stored["int8"] - log_probabilities
+    )
+
+
+def test_a_lossy_storage_changes_the_gradients_not_the_loss(tiny_spec: SpecFn) -> None:
+    spec = tiny_spec()
+    errors = {
+        kind: gradient_error(spec, CheckpointPlan(spec.model.layers, storage=kind))
+        for kind in (*COMPRESSED_KINDS, "disk")
+    }
+    assert all(error.loss == error.reference_loss for error in errors.values())
+    assert errors["disk"].relative_error == errors["disk"].worst_relative_error == 0.0
+    for kind in COMPRESSED_KINDS:
+        assert 0 < errors[kind].relative_error <= errors[kind].worst_relative_error < 0.1
+    assert errors["bf16"].relative_error < errors["int8"].relative_error
+    assert errors["int8"].relative_error < errors["fp8"].relative_error
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("strategy=compress", "strategy.dtype=fp4"), "strategy.dtype='fp4'"),
+        (("strategy=compress", "strategy.base=adaptive"), "strategy.base='adaptive'"),
+        (("strategy=offload", "strategy.to=tape"), "strategy.to='tape'"),
+        (("device=fake", "device.host_gbps=0"), "device.host_gbps=0"),
+    ],
+)
+def test_storage_settings_are_checked(
+    overrides: tuple[str, ...], message: str, tiny_spec: SpecFn
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_spec(*overrides)
+
+
+def test_compress_stores_its_base_plan_compressed(tiny_spec: SpecFn) -> None:
+    for base in ("none", "full", "sqrt", "selective"):
+        spec = tiny_spec("strategy=compress", "strategy.dtype=fp8", f"strategy.base={base}")
+        plan = make_plan(spec)
+        assert plan == replace(make_plan(tiny_spec(f"strategy={base}")), storage="fp8")
+    assert make_plan(tiny_spec("strategy=offload", "strategy.to=disk")).storage == "disk"
+
+
+def test_the_fake_device_predicts_offloading_transfers_from_its_bandwidths(
+    tiny_spec: SpecFn,
+) -> None:
+    """bytes / bandwidth each way: out what the forward stored, back what the backward read."""
+    spec = tiny_spec("device=fake", "device.host_gbps=50", "device.disk_gbps=5")
+    plan = CheckpointPlan(spec.model.layers, storage="disk")
+    prediction = predict_job(spec, plan)
+    figures = predicted_storage(spec, plan, prediction, {})
+    out, back = prediction.storage.stored_bytes, prediction.storage.restored_bytes
+    assert figures["storage_transfer_out_bytes"] == out == 319488  # tiny's eligible bytes
+    assert figures["storage_transfer_out_ms"] == pytest.approx(out / 50e6 + out / 5e6)
+    assert figures["storage_transfer_back_ms"] == pytest.approx(back / 50e6 + back / 5e6)
+    assert figures["storage_transfer_overlaps_compute"] is False
+    assert figures["storage_transfer_source"] == "closed form from fake-tensor bytes"
