@@ -87,6 +87,10 @@ class DeviceConfig:
     memory_gbps: float | None = None
     # Fake device: whose default code paths the step follows where PyTorch lets us choose.
     imagine: str = "cuda"
+    # GB/s (10⁹ bytes a second) of the host link and of the disk, for offloading's transfer
+    # time in predictions; None: not estimated. conf/device/fake.yaml sets the imagined H200's.
+    host_gbps: float | None = None
+    disk_gbps: float | None = None
 
 
 @dataclass

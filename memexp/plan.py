@@ -28,6 +28,20 @@ UNITS: tuple[str, ...] = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.
 # the operators it keeps. Named here, without torch, so validating a config never imports it.
 OP_POLICY_NAMES: tuple[str, ...] = ("save_matmuls",)
 
+# How the tensors autograd saves for backward are stored (`CheckpointPlan.storage`);
+# memexp.storage implements each. Named here, without torch, so validating a config never
+# imports it. `keep`: as made; `bf16`, `fp8`, `int8`: compressed in place (lossy); `host`:
+# moved to host memory; `disk`: written to memory-mapped files.
+STORAGE_KINDS: tuple[str, ...] = ("keep", "bf16", "fp8", "int8", "host", "disk")
+# What `describe()` says of each kind but `keep`.
+STORAGE_DESCRIPTIONS = {
+    "bf16": "saved activations stored as bf16",
+    "fp8": "saved activations stored as fp8 (e4m3, one scale per tensor)",
+    "int8": "saved activations stored as int8 (one scale per last-dim channel)",
+    "host": "saved activations offloaded to host memory",
+    "disk": "saved activations offloaded to disk (memory-mapped files)",
+}
+
 
 @dataclass(frozen=True)
 class CheckpointPlan:
@@ -35,21 +49,25 @@ class CheckpointPlan:
 
     `segments` are half-open layer ranges each run under one checkpoint (only the segment's
     input is kept); `parts` name the sub-blocks recomputed inside layers outside any segment.
-    `op_policy` turns each segment into an op-level selective checkpoint; `offload` keeps the
-    saved activations in host memory. `selective` names units (layer, unit of `UNITS`, op
-    policy) recomputed under their own op-level policy: the policy's operators (matrix products
-    under `save_matmuls`) keep their outputs and only the rest of the unit is recomputed, so a
-    plan may recompute one unit element-wise and another one whole, layer by layer.
+    `op_policy` turns each segment into an op-level selective checkpoint; `storage` says how
+    every tensor the plan saves for backward is stored (`STORAGE_KINDS`: kept, compressed, or
+    offloaded to host memory or disk), whatever is recomputed. `selective` names units (layer,
+    unit of `UNITS`, op policy) recomputed under their own op-level policy: the policy's
+    operators (matrix products under `save_matmuls`) keep their outputs and only the rest of
+    the unit is recomputed, so a plan may recompute one unit element-wise and another one
+    whole, layer by layer.
     """
 
     num_layers: int
     segments: tuple[tuple[int, int], ...] = ()
     parts: tuple[tuple[int, Part], ...] = ()
     op_policy: str | None = None
-    offload: bool = False
+    storage: str = "keep"
     selective: tuple[tuple[int, str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.storage not in STORAGE_KINDS:
+            raise ValueError(f"unknown storage {self.storage!r}; known: {', '.join(STORAGE_KINDS)}")
         covered: set[int] = set()
         for start, end in self.segments:
             if not 0 <= start < end <= self.num_layers:
@@ -130,8 +148,8 @@ class CheckpointPlan:
             text = "; ".join(pieces)
         if self.op_policy:
             text += f"; op policy {self.op_policy}"
-        if self.offload:
-            text += "; saved activations offloaded to host memory"
+        if self.storage in STORAGE_DESCRIPTIONS:
+            text += "; " + STORAGE_DESCRIPTIONS[self.storage]
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,18 +158,19 @@ class CheckpointPlan:
             "segments": [list(s) for s in self.segments],
             "parts": [[layer, part.value] for layer, part in self.parts],
             "op_policy": self.op_policy,
-            "offload": self.offload,
+            "storage": self.storage,
             "selective": [list(entry) for entry in self.selective],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointPlan:
+        """Also reads records written before `storage` existed: `offload: true` is `host`."""
         return cls(
             num_layers=int(data["num_layers"]),
             segments=tuple((int(s), int(e)) for s, e in data.get("segments", [])),
             parts=tuple((int(layer), Part(part)) for layer, part in data.get("parts", [])),
             op_policy=data.get("op_policy"),
-            offload=bool(data.get("offload", False)),
+            storage=data.get("storage") or ("host" if data.get("offload") else "keep"),
             selective=tuple(
                 (int(layer), str(unit), str(policy))
                 for layer, unit, policy in data.get("selective", [])

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("observe",),  # what a running job reports, to a listener or to no one
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",
@@ -151,7 +152,17 @@ def test_no_import_cycles() -> None:
 
 
 # What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
-STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGY_NAMES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "compress",
+    "adaptive",
+)
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 
 from memexp.config import ExperimentSpec
 from memexp.plan import CheckpointPlan
+from memexp.storage import fake_tensor_formats
 from memexp.training import Workload, backward, build_workload, forward_loss
 
 FLOPS_SOURCE = "flop_counter_fake_tensors"
@@ -42,10 +43,15 @@ def count_flops(run: Callable[[], None]) -> FlopCounterMode:
     return counter
 
 
-def fake_workload(spec: ExperimentSpec, plan: CheckpointPlan) -> tuple[FakeTensorMode, Workload]:
+def fake_workload(
+    spec: ExperimentSpec, plan: CheckpointPlan, host_apart: bool = False
+) -> tuple[FakeTensorMode, Workload]:
+    """The workload on fake tensors, with the plan's storage in its fake-tensor formats
+    (`host_apart`: offloading to host memory moves tensors off the device, as from a GPU)."""
     mode = FakeTensorMode()
     with mode:
         work = build_workload(spec, plan, "cpu")
+    work.storage_formats = fake_tensor_formats(host_apart)
     return mode, work
 
 

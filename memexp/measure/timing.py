@@ -23,6 +23,7 @@ from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, LayerUnits, TransformerLayer
 from memexp.observe import current_observer
 from memexp.plan import LAYER, Part
+from memexp.storage import in_place_storage
 from memexp.training import (
     Workload,
     autocast_context,
@@ -142,7 +143,7 @@ def first_step(work: Workload) -> tuple[torch.Tensor, int]:
     Returns the (detached) loss and the bytes saved for backward; the loss stays a tensor so the
     fake device, whose tensors hold no values, can run the same step.
     """
-    with counting_saved_bytes(work.model) as saved_so_far:
+    with counting_saved_bytes(work.model, in_place_storage(work.plan.storage)) as saved_so_far:
         loss = forward_loss(work, in_place=True)
         saved = saved_so_far()
     backward(loss)
