@@ -23,6 +23,10 @@ IMAGINED_DEVICES = ("cuda", "cpu")
 # many-core server socket (2 TFLOP/s fp32 FMA, 200 GB/s DDR5). Only their ratio shapes a plan:
 # it says how dear memory-bound recomputation (softmax, GELU, LayerNorm) is against matmuls.
 ROOFLINE_DEFAULTS: dict[str, tuple[float, float]] = {"cuda": (989.0, 4800.0), "cpu": (2.0, 200.0)}
+# The links the planner prices an offloading option's transfers over when `device.host_gbps` or
+# `device.disk_gbps` is not given, in GB/s each way: the fake preset's (PCIe 5.0 x16 pinned
+# copies; one PCIe 4.0 NVMe drive).
+LINK_DEFAULTS_GBPS: dict[str, float] = {"host": 55.0, "disk": 7.0}
 PRECISIONS = ("fp32", "bf16")
 # What a job returns to Hydra's sweeper (`objective`); memexp.objective reads each from the record.
 OBJECTIVES = ("step_ms", "peak_bytes", "forward_backward_peak_bytes", "tokens_per_s")
@@ -188,6 +192,11 @@ class ExperimentSpec:
             peak if settings.peak_tflops is None else settings.peak_tflops,
             memory if settings.memory_gbps is None else settings.memory_gbps,
         )
+
+    def link_gbps(self, kind: str) -> float:
+        """GB/s each way to where `kind` (host or disk) offloads: the device's, else the default."""
+        given = {"host": self.device_settings.host_gbps, "disk": self.device_settings.disk_gbps}
+        return LINK_DEFAULTS_GBPS[kind] if given[kind] is None else given[kind]
 
     @property
     def imagined_device(self) -> str:

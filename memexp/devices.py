@@ -224,7 +224,7 @@ TRANSFER_SOURCE = "closed form from fake-tensor bytes"
 
 def measured_fidelity(spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
     """A lossy storage's gradient error, measured on the job's device (memexp.measure.fidelity)."""
-    if plan.storage not in COMPRESSED_KINDS:
+    if not plan.storage_kinds & set(COMPRESSED_KINDS):
         return {}
     error = gradient_error(spec, plan)
     release_memory()

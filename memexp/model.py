@@ -11,6 +11,7 @@ changes which tensors dominate memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from memexp.config import ModelConfig
 from memexp.plan import LAYER, CheckpointPlan, Part
 
 ContextFactory = Callable[[], Any]
+# Opens a saved-tensor storage of one kind (memexp.storage, handed in by memexp.training).
+StorageContext = Callable[[str], contextlib.AbstractContextManager]
 
 _aten = torch.ops.aten
 # The operators of each policy in `memexp.plan.OP_POLICY_NAMES`: the operators whose outputs a checkpointed
@@ -168,6 +171,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.plan = CheckpointPlan.nothing(cfg.layers)
         self.context_fn: ContextFactory | None = None
+        # How a layer the plan stores its own way stores its saved tensors; the model knows
+        # no storage, its workload hands one in (memexp.training.build_workload).
+        self.storage_context: StorageContext | None = None
 
     def apply_plan(self, plan: CheckpointPlan) -> None:
         """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
@@ -175,6 +181,14 @@ class Transformer(nn.Module):
             raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
         self.plan = plan
         self.context_fn = op_policy_context(plan.op_policy)
+
+    def _layer_storage(self, index: int) -> contextlib.AbstractContextManager:
+        kind = self.plan.storage_of(index)
+        if kind is None:
+            return contextlib.nullcontext()
+        if self.storage_context is None:
+            raise RuntimeError(f"layer {index} is stored as {kind}, and no storage was given")
+        return self.storage_context(kind)
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for index in range(start, end):
@@ -191,7 +205,8 @@ class Transformer(nn.Module):
                 x = run_checkpointed(self._run_layers, x, *segment, context_fn=self.context_fn)
                 index = segment[1]
             else:
-                x = self.layers[index](x, layer_units(self.plan, index))
+                with self._layer_storage(index):
+                    x = self.layers[index](x, layer_units(self.plan, index))
                 index += 1
         return self.head(self.norm(x))
 

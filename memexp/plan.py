@@ -55,7 +55,8 @@ class CheckpointPlan:
     unit of `UNITS`, op policy) recomputed under their own op-level policy: the policy's
     operators (matrix products under `save_matmuls`) keep their outputs and only the rest of
     the unit is recomputed, so a plan may recompute one unit element-wise and another one
-    whole, layer by layer.
+    whole, layer by layer. `stored` names layers (layer, kind of `STORAGE_KINDS`) whose saved
+    tensors are stored their own way instead of the plan's `storage`.
     """
 
     num_layers: int
@@ -64,6 +65,7 @@ class CheckpointPlan:
     op_policy: str | None = None
     storage: str = "keep"
     selective: tuple[tuple[int, str, str], ...] = ()
+    stored: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGE_KINDS:
@@ -90,6 +92,17 @@ class CheckpointPlan:
                 raise ValueError(f"op policy {policy!r} is not one of {', '.join(OP_POLICY_NAMES)}")
             if layer in covered:
                 raise ValueError(f"layer {layer} is inside a segment and also has a selective unit")
+        stored_layers = [layer for layer, _ in self.stored]
+        for layer, kind in self.stored:
+            if kind not in STORAGE_KINDS:
+                raise ValueError(f"layer {layer}: unknown storage {kind!r}")
+            if not 0 <= layer < self.num_layers or stored_layers.count(layer) > 1:
+                raise ValueError(f"stored layer {layer} is outside the model or named twice")
+            if layer in covered or LAYER in self.selective_of(layer):
+                raise ValueError(
+                    f"layer {layer} is recomputed whole and stored: a checkpoint keeps only its "
+                    "input, outside saved-tensor hooks' reach"
+                )
         for layer in range(self.num_layers):
             _check_units(layer, [p.value for p in self.parts_of(layer)], self.selective_of(layer))
         if self.op_policy is not None and not self.segments:
@@ -105,6 +118,15 @@ class CheckpointPlan:
     def selective_of(self, layer: int) -> dict[str, str]:
         """The units of `layer` recomputed under an op-level policy, each with its policy."""
         return {unit: policy for index, unit, policy in self.selective if index == layer}
+
+    @property
+    def storage_kinds(self) -> frozenset[str]:
+        """Every way the plan stores saved tensors: its own `storage` and its layers'."""
+        return frozenset({self.storage, *(kind for _, kind in self.stored)})
+
+    def storage_of(self, layer: int) -> str | None:
+        """How `layer`'s saved tensors are stored, where it differs from the plan's `storage`."""
+        return dict(self.stored).get(layer)
 
     def segment_starting_at(self, layer: int) -> tuple[int, int] | None:
         for segment in self.segments:
@@ -150,6 +172,11 @@ class CheckpointPlan:
             text += f"; op policy {self.op_policy}"
         if self.storage in STORAGE_DESCRIPTIONS:
             text += "; " + STORAGE_DESCRIPTIONS[self.storage]
+        by_kind: dict[str, list[int]] = {}
+        for layer, kind in self.stored:
+            by_kind.setdefault(kind, []).append(layer)
+        for kind, layers in by_kind.items():
+            text += f"; in layers {_ranges(sorted(layers))} {kind} storage"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +187,7 @@ class CheckpointPlan:
             "op_policy": self.op_policy,
             "storage": self.storage,
             "selective": [list(entry) for entry in self.selective],
+            "stored": [list(entry) for entry in self.stored],
         }
 
     @classmethod
@@ -175,6 +203,7 @@ class CheckpointPlan:
                 (int(layer), str(unit), str(policy))
                 for layer, unit, policy in data.get("selective", [])
             ),
+            stored=tuple((int(layer), str(kind)) for layer, kind in data.get("stored", [])),
         )
 
 

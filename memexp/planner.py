@@ -104,21 +104,35 @@ from memexp import analytic
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
-from memexp.measure.timing import time_layer_backwards
+from memexp.measure.timing import time_layer_steps
 from memexp.model import layer_units
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
 
-LayerOption = tuple[str, ...]  # the units one layer recomputes, each a token (`unit_token`)
+LayerOption = tuple[str, ...]  # how one layer runs: tokens (`unit_token`, `storage_token`)
 # The op-level policy of a unit recomputed element-wise: matrix products keep their outputs.
 ELEMENTWISE = "save_matmuls"
 SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that op policy
+STORAGE_MARK = "saved:"  # `saved:int8`: what the layer still saves, stored as int8
+OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (memexp.storage)
 
 
 def unit_token(unit: str, policy: str | None = None) -> str:
     """A unit recomputed whole (`ffn`) or under an op-level policy (`ffn@save_matmuls`)."""
     return unit if policy is None else f"{unit}{SELECTIVE_MARK}{policy}"
+
+
+def storage_token(kind: str) -> str:
+    """The layer's saved tensors stored as `kind` (memexp.storage), whatever it recomputes."""
+    return f"{STORAGE_MARK}{kind}"
+
+
+def _storage_kind(option: LayerOption) -> str | None:
+    for token in option:
+        if token.startswith(STORAGE_MARK):
+            return token.removeprefix(STORAGE_MARK)
+    return None
 
 
 def _layer_options() -> tuple[LayerOption, ...]:
@@ -138,11 +152,26 @@ def _layer_options() -> tuple[LayerOption, ...]:
 
 
 OPTIONS: tuple[LayerOption, ...] = _layer_options()
+
+
+def options_with_storage(kinds: Sequence[str]) -> tuple[LayerOption, ...]:
+    """`OPTIONS`, then each one that keeps something in saved tensors (not the whole layer
+    recomputed: a checkpoint keeps only its input) with that stored as each of `kinds`."""
+    stored = [
+        (*option, storage_token(kind))
+        for kind in kinds
+        for option in OPTIONS
+        if not any(token.partition(SELECTIVE_MARK)[0] == LAYER for token in option)
+    ]
+    return (*OPTIONS, *stored)
+
+
 PROFILE_SOURCE = "tensor_tracker_and_flop_counter_on_fake_tensors"
 COST_ROOFLINE = "roofline"  # per operator: max(FLOPs / peak rate, bytes moved / memory rate)
 COST_MEASURED = "measured"  # each option's backward timed on the job's device
 MEASURED_REPEATS = 5
 OPTIMIZER_POINT = "optimizer step"  # the one highest point outside forward and backward
+PASSES = ("forward", "backward")
 
 
 def option_name(option: LayerOption) -> str:
@@ -151,18 +180,24 @@ def option_name(option: LayerOption) -> str:
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments, parts, selective = [], [], []
+    segments, parts, selective, stored = [], [], [], []
     for index, option in enumerate(choices):
         for token in option:
             unit, _, policy = token.partition(SELECTIVE_MARK)
-            if policy:
+            if token.startswith(STORAGE_MARK):
+                stored.append((index, token.removeprefix(STORAGE_MARK)))
+            elif policy:
                 selective.append((index, unit, policy))
             elif unit == LAYER:
                 segments.append((index, index + 1))
             else:
                 parts.append((index, Part(unit)))
     return CheckpointPlan(
-        len(choices), segments=tuple(segments), parts=tuple(parts), selective=tuple(selective)
+        len(choices),
+        segments=tuple(segments),
+        parts=tuple(parts),
+        selective=tuple(selective),
+        stored=tuple(stored),
     )
 
 
@@ -211,6 +246,24 @@ class StepProfile:
     def cost(self, option: LayerOption) -> int:
         """What the solver minimises: the option's recompute time, in picoseconds."""
         return self.options[option].recompute_ps
+
+    def with_transfers(self, spec: ExperimentSpec) -> StepProfile:
+        """Each offloading option's cost plus its transfers, out in the forward and back in the
+        backward, of the bytes it takes off the device (what it holds less than the same option
+        kept), at `spec.link_gbps`; nothing overlaps them with compute."""
+        costs, links = {}, set()
+        for option, stats in self.options.items():
+            costs[option] = stats.recompute_ps
+            kind = _storage_kind(option)
+            if kind in OFFLOADS:
+                kept = self.options[tuple(t for t in option if not t.startswith(STORAGE_MARK))]
+                away = kept.held_bytes - stats.held_bytes
+                costs[option] += round(2 * away * 1000 / spec.link_gbps(kind))
+                links.add(f"{kind} {spec.link_gbps(kind):g} GB/s")
+        if not links:
+            return self
+        transfers = f"; offloads add 2 × bytes taken off the device over {', '.join(sorted(links))}"
+        return self.with_costs(costs, self.cost_source + transfers)
 
     def with_costs(self, recompute_ps: dict[LayerOption, int], source: str) -> StepProfile:
         """The same profile with each option's recompute time taken from elsewhere."""
@@ -440,15 +493,19 @@ def _counts_at_marks(work: Workload, rates: tuple[float, float]) -> dict[str, tu
     return counts
 
 
-def profile_step(spec: ExperimentSpec) -> StepProfile:
-    """Profile the job's layer under every option on fake tensors (no compute, any model size)."""
-    shallow = replace(spec, model=replace(spec.model, layers=len(OPTIONS)))
-    plan = plan_of(OPTIONS)
-    mode, work = fake_workload(shallow, plan)
+def profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str] = ()) -> StepProfile:
+    """Profile the job's layer under every option (`options_with_storage(storage_kinds)`) on
+    fake tensors (no compute, any model size). Offloaded tensors leave the device where the
+    job's tensors stand for an accelerator's; on a CPU host memory is where they already are."""
+    layer_options = options_with_storage(storage_kinds)
+    shallow = replace(spec, model=replace(spec.model, layers=len(layer_options)))
+    plan = plan_of(layer_options)
+    host_apart = spec.imagined_device == "cuda"
+    mode, work = fake_workload(shallow, plan, host_apart)
     with mode:
         phases = _memory_phases(work)
     rates = spec.roofline_rates
-    mode, work = fake_workload(shallow, plan)
+    mode, work = fake_workload(shallow, plan, host_apart)
     with mode:
         counts = _counts_at_marks(work, rates)
         gradient_bytes = sum(
@@ -459,19 +516,20 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
     def after(name: str) -> str:
         return names[names.index(name) + 1]
 
-    def backward_counts(index: int) -> tuple[int, int]:
-        """FLOPs and roofline picoseconds of layer `index`'s backward, less the `nothing`
-        layer's: what its option recomputes."""
-        name, baseline = f"backward:{index}", f"backward:{OPTIONS.index(())}"
-        return tuple(  # type: ignore[return-value]
-            (counts[after(name)][k] - counts[name][k])
-            - (counts[after(baseline)][k] - counts[baseline][k])
-            for k in (0, 1)
-        )
+    def spent(phase: str, k: int) -> int:
+        return counts[after(phase)][k] - counts[phase][k]
+
+    def option_counts(index: int) -> tuple[int, int]:
+        """What layer `index`'s option adds over the `nothing` layer (index 0): FLOPs in its
+        backward (what it recomputes), roofline picoseconds in its forward and backward (a
+        storage packs in the forward and unpacks in the backward)."""
+        flops = spent(f"backward:{index}", 0) - spent("backward:0", 0)
+        ps = sum(spent(f"{phase}:{index}", 1) - spent(f"{phase}:0", 1) for phase in PASSES)
+        return flops, ps
 
     options: dict[LayerOption, OptionProfile] = {}
     layer_saved: dict[LayerOption, int] = {}
-    for index, option in enumerate(OPTIONS):
+    for index, option in enumerate(layer_options):
         forward, backward_phase = phases[f"forward:{index}"], phases[f"backward:{index}"]
         forward_end = phases[after(f"forward:{index}")]
         backward_end = phases[after(f"backward:{index}")]
@@ -483,7 +541,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
                 f"a layer under {option_name(option)} frees {-cache} bytes more in its backward "
                 "than it kept; the peak model has no place for that"
             )
-        recompute_flops, recompute_ps = backward_counts(index)
+        recompute_flops, recompute_ps = option_counts(index)
         options[option] = OptionProfile(
             kept_bytes=kept,
             forward_peak_bytes=forward.peak - forward.start,
@@ -517,7 +575,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
         outside_saved_bytes=phases["end"].saved - sum(layer_saved.values()),
         layer_forward_flops=counts["forward:1"][0] - counts["forward:0"][0],
         cost_source=roofline_source(rates),
-    )
+    ).with_transfers(spec)
 
 
 def roofline_source(rates: tuple[float, float]) -> str:
@@ -529,15 +587,19 @@ def roofline_source(rates: tuple[float, float]) -> str:
 
 
 def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfile:
-    """`profile` with each option's recompute time measured on the job's device: one layer's
-    backward under the option less its backward keeping everything (median of repeats; a
-    difference below zero is timing noise and counts as 0)."""
-    ways = {option: layer_units(plan_of((option,)), 0) for option in profile.options}
-    ms = time_layer_backwards(spec, ways, MEASURED_REPEATS)
+    """`profile` with each option's cost measured on the job's device: one layer's forward and
+    backward under the option less under `nothing` (median of repeats; a difference below
+    zero is timing noise and counts as 0). Storage runs for real, its transfers included."""
+    ways = {
+        option: (layer_units(plan, 0), plan.storage_of(0))
+        for option in profile.options
+        for plan in (plan_of((option,)),)
+    }
+    ms = time_layer_steps(spec, ways, MEASURED_REPEATS)
     costs = {option: max(0, round((ms[option] - ms[()]) * 1e9)) for option in profile.options}
     source = (
-        f"{COST_MEASURED}: one layer's backward per option on {spec.device}, median of "
-        f"{MEASURED_REPEATS}, less the backward that recomputes nothing"
+        f"{COST_MEASURED}: one layer's forward and backward per option on {spec.device}, median "
+        f"of {MEASURED_REPEATS}, less those of the layer that recomputes nothing"
     )
     return profile.with_costs(costs, source)
 
@@ -706,9 +768,10 @@ def _solution(profile: StepProfile, partial: _Partial) -> Solution:
     return Solution(choices, partial.cost, flops, partial.peak)
 
 
-def _order(choices: Sequence[LayerOption]) -> tuple[int, ...]:
+def _order(profile: StepProfile, choices: Sequence[LayerOption]) -> tuple[int, ...]:
     """Ties between equal plans go to the one with lighter options in earlier layers."""
-    return tuple(OPTIONS.index(option) for option in choices)
+    order = list(profile.options)
+    return tuple(order.index(option) for option in choices)
 
 
 def cheapest_within(
@@ -718,7 +781,9 @@ def cheapest_within(
     budget (the lowest peak among equals)."""
     finals = [_solution(profile, p) for p in _search(profile, budget_bytes, _by_cost, scope)]
     return min(
-        finals, key=lambda s: (s.recompute_ps, s.peak_bytes, _order(s.choices)), default=None
+        finals,
+        key=lambda s: (s.recompute_ps, s.peak_bytes, _order(profile, s.choices)),
+        default=None,
     )
 
 

@@ -40,6 +40,13 @@ class Workload:
     storage_directory: Path | None = None
     storage_ledger: StorageLedger = field(default_factory=StorageLedger)
 
+    def layer_storage(self, kind: str) -> contextlib.AbstractContextManager:
+        """One layer's own storage (`CheckpointPlan.stored`), in this workload's formats; the
+        ledger counts the plan-wide storage only."""
+        return saved_tensor_storage(
+            kind, directory=self.storage_directory, formats=self.storage_formats
+        )
+
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
@@ -73,7 +80,9 @@ def build_workload(
     model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)
-    return Workload(spec, model, optimizer, tokens, targets, plan)
+    work = Workload(spec, model, optimizer, tokens, targets, plan)
+    model.storage_context = work.layer_storage
+    return work
 
 
 def autocast_context(spec: ExperimentSpec, device_type: str) -> contextlib.AbstractContextManager:

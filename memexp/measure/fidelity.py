@@ -48,7 +48,7 @@ def loss_and_gradients(
 
 def gradient_error(spec: ExperimentSpec, plan: CheckpointPlan) -> GradientError:
     """`plan`'s step against the same plan with its saved tensors kept as made."""
-    reference_loss, reference = loss_and_gradients(spec, replace(plan, storage="keep"))
+    reference_loss, reference = loss_and_gradients(spec, replace(plan, storage="keep", stored=()))
     loss, gradients = loss_and_gradients(spec, plan)
     difference_sq = reference_sq = 0.0
     worst_name, worst = "", 0.0

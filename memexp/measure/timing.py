@@ -23,7 +23,7 @@ from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, LayerUnits, TransformerLayer
 from memexp.observe import current_observer
 from memexp.plan import LAYER, Part
-from memexp.storage import in_place_storage
+from memexp.storage import in_place_storage, saved_tensor_storage
 from memexp.training import (
     Workload,
     autocast_context,
@@ -213,11 +213,14 @@ def time_units(spec: ExperimentSpec) -> dict[str, float]:
         return {unit: milliseconds(run) for unit, run in units.items()}
 
 
-def time_layer_backwards(
-    spec: ExperimentSpec, ways: Mapping[Hashable, LayerUnits], repeats: int = 5
+def time_layer_steps(
+    spec: ExperimentSpec,
+    ways: Mapping[Hashable, tuple[LayerUnits, str | None]],
+    repeats: int = 5,
 ) -> dict[Hashable, float]:
-    """Milliseconds of one layer's backward on the job's device under each way of recomputing
-    its units: what each way's recomputation costs in time, against the way that keeps all.
+    """Milliseconds of one layer's forward and backward on the job's device under each way of
+    running it (units recomputed, and a storage kind for what it saves, or None): what each
+    way costs in time, against the way that keeps all.
 
     One layer at the job's batch and sequence, so any model that runs can be timed. Each
     repeat runs every way once, in turn, so that a change of machine load falls on all of
@@ -231,10 +234,10 @@ def time_layer_backwards(
         x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
         grad = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden)
 
-    def backward_ms(units: LayerUnits) -> float:
-        with autocast_context(spec, device.type):
-            out = layer(x, units)
+    def step_ms(units: LayerUnits, kind: str | None) -> float:
         start = now()
+        with autocast_context(spec, device.type), saved_tensor_storage(kind or "keep"):
+            out = layer(x, units)
         out.backward(grad)
         elapsed = (now() - start) * 1000.0
         layer.zero_grad(set_to_none=True)
@@ -243,8 +246,8 @@ def time_layer_backwards(
 
     samples: dict[Hashable, list[float]] = {key: [] for key in ways}
     for round_ in range(repeats + 1):
-        for key, units in ways.items():
-            ms = backward_ms(units)
+        for key, (units, kind) in ways.items():
+            ms = step_ms(units, kind)
             if round_:  # the first round warms up
                 samples[key].append(ms)
     return {key: spread(values).median for key, values in samples.items()}

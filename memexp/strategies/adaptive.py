@@ -31,11 +31,11 @@ registry imports this module for its schema and checks, and registering the sche
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memexp.config import FAKE_DEVICE, ConfigError
-from memexp.plan import UNITS
+from memexp.plan import STORAGE_KINDS, UNITS
 from memexp.results import PEAK_FIELDS, SCOPE_FORWARD_BACKWARD, SCOPE_STEP, InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import MIB, format_bytes
@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 SCOPE_WORDS = {SCOPE_STEP: "whole-step", SCOPE_FORWARD_BACKWARD: "forward+backward"}
 COST_AUTO = "auto"
 COST_SOURCES = (COST_AUTO, "measured", "roofline")  # the last two: memexp.planner's COST_*
+# The relative error each lossy storage kind puts on one saved element, as memexp.storage
+# documents it: bf16 keeps 8 significant bits (2⁻⁸ of the element); fp8 e4m3 keeps 4 (2⁻⁴,
+# within its normal range); int8 rounds to 1/254 of its channel's absmax (so 2⁻⁸ of the
+# channel's largest element, more of its small ones). Lossless kinds (host, disk) have none.
+ERROR_BOUNDS = {"bf16": 2.0**-8, "fp8": 2.0**-4, "int8": 1.0 / 254}
 
 
 @dataclass
@@ -58,6 +63,12 @@ class AdaptiveConfig:
     budget_scope: str = SCOPE_FORWARD_BACKWARD  # step | forward_backward
     max_rounds: int = 3
     cost_source: str = COST_AUTO  # auto | measured | roofline
+    # Storage kinds (memexp.storage) a layer may store what it still saves as, besides keeping
+    # it: bf16 | fp8 | int8 (lossy) | host | disk. Empty: recomputation only.
+    storage: list[str] = field(default_factory=list)
+    # The largest relative error a lossy kind may put on a saved element (its documented bound,
+    # `ERROR_BOUNDS`); kinds above it are not offered. None: no bound.
+    max_grad_rel_error: float | None = None
 
 
 def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
@@ -77,10 +88,25 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         )
     if cfg.max_rounds < 1:
         raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
+    for kind in cfg.storage:
+        if kind not in STORAGE_KINDS or kind == "keep":
+            allowed = ", ".join(k for k in STORAGE_KINDS if k != "keep")
+            raise ConfigError("strategy.storage", list(cfg.storage), f"kinds among {allowed}")
+    if cfg.max_grad_rel_error is not None and cfg.max_grad_rel_error < 0:
+        raise ConfigError("strategy.max_grad_rel_error", cfg.max_grad_rel_error, "≥ 0, or null")
     if cfg.cost_source not in COST_SOURCES:
         raise ConfigError(
             "strategy.cost_source", cfg.cost_source, f"one of {', '.join(COST_SOURCES)}"
         )
+
+
+def offered_storage(cfg: AdaptiveConfig) -> tuple[str, ...]:
+    """The storage kinds the planner may choose: those asked for, less the lossy ones whose
+    documented error is above `max_grad_rel_error`."""
+    bound = cfg.max_grad_rel_error
+    return tuple(
+        kind for kind in cfg.storage if bound is None or ERROR_BOUNDS.get(kind, 0.0) <= bound
+    )
 
 
 def cost_source(cfg: AdaptiveConfig, spec: ExperimentSpec) -> str:
@@ -142,7 +168,8 @@ class BudgetPlanner:
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
         from memexp.planner import COST_MEASURED, profile_step, with_measured_costs
 
-        self.profile = profile_step(spec)
+        self.storage_kinds = offered_storage(cfg)
+        self.profile = profile_step(spec, self.storage_kinds)
         if cost_source(cfg, spec) == COST_MEASURED:
             self.profile = with_measured_costs(self.profile, spec)
         self.scope = cfg.budget_scope
@@ -210,6 +237,7 @@ class BudgetPlanner:
             "layer_forward_flops": self.profile.layer_forward_flops,
             "units": units,
             "cost_source": self.profile.cost_source,
+            "storage_offered": list(self.storage_kinds),
             "option_recompute_ms": {
                 option_name(option): stats.recompute_ps / 1e9 for option, stats in options.items()
             },
