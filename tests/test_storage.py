@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from memexp import analytic
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.devices import predicted_storage
-from memexp.estimate import predict_job
+from memexp.estimate import predict, predict_job
 from memexp.measure.fidelity import gradient_error
 from memexp.measure.memory import measure_memory
 from memexp.measure.timing import first_step
@@ -262,3 +263,26 @@ def test_the_fake_device_predicts_offloading_transfers_from_its_bandwidths(
     assert figures["storage_transfer_back_ms"] == pytest.approx(back / 50e6 + back / 5e6)
     assert figures["storage_transfer_overlaps_compute"] is False
     assert figures["storage_transfer_source"] == "closed form from fake-tensor bytes"
+
+
+@pytest.mark.slow
+def test_int8_keeps_at_most_35_percent_of_nones_saved_bytes_on_small(tiny_spec: SpecFn) -> None:
+    """Counted on fake tensors, which count exactly what the CPU counts (the compressed data
+    and scales; the rest as made)."""
+    spec = tiny_spec("model=small")
+    layers = spec.model.layers
+    saved = {
+        kind: predict(spec, CheckpointPlan(layers, storage=kind), "cpu").saved_activation_bytes
+        for kind in ("keep", "int8")
+    }
+    assert saved["int8"] <= 0.35 * saved["keep"]
+
+
+def test_compression_has_no_closed_form_and_offloading_keeps_it(tiny_spec: SpecFn) -> None:
+    spec = tiny_spec()
+    kept = analytic.saved_activation_bytes(spec, CheckpointPlan.nothing(spec.model.layers))
+    for kind in ("host", "disk"):
+        plan = CheckpointPlan(spec.model.layers, storage=kind)
+        assert analytic.saved_activation_bytes(spec, plan) == kept
+    with pytest.raises(ConfigError, match=re.escape("plan.storage='int8'")):
+        analytic.saved_activation_bytes(spec, CheckpointPlan(spec.model.layers, storage="int8"))
