@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -23,6 +24,8 @@ from memexp.measure.fidelity import gradient_error
 from memexp.measure.memory import measure_memory
 from memexp.measure.timing import first_step
 from memexp.plan import STORAGE_KINDS, CheckpointPlan
+from memexp.results import STATUS_OK, read_result
+from memexp.runner import run_job
 from memexp.storage import (
     COMPRESSED_KINDS,
     FORMATS,
@@ -286,3 +289,32 @@ def test_compression_has_no_closed_form_and_offloading_keeps_it(tiny_spec: SpecF
         assert analytic.saved_activation_bytes(spec, plan) == kept
     with pytest.raises(ConfigError, match=re.escape("plan.storage='int8'")):
         analytic.saved_activation_bytes(spec, CheckpointPlan(spec.model.layers, storage="int8"))
+
+
+@pytest.mark.slow
+def test_storage_jobs_record_and_print_what_their_storage_did(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Disk offload measured on the CPU; int8 with its gradient error; a fake-device disk
+    offload with its transfer time, units and source."""
+    jobs = {
+        "disk": ("strategy=offload", "strategy.to=disk", "device=cpu", "measure.repeat=1"),
+        "int8": ("strategy=compress", "device=cpu", "measure.repeat=1"),
+        "predicted": ("strategy=offload", "strategy.to=disk", "device=fake"),
+    }
+    records = {}
+    for name, overrides in jobs.items():
+        run_job(tiny_cfg(*overrides), tmp_path / name, {})
+        records[name] = read_result(tmp_path / name)
+    printed = capsys.readouterr().out
+    assert all(record.status == STATUS_OK for record in records.values())
+    disk, int8, predicted = (records[name].extra for name in jobs)
+    assert disk["storage_stored_bytes"] == disk["storage_source_bytes"] == 319488
+    assert disk["storage_pack_ms"] > 0 and disk["storage_unpack_ms"] > 0
+    assert int8["storage_stored_bytes"] == 88064  # tiny's eligible tensors as int8 + scales
+    assert int8["storage_loss"] == int8["storage_reference_loss"] == records["int8"].loss_first_step
+    assert 0 < int8["storage_grad_rel_error"] <= int8["storage_grad_rel_error_worst"]
+    assert predicted["storage_transfer_out_bytes"] == 319488
+    assert "storage_pack_ms" not in predicted  # nothing ran
+    assert "host 55 GB/s then disk 7 GB/s (closed form from fake-tensor bytes" in printed
+    assert "gradient error" in printed
