@@ -232,6 +232,7 @@ def measured_fidelity(spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, A
     """A lossy storage's gradient error, measured on the job's device (memexp.measure.fidelity)."""
     if not plan.storage_kinds & set(COMPRESSED_KINDS):
         return {}
+    enter_phase("gradient error")
     error = gradient_error(spec, plan)
     release_memory()
     return {
