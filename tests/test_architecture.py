@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",
@@ -153,7 +154,17 @@ def test_no_import_cycles() -> None:
 
 
 # What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
-STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGY_NAMES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "compress",
+    "adaptive",
+)
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
 
