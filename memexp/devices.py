@@ -47,9 +47,9 @@ from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.timing import StoppingRule, first_step, time_steps, time_units
 from memexp.model import parameter_count
 from memexp.observe import enter_phase
-from memexp.plan import CheckpointPlan
+from memexp.plan import COMPRESSED_KINDS, OFFLOAD_KINDS, CheckpointPlan
 from memexp.results import InfeasibleError
-from memexp.storage import COMPRESSED_KINDS, OFFLOAD_KINDS, StorageLedger
+from memexp.storage import StorageLedger
 from memexp.text import format_bytes
 from memexp.training import build_workload
 

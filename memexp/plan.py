@@ -33,6 +33,10 @@ OP_POLICY_NAMES: tuple[str, ...] = ("save_matmuls",)
 # imports it. `keep`: as made; `bf16`, `fp8`, `int8`: compressed in place (lossy); `host`:
 # moved to host memory; `disk`: written to memory-mapped files.
 STORAGE_KINDS: tuple[str, ...] = ("keep", "bf16", "fp8", "int8", "host", "disk")
+# Formats that keep a saved tensor on its device, smaller and lossy.
+COMPRESSED_KINDS: tuple[str, ...] = ("bf16", "fp8", "int8")
+# Places that take a saved tensor off its device and bring it back unchanged.
+OFFLOAD_KINDS: tuple[str, ...] = ("host", "disk")
 # What `describe()` says of each kind but `keep`.
 STORAGE_DESCRIPTIONS = {
     "bf16": "saved activations stored as bf16",

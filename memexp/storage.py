@@ -45,12 +45,8 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memexp.plan import STORAGE_KINDS
+from memexp.plan import COMPRESSED_KINDS, STORAGE_KINDS
 
-# Formats that keep a saved tensor on its device, smaller and lossy.
-COMPRESSED_KINDS: tuple[str, ...] = ("bf16", "fp8", "int8")
-# Places that take a saved tensor off its device and bring it back unchanged.
-OFFLOAD_KINDS: tuple[str, ...] = ("host", "disk")
 # The fewest elements a saved tensor needs to be transformed (4 KiB in fp32).
 MIN_ELEMENTS = 1024
 SCALE_DTYPE = torch.float32

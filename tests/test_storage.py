@@ -24,11 +24,10 @@ from memexp.estimate import predict, predict_job
 from memexp.measure.fidelity import gradient_error
 from memexp.measure.memory import measure_memory
 from memexp.measure.timing import first_step
-from memexp.plan import STORAGE_KINDS, CheckpointPlan
+from memexp.plan import COMPRESSED_KINDS, STORAGE_KINDS, CheckpointPlan
 from memexp.results import STATUS_OK, read_result
 from memexp.runner import run_job
 from memexp.storage import (
-    COMPRESSED_KINDS,
     FORMATS,
     MIN_ELEMENTS,
     SavedTensorStorage,

@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from memexp.config import ConfigError
-from memexp.plan import CheckpointPlan
-from memexp.storage import COMPRESSED_KINDS
+from memexp.plan import COMPRESSED_KINDS, CheckpointPlan
 from memexp.strategies.base import Strategy
 from memexp.strategies.full import STRATEGY as FULL
 from memexp.strategies.none import STRATEGY as NONE

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from memexp.config import ConfigError
-from memexp.plan import CheckpointPlan
+from memexp.plan import OFFLOAD_KINDS, CheckpointPlan
 from memexp.results import NotApplicableError
-from memexp.storage import OFFLOAD_KINDS
 from memexp.strategies.base import Strategy
 
 if TYPE_CHECKING:
