@@ -370,10 +370,11 @@ def failure_notes(frame: pd.DataFrame) -> list[str]:
 def baseline_notes(frame: pd.DataFrame) -> list[str]:
     """Groups whose relative columns are empty for lack of a baseline, and groups with several.
 
-    Groups of batch=auto jobs alone get one note for all of them (`auto_batch_notes`).
+    Groups of batch=auto or batch=dynamic jobs alone get one note for all of them
+    (`searched_batch_notes`).
     """
     notes = []
-    auto = ran_auto_batch(frame)
+    auto = ran_auto_batch(frame) | ran_dynamic_batch(frame)
     for _, group in frame.groupby(list(COMPARED_KEYS), dropna=False, sort=False):
         config = group.config.iloc[0]
         nones = group[group.strategy.eq(BASELINE_STRATEGY)]
@@ -398,17 +399,26 @@ def _without_baseline(frame: pd.DataFrame) -> pd.Series:
     return others & frame.baseline_job_num.isna()
 
 
-def auto_batch_notes(frame: pd.DataFrame) -> list[str]:
-    """One line for every batch=auto job left without a baseline: empty on purpose, not lost."""
-    count = int((ran_auto_batch(frame) & _without_baseline(frame)).sum())
-    if not count:
-        return []
-    return [
-        f"batch=auto: {count} job(s) ran at a batch no ok `{BASELINE_STRATEGY}` job of their "
-        "workload ran at, so their saved (%), overhead (%) and efficiency are empty (those compare "
-        'at equal batch); "Largest batch that fits" in summary.md compares their batches '
-        "(\u00d7 none)"
-    ]
+def searched_batch_notes(frame: pd.DataFrame) -> list[str]:
+    """One line for the batch=auto jobs, and one for the batch=dynamic jobs, left without a
+    baseline: empty on purpose, not lost."""
+    notes = []
+    for option, ran, section in (
+        (
+            "auto",
+            ran_auto_batch,
+            '"Largest batch that fits" in summary.md compares their batches (\u00d7 none)',
+        ),
+        ("dynamic", ran_dynamic_batch, '"Dynamic batching" in summary.md compares their buckets'),
+    ):
+        count = int((ran(frame) & _without_baseline(frame)).sum())
+        if count:
+            notes.append(
+                f"batch={option}: {count} job(s) ran at a batch no ok `{BASELINE_STRATEGY}` job "
+                "of their workload ran at, so their saved (%), overhead (%) and efficiency are "
+                f"empty (those compare at equal batch); {section}"
+            )
+    return notes
 
 
 def duplicate_notes(frame: pd.DataFrame) -> list[str]:
@@ -442,7 +452,10 @@ def data_notes(frame: pd.DataFrame) -> list[str]:
     if frame.empty:
         return [f"no {RESULT_FILE} found"]
     return (
-        busy_notes(frame) + baseline_notes(frame) + auto_batch_notes(frame) + duplicate_notes(frame)
+        busy_notes(frame)
+        + baseline_notes(frame)
+        + searched_batch_notes(frame)
+        + duplicate_notes(frame)
     )
 
 
@@ -462,6 +475,12 @@ def ran_auto_batch(frame: pd.DataFrame) -> pd.Series:
     """Rows of jobs that searched their batch: each records the search's budget or its answer."""
     columns = [c for c in ("extra_auto_batch_size", "extra_auto_batch_budget_bytes") if c in frame]
     return frame[columns].notna().any(axis=1) if columns else pd.Series(False, frame.index)
+
+
+def ran_dynamic_batch(frame: pd.DataFrame) -> pd.Series:
+    """Rows of batch=dynamic jobs: each records its buckets' budget."""
+    column = "extra_dynamic_batch_budget_bytes"
+    return frame[column].notna() if column in frame else pd.Series(False, frame.index)
 
 
 if __name__ == "__main__":

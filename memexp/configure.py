@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Mapping
 from dataclasses import replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from memexp import cli_help, launchers, resume
+from memexp.buckets import (
+    BUCKET_RULES,
+    GIVEN,
+    QUANTILE,
+    Buckets,
+    LengthsError,
+    bucket_bounds,
+    make_buckets,
+    read_lengths,
+)
 from memexp.cli_help import SCHEMA_GROUP
 from memexp.config import (
     ARCHITECTURES,
@@ -92,6 +103,9 @@ def _require_positive_number(name: str, value: float | None, unit: str) -> None:
 def _validate_device(settings: DeviceConfig) -> None:
     _require_positive_number("device.memory_gb", settings.memory_gb, "GiB")
     _require_positive_number("device.peak_tflops", settings.peak_tflops, "TFLOP/s")
+    _require_positive_number("device.memory_gbps", settings.memory_gbps, "GB/s")
+    _require_positive_number("device.host_gbps", settings.host_gbps, "GB/s")
+    _require_positive_number("device.disk_gbps", settings.disk_gbps, "GB/s")
     if not 0 < settings.utilization <= 1:
         raise ConfigError(
             "device.utilization", settings.utilization, "a fraction of peak in (0, 1]"
@@ -113,13 +127,60 @@ def device_memory_bytes(device: str, settings: DeviceConfig) -> int | None:
 def _memory_budget_bytes(batch: BatchConfig, device_memory: int | None) -> int | None:
     _require_positive_number("batch.budget_gb", batch.budget_gb, "GiB")
     budget = int(batch.budget_gb * GIB) if batch.budget_gb is not None else device_memory
-    if batch.auto and budget is None:
+    if (batch.auto or batch.dynamic) and budget is None:
         raise ConfigError(
             "batch.budget_gb",
             None,
-            "a positive number of GiB (or set device.memory_gb): batch=auto needs a memory to fit",
+            "a positive number of GiB (or set device.memory_gb): batch=auto and batch=dynamic "
+            "need a memory to fit",
         )
     return budget
+
+
+def _bucket_bounds(batch: BatchConfig, counts: Mapping[int, int]) -> list[int]:
+    """Given upper bounds (positive, increasing), else the rule's."""
+    if batch.buckets:
+        if any(b <= 0 for b in batch.buckets) or list(batch.buckets) != sorted(set(batch.buckets)):
+            raise ConfigError(
+                "batch.buckets", list(batch.buckets), "positive, strictly increasing lengths"
+            )
+    else:
+        _require_choice("batch.bucket_rule", batch.bucket_rule, BUCKET_RULES)
+        _require_positive("batch.bucket_count", batch.bucket_count)
+    return bucket_bounds(counts, batch.buckets, batch.bucket_rule, batch.bucket_count)
+
+
+def _buckets(batch: BatchConfig, model: ModelConfig) -> Buckets | None:
+    """batch=dynamic's lengths in buckets, read now so a bad file fails before anything runs;
+    None for other batch options, which must not name a lengths file they would ignore."""
+    if not batch.dynamic:
+        if batch.lengths is not None:
+            raise ConfigError("batch.lengths", batch.lengths, "only read under batch=dynamic")
+        return None
+    if batch.auto:
+        raise ConfigError("batch.auto", True, "false under batch=dynamic (it searches per bucket)")
+    if batch.lengths is None:
+        raise ConfigError(
+            "batch.lengths", None, "a file of sequence lengths, one a line, or length:count lines"
+        )
+    try:
+        counts = read_lengths(batch.lengths)
+    except LengthsError as error:
+        raise ConfigError("batch.lengths", batch.lengths, str(error)) from None
+    positions = model.max_seq_len
+    assert positions is not None, "validate() sizes the position table first"
+    if max(counts) > positions:
+        raise ConfigError(
+            "batch.lengths",
+            batch.lengths,
+            f"lengths of at most {positions}, the rows of {model.name}'s position table "
+            f"(model.max_seq_len, else seq.len); it holds {max(counts)}",
+        )
+    bounds = _bucket_bounds(batch, counts)
+    rule = GIVEN if batch.buckets else batch.bucket_rule
+    if rule == QUANTILE:
+        rule = f"{QUANTILE} {batch.bucket_count}"
+    return make_buckets(counts, bounds, rule, batch.lengths)
 
 
 def _position_rows(model: ModelConfig, seq_len: int) -> int:
@@ -242,6 +303,7 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
     device_memory = device_memory_bytes(device, device_settings)
     batch: BatchConfig = OmegaConf.to_object(cfg.batch)  # type: ignore[assignment]
     memory_budget = _memory_budget_bytes(batch, device_memory)
+    buckets = _buckets(batch, model)
     _require_choice("precision", cfg.precision, PRECISIONS)
     _require_choice("objective", cfg.objective, OBJECTIVES)
 
@@ -285,4 +347,5 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
         auto_batch=batch.auto,
         device_memory_bytes=device_memory,
         memory_budget_bytes=memory_budget,
+        buckets=buckets,
     )

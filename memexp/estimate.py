@@ -23,12 +23,12 @@ FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from memexp.buckets import BucketBatch, BucketTable
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
@@ -37,12 +37,11 @@ from memexp.memo import cached
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
+from memexp.storage import IMAGINED_HOST, StorageLedger
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
 TIME_SOURCE_ESTIMATE = "estimate_from_flops"
-# Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
-IMAGINED_HOST = torch.device("meta")
 # The batch search stops doubling here, so a budget nothing reaches still ends.
 MAX_AUTO_BATCH = 1 << 16
 
@@ -56,27 +55,13 @@ class Prediction:
     host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
     saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
     flops_step: int | None = None  # forward, loss and backward, recomputation included
+    storage: StorageLedger | None = None  # what the tracked step's storage packed and restored
 
 
 def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Run the `foreach` implementation, PyTorch's default for CUDA tensors (not for CPU ones)."""
     for group in optimizer.param_groups:
         group["foreach"] = True
-
-
-@contextlib.contextmanager
-def held_in_host_memory() -> Iterator[None]:
-    """`save_on_cpu` as a GPU sees it: saved tensors move to host memory, come back for backward."""
-
-    def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-        return tensor.device, tensor.to(IMAGINED_HOST)
-
-    def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-        device, tensor = packed
-        return tensor.to(device)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 def _warm_up(work: Workload) -> tuple[int, int]:
@@ -110,8 +95,8 @@ def predict(
     `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
     warm-up step also counts saved bytes and FLOPs.
     """
-    mode, work = fake_workload(spec, plan)
-    offload_to_host = plan.offload and imagine == "cuda"
+    mode, work = fake_workload(spec, plan, host_apart=imagine == "cuda")
+    offload_to_host = plan.storage == "host" and imagine == "cuda"
     saved = flops = None
     with mode:
         if imagine == "cuda":
@@ -120,11 +105,8 @@ def predict(
             saved, flops = _warm_up(work)
         else:
             _create_optimizer_state(work)
-        if offload_to_host:
-            work.plan = replace(plan, offload=False)  # the host hooks below stand in for it
-        placement = held_in_host_memory() if offload_to_host else contextlib.nullcontext()
-        with placement:
-            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+        work.storage_ledger = StorageLedger()  # the tracked step's own
+        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
     return Prediction(
         memory=memory,
         param_count=parameter_count(work.model),
@@ -133,6 +115,7 @@ def predict(
         else None,
         saved_activation_bytes=saved,
         flops_step=flops,
+        storage=work.storage_ledger,
     )
 
 
@@ -228,9 +211,12 @@ def search_largest_batch(
 
 
 def choose_batch(
-    spec: ExperimentSpec, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+    spec: ExperimentSpec,
+    plan_for: Callable[[ExperimentSpec], CheckpointPlan],
+    limit: int = MAX_AUTO_BATCH,
 ) -> BatchSearch:
-    """The search for the largest batch predicted to fit the job's budget, from its own batch up.
+    """The search for the largest batch predicted to fit the job's budget, from its own batch up
+    to `limit`.
 
     Each batch tried is planned afresh (`plan_for`), since a planner may adapt to the batch.
     """
@@ -242,7 +228,7 @@ def choose_batch(
 
     budget = spec.memory_budget_bytes
     assert budget is not None, "validate() requires a budget for batch=auto"
-    search = search_largest_batch(peak_of, budget, start=spec.batch_size)
+    search = search_largest_batch(peak_of, budget, start=spec.batch_size, limit=limit)
     return replace(search, imagine=imagine)
 
 
@@ -250,8 +236,51 @@ def at_chosen_batch(spec: ExperimentSpec, search: BatchSearch) -> ExperimentSpec
     """The job at the batch `search` chose; InfeasibleError when even its first batch did not fit."""
     if search.batch_size is None:
         raise InfeasibleError(
-            f"batch {spec.batch_size} already needs {format_bytes(search.peak_bytes)} "
+            f"batch {spec.batch_size} at seq {spec.seq_len} already needs "
+            f"{format_bytes(search.peak_bytes)} "
             f"(predicted peak, {SOURCE_FAKE_TENSORS}), over the budget of "
             f"{format_bytes(search.budget_bytes)}"
         )
     return replace(spec, batch_size=search.batch_size)
+
+
+# --- batch=dynamic ---------------------------------------------------------------------------
+
+
+def choose_bucket_batches(
+    spec: ExperimentSpec, plan_for: Callable[[ExperimentSpec], CheckpointPlan]
+) -> BucketTable:
+    """batch=auto's search at the longest length, for the fixed batch every bucket is compared
+    with, and at each bucket's longest length, for the bucket's own batch.
+
+    No batch is searched beyond the sequences there are (all of them for the fixed batch, the
+    bucket's own for a bucket): a larger one would carry padding only. Shorter buckets start
+    from the batch of the bucket above, which fits at their shorter length too (a step's peak
+    grows with its length). InfeasibleError when even the job's batch does not fit the longest.
+    """
+    buckets = spec.buckets
+    assert buckets is not None, "validate() gives batch=dynamic its buckets"
+    longest = replace(spec, seq_len=buckets.longest)
+    fixed = choose_batch(longest, plan_for, limit=buckets.sequences)
+    fixed_batch = start = at_chosen_batch(longest, fixed).batch_size
+    rows: list[BucketBatch] = []
+    for bucket in reversed(buckets.buckets):
+        at = replace(spec, seq_len=bucket.longest, batch_size=min(start, bucket.sequences))
+        search = choose_batch(at, plan_for, limit=bucket.sequences)
+        start = at_chosen_batch(at, search).batch_size
+        rows.insert(0, BucketBatch(bucket, start, search.peak_bytes, search.limit_reached))
+    return BucketTable(
+        buckets,
+        tuple(rows),
+        budget_bytes=fixed.budget_bytes,
+        fixed_batch=fixed_batch,
+        fixed_peak_bytes=fixed.peak_bytes,
+        source=SOURCE_FAKE_TENSORS,
+        imagine=spec.imagined_device,
+    )
+
+
+def at_longest_bucket(spec: ExperimentSpec, table: BucketTable) -> ExperimentSpec:
+    """The job at one fixed batch at the longest length: the step every bucket is compared
+    with."""
+    return replace(spec, seq_len=table.buckets.longest, batch_size=table.fixed_batch)

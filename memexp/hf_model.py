@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from memexp.config import ModelConfig, require_transformers
-from memexp.model import PlannedLayers, run_checkpointed
+from memexp.model import LayerUnits, PlannedLayers, Recompute
 from memexp.plan import LAYER, Part
 
 # memexp's attention implementation for each `model.attention`, and the library's it wraps.
@@ -65,11 +65,12 @@ def register_implementations() -> None:
         AttentionMaskInterface.register(ours, AttentionMaskInterface._global_mapping[theirs])
 
 
-def recomputed(core: Callable[..., Any]) -> Callable[..., Any]:
-    """`core` under a checkpoint: only q, k, v and the mask are kept; the rest runs again."""
+def recomputed(core: Callable[..., Any], how: Recompute) -> Callable[..., Any]:
+    """`core` recomputed as `how` says (whole: only q, k, v and the mask are kept; under an
+    op-level policy: its operators' outputs too)."""
 
     def run(module: nn.Module, *tensors: torch.Tensor | None, **kwargs: Any) -> Any:
-        return run_checkpointed(functools.partial(core, module, **kwargs), *tensors)
+        return how.run(functools.partial(core, module, **kwargs), *tensors)
 
     return run
 
@@ -99,13 +100,14 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = getattr(block, names.ffn_norm)
         self.mlp = getattr(block, names.ffn)
         self.core = core
-        self.recomputed_core = recomputed(core)
 
     def attention_block(
-        self, x: torch.Tensor, attention_inputs: dict[str, Any], recompute_core: bool = False
+        self, x: torch.Tensor, attention_inputs: dict[str, Any], core: Recompute | None = None
     ) -> torch.Tensor:
-        core = self.recomputed_core if recompute_core else self.core
-        out, _ = self.attention(self.attention_norm(x), **attention_inputs, **{CORE_KEYWORD: core})
+        function = self.core if core is None else recomputed(self.core, core)
+        out, _ = self.attention(
+            self.attention_norm(x), **attention_inputs, **{CORE_KEYWORD: function}
+        )
         return x + out
 
     def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,21 +131,32 @@ class DecoderLayer(nn.Module):
             )[0],
             Part.ATTENTION.value: lambda: self.attention_block(x, attention_inputs),
             Part.FFN.value: lambda: self.ffn_block(x),
-            LAYER: lambda: self(x, frozenset(), attention_inputs),
+            LAYER: lambda: self(x, None, attention_inputs),
         }
 
     def forward(
         self,
         x: torch.Tensor,
-        parts: frozenset[Part] = frozenset(),
+        units: LayerUnits | None = None,
         attention_inputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """One layer, each unit in `units` recomputed as it says (nothing given: all kept)."""
+        units = units or {}
         inputs = attention_inputs or {}
-        if Part.ATTENTION in parts:
-            x = run_checkpointed(self.attention_block, x, inputs)
+        if LAYER in units:
+            return units[LAYER].run(self._blocks, x, {}, inputs)
+        return self._blocks(x, units, inputs)
+
+    def _blocks(
+        self, x: torch.Tensor, units: LayerUnits, attention_inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        attention = units.get(Part.ATTENTION.value)
+        if attention is not None:
+            x = attention.run(self.attention_block, x, attention_inputs)
         else:
-            x = self.attention_block(x, inputs, recompute_core=Part.ATTENTION_CORE in parts)
-        return run_checkpointed(self.ffn_block, x) if Part.FFN in parts else self.ffn_block(x)
+            x = self.attention_block(x, attention_inputs, units.get(Part.ATTENTION_CORE.value))
+        ffn = units.get(Part.FFN.value)
+        return self.ffn_block(x) if ffn is None else ffn.run(self.ffn_block, x)
 
 
 class PretrainedDecoder(PlannedLayers):

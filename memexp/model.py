@@ -11,9 +11,11 @@ changes which tensors dominate memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +27,8 @@ from memexp.config import ModelConfig
 from memexp.plan import LAYER, CheckpointPlan, Part
 
 ContextFactory = Callable[[], Any]
+# Opens a saved-tensor storage of one kind (memexp.storage, handed in by memexp.training).
+StorageContext = Callable[[str], contextlib.AbstractContextManager]
 
 _aten = torch.ops.aten
 # The operators of each policy in `memexp.plan.OP_POLICY_NAMES`: the operators whose outputs a checkpointed
@@ -64,6 +68,29 @@ def run_checkpointed(
     )
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """How one unit is recomputed: whole (`context_fn` None) or under an op-level policy's
+    selective checkpoint context, which keeps the outputs of the policy's operators."""
+
+    context_fn: ContextFactory | None = None
+
+    def run(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return run_checkpointed(fn, *args, context_fn=self.context_fn)
+
+
+# What one layer recomputes: unit name (`memexp.plan.UNITS`) → how; a unit absent is kept.
+LayerUnits = Mapping[str, Recompute]
+
+
+def layer_units(plan: CheckpointPlan, layer: int) -> dict[str, Recompute]:
+    """The units `plan` recomputes in `layer` (outside its segments), each with how."""
+    units = {part.value: Recompute() for part in plan.parts_of(layer)}
+    for unit, policy in plan.selective_of(layer).items():
+        units[unit] = Recompute(op_policy_context(policy))
+    return units
+
+
 def naive_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -85,11 +112,11 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(hidden, hidden, bias=bias)
         self.core = ATTENTION_CORES[kind]
 
-    def forward(self, x: torch.Tensor, recompute_core: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, core: Recompute | None = None) -> torch.Tensor:
         batch, seq, hidden = x.shape
         qkv = self.qkv(self.norm(x)).view(batch, seq, 3, self.heads, hidden // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        context = run_checkpointed(self.core, q, k, v) if recompute_core else self.core(q, k, v)
+        context = self.core(q, k, v) if core is None else core.run(self.core, q, k, v)
         context = context.transpose(1, 2).reshape(batch, seq, hidden)
         return x + self.out(context)
 
@@ -124,21 +151,31 @@ class TransformerLayer(nn.Module):
             LAYER: lambda: self(x),
         }
 
-    def forward(self, x: torch.Tensor, parts: frozenset[Part] = frozenset()) -> torch.Tensor:
-        if Part.ATTENTION in parts:
-            x = run_checkpointed(self.attention, x)
+    def forward(self, x: torch.Tensor, units: LayerUnits | None = None) -> torch.Tensor:
+        """One layer, each unit in `units` recomputed as it says (nothing given: all kept)."""
+        units = units or {}
+        if LAYER in units:
+            return units[LAYER].run(self._blocks, x, {})
+        return self._blocks(x, units)
+
+    def _blocks(self, x: torch.Tensor, units: LayerUnits) -> torch.Tensor:
+        attention = units.get(Part.ATTENTION.value)
+        if attention is not None:
+            x = attention.run(self.attention, x)
         else:
-            x = self.attention(x, recompute_core=Part.ATTENTION_CORE in parts)
-        return run_checkpointed(self.ffn, x) if Part.FFN in parts else self.ffn(x)
+            x = self.attention(x, core=units.get(Part.ATTENTION_CORE.value))
+        ffn = units.get(Part.FFN.value)
+        return self.ffn(x) if ffn is None else ffn.run(self.ffn, x)
 
 
 class PlannedLayers(nn.Module):
     """A stack of decoder layers that executes a CheckpointPlan: the one loop over layers that
     every model's forward runs (the seed's here, the real architectures' in memexp.hf_model).
 
-    A layer is called as `layer(x, parts, *inputs)`: `parts` are the sub-blocks the plan
-    recomputes in it, `inputs` whatever else the model's layers take (a mask, rotary
-    embeddings). Segments run under one checkpoint, and under the plan's `op_policy`.
+    A layer is called as `layer(x, units, *inputs)`: `units` are the units the plan recomputes
+    in it, each with how (memexp.model.layer_units), `inputs` whatever else the model's layers
+    take (a mask, rotary embeddings). Segments run under one checkpoint, and under the plan's
+    `op_policy`; a layer the plan stores its own way runs inside its storage context.
     """
 
     layers: nn.ModuleList
@@ -147,6 +184,9 @@ class PlannedLayers(nn.Module):
         super().__init__()
         self.plan = CheckpointPlan.nothing(num_layers)
         self.context_fn: ContextFactory | None = None
+        # How a layer the plan stores its own way stores its saved tensors; the model knows
+        # no storage, its workload hands one in (memexp.training.build_workload).
+        self.storage_context: StorageContext | None = None
 
     def apply_plan(self, plan: CheckpointPlan) -> None:
         """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
@@ -164,9 +204,17 @@ class PlannedLayers(nn.Module):
         first layer on the residual stream `x`: what the adaptive strategy records it costs."""
         return self.layers[0].unit_runs(x, *self.layer_inputs(x))
 
+    def _layer_storage(self, index: int) -> contextlib.AbstractContextManager:
+        kind = self.plan.storage_of(index)
+        if kind is None:
+            return contextlib.nullcontext()
+        if self.storage_context is None:
+            raise RuntimeError(f"layer {index} is stored as {kind}, and no storage was given")
+        return self.storage_context(kind)
+
     def _run_layers(self, x: torch.Tensor, start: int, end: int, *inputs: Any) -> torch.Tensor:
         for index in range(start, end):
-            x = self.layers[index](x, self.plan.parts_of(index), *inputs)
+            x = self.layers[index](x, None, *inputs)
         return x
 
     def run_layers(self, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
@@ -180,7 +228,8 @@ class PlannedLayers(nn.Module):
                 )
                 index = segment[1]
             else:
-                x = self._run_layers(x, index, index + 1, *inputs)
+                with self._layer_storage(index):
+                    x = self.layers[index](x, layer_units(self.plan, index), *inputs)
                 index += 1
         return x
 

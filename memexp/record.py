@@ -13,17 +13,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from memexp.buckets import BucketTable
 from memexp.config import ExperimentSpec
 from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
 from memexp.measure.memory import MemoryMeasurement
-from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE
+from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE, STORED_LAYERS_NOTE
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK, RunResult, write_json_atomic
 from memexp.strategies.base import Outcome
 from memexp.sweepdir import TIMELINE_FILE
-from memexp.text import format_bytes
+from memexp.text import aligned_table, format_bytes, format_mib
 
 
 def write_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
@@ -71,6 +72,55 @@ def write_batch_search(result: RunResult, search: BatchSearch) -> None:
     )
 
 
+def bucket_rows(table: BucketTable) -> list[dict[str, Any]]:
+    """One dict per bucket, shortest first: the record's `extra.dynamic_batch.buckets`."""
+    return [
+        {
+            "shortest_len": row.bucket.shortest,
+            "longest_len": row.bucket.longest,
+            "sequences": row.bucket.sequences,
+            "tokens": row.bucket.tokens,
+            "batch": row.batch,
+            "whole_bucket": row.whole_bucket,
+            "tokens_per_step": row.tokens_per_step,
+            "padding_pct": row.padding_pct,
+            "steps": row.steps,
+            "predicted_peak_bytes": row.predicted_peak_bytes,
+            "measured_peak_bytes": row.measured_peak_bytes,
+        }
+        for row in table.rows
+    ]
+
+
+def write_bucket_table(result: RunResult, table: BucketTable) -> None:
+    """batch=dynamic's table as `extra.dynamic_batch`: its buckets (a list: the sweep's
+    `dynamic_batch_buckets.csv`) and the comparison with one fixed batch at the longest length."""
+    result.extra["dynamic_batch"] = {
+        "lengths_file": table.buckets.source,
+        "bucket_rule": table.buckets.rule,
+        "budget_bytes": table.budget_bytes,
+        "source": table.source,
+        "imagines": table.imagine,
+        "measured_source": table.measured_source,
+        "sequences": table.buckets.sequences,
+        "tokens": table.buckets.tokens,
+        "longest_len": table.buckets.longest,
+        "bucket_count": len(table.rows),
+        "fixed_batch": table.fixed_batch,
+        "fixed_peak_bytes": table.fixed_peak_bytes,
+        "fixed_steps": table.fixed_steps,
+        "steps": table.steps,
+        "fixed_padding_pct": table.fixed_padding_pct,
+        "padding_pct": table.padding_pct,
+        "padding_saved_tokens": table.padding_saved_tokens,
+        "padding_saved_pct": table.padding_saved_pct,
+        "fixed_tokens_per_step": table.fixed_tokens_per_step,
+        "tokens_per_step": table.tokens_per_step,
+        "tokens_per_step_gain": table.tokens_per_step_gain,
+        "buckets": bucket_rows(table),
+    }
+
+
 def write_plan(result: RunResult, plan: CheckpointPlan, theory: dict[str, Any]) -> None:
     """The plan about to be measured and what the closed forms say of it (memexp.analytic)."""
     result.plan = plan
@@ -88,6 +138,7 @@ def write_figures(result: RunResult, plan: CheckpointPlan, figures: Figures, job
         _write_times(result, figures.times)
     _write_saved_bytes(result, plan, figures.saved_activation_bytes)
     result.extra.update(figures.prediction)
+    result.extra.update(figures.storage)
     _write_memory(result, figures.memory, job_dir)
 
 
@@ -122,9 +173,11 @@ def _write_times(result: RunResult, times: StepTimes) -> None:
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
     """The count, unless the plan keeps tensors where saved-tensor hooks cannot see them."""
     result.saved_source = SAVED_SOURCE
-    if plan.op_policy:
+    if plan.uses_op_policy or plan.stored:
         result.saved_activation_bytes = None
-        result.extra["saved_activation_note"] = OP_POLICY_NOTE
+        result.extra["saved_activation_note"] = (
+            OP_POLICY_NOTE if plan.uses_op_policy else STORED_LAYERS_NOTE
+        )
     else:
         result.saved_activation_bytes = counted
 
@@ -154,6 +207,56 @@ def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
     )
 
 
+def describe_bucket_table(table: BucketTable) -> str:
+    """batch=dynamic's table as a job prints it: units in the headers, each peak's source."""
+    measured = table.measured_source is not None
+    header = [
+        "lengths",
+        "sequences",
+        "batch",
+        "tokens/step",
+        "padding %",
+        "steps",
+        f"peak MiB ({table.source})",
+        *([f"peak MiB ({table.measured_source})"] if measured else []),
+    ]
+    rows = [
+        [
+            f"{row.bucket.shortest}-{row.bucket.longest}",
+            f"{row.bucket.sequences:,}",
+            f"{row.batch:,}" + (" (all)" if row.whole_bucket else ""),
+            f"{row.tokens_per_step:,}",
+            f"{row.padding_pct:.1f}",
+            f"{row.steps:,}",
+            format_mib(row.predicted_peak_bytes),
+            *([format_mib(row.measured_peak_bytes)] if measured else []),
+        ]
+        for row in table.rows
+    ]
+    buckets = table.buckets
+    return "\n".join(
+        [
+            f"dynamic batching: {buckets.sequences:,} sequences ({buckets.tokens:,} "
+            f"tokens) from {buckets.source}, buckets by {buckets.rule}, budget "
+            f"{format_bytes(table.budget_bytes)}, peaks predicted on {table.source} imagining "
+            f"{table.imagine}" + (f", measured by {table.measured_source}" if measured else ""),
+            aligned_table(header, rows),
+            *(
+                ["(all): the batch holds the whole bucket; a larger one would carry padding only"]
+                if any(row.whole_bucket for row in table.rows)
+                else []
+            ),
+            f"against one fixed batch of {table.fixed_batch} at length "
+            f"{buckets.longest} (peak {format_mib(table.fixed_peak_bytes)} MiB): padding {table.fixed_padding_pct:.1f}% -> "
+            f"{table.padding_pct:.1f}% of tokens ({table.padding_saved_tokens:,} padding tokens "
+            f"saved, {table.padding_saved_pct:.1f}% of its padding); steps per pass "
+            f"{table.fixed_steps:,} -> {table.steps:,}, own tokens per step "
+            f"{table.fixed_tokens_per_step:,.1f} -> {table.tokens_per_step:,.1f} "
+            f"(x{table.tokens_per_step_gain:.2f})",
+        ]
+    )
+
+
 def describe_outcome(result: RunResult) -> str:
     """A failure's message; a prediction said as one (fake tensors); else the measured figures."""
     if result.status != STATUS_OK:
@@ -169,7 +272,46 @@ def describe_outcome(result: RunResult) -> str:
         f"{'' if result.time_stable else ' (not stable)'}, {result.time_threads} thread(s), "
         f"load {result.time_load_after:.1f} on {result.time_cpus} CPU(s), "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
+        f"{describe_storage(result)}"
     )
+
+
+def describe_storage(result: RunResult) -> str:
+    """What the plan's storage did, said after the figures ('' when it kept tensors as made)."""
+    extra = result.extra
+    if "storage_stored_bytes" not in extra:
+        return ""
+    kind = result.plan.storage if result.plan is not None else "?"
+    text = (
+        f"; storage {kind}: {format_bytes(extra['storage_stored_bytes'])} stored of "
+        f"{format_bytes(extra['storage_source_bytes'])} as made per step"
+    )
+    if "storage_pack_ms" in extra:
+        text += (
+            f" (pack {extra['storage_pack_ms']:.1f} ms, unpack {extra['storage_unpack_ms']:.1f} "
+            f"ms, read back {format_bytes(extra['storage_restored_bytes'])})"
+        )
+    if "storage_grad_rel_error" in extra:
+        text += (
+            f", gradient error {extra['storage_grad_rel_error']:.3%} (worst "
+            f"{extra['storage_grad_rel_error_worst']:.3%} in "
+            f"{extra['storage_grad_rel_error_worst_parameter']})"
+        )
+    if "storage_grad_error_note" in extra:
+        text += f", gradient error {extra['storage_grad_error_note']}"
+    if "storage_transfer_ms" in extra:
+        links = " then ".join(
+            f"{name} {gbps:g} GB/s" for name, gbps in extra["storage_transfer_links"].items()
+        )
+        source = extra.get("storage_transfer_source", extra.get("storage_host_gbps_source"))
+        text += (
+            f"; transfer ≈ {extra['storage_transfer_out_ms']:.2f} ms out + "
+            f"{extra['storage_transfer_back_ms']:.2f} ms back over {links} ({source}; not "
+            "overlapped with compute)"
+        )
+    if "storage_transfer_note" in extra:
+        text += f"; transfer {extra['storage_transfer_note']}"
+    return text
 
 
 def describe_prediction(result: RunResult) -> str:
@@ -194,4 +336,4 @@ def describe_prediction(result: RunResult) -> str:
             f"; step ≈ {extra['estimated_step_ms']:,.1f} ms ({TIME_SOURCE_ESTIMATE}: "
             f"{extra['estimate_utilization']:.0%} of {extra['estimate_peak_tflops']:g} TFLOP/s)"
         )
-    return text
+    return text + describe_storage(result)

@@ -22,17 +22,25 @@ from omegaconf import DictConfig
 
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.configure import validate
-from memexp.devices import Figures, backend_for, is_out_of_memory, release_memory
+from memexp.devices import (
+    Figures,
+    backend_for,
+    confirm_bucket_batches,
+    is_out_of_memory,
+    release_memory,
+)
 from memexp.environment import describe_environment
-from memexp.estimate import at_chosen_batch, choose_batch
+from memexp.estimate import at_chosen_batch, at_longest_bucket, choose_batch, choose_bucket_batches
 from memexp.interrupts import describe_interrupt
 from memexp.measure.machine import intra_op_threads
 from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.record import (
+    describe_bucket_table,
     describe_job,
     describe_outcome,
     write_batch_search,
+    write_bucket_table,
     write_figures,
     write_identity,
     write_identity_from_config,
@@ -98,6 +106,13 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
             search = choose_batch(spec, make_plan)
             write_batch_search(result, search)
             spec = at_chosen_batch(spec, search)
+        if spec.buckets is not None:
+            enter_phase("bucket batches")
+            table = choose_bucket_batches(spec, make_plan)
+            table = confirm_bucket_batches(spec, table, make_plan)
+            write_bucket_table(result, table)
+            log.info(describe_bucket_table(table))
+            spec = at_longest_bucket(spec, table)
         while True:
             write_identity(result, spec)
             try:

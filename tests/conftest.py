@@ -28,6 +28,7 @@ from memexp import CONF_DIR, callbacks
 from memexp.config import ExperimentSpec
 from memexp.configure import register_configs, validate
 from memexp.devices import BACKENDS, Backend, Figures
+from memexp.measure.memory import MemoryMeasurement
 from memexp.plan import CheckpointPlan
 
 # Every test config: the tiny model and no experiment tracker.
@@ -123,6 +124,9 @@ class FailingBackend:
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
         return self.backend.theory(spec, plan)
+
+    def memory_step(self, spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement | None:
+        return self.backend.memory_step(spec, plan)
 
 
 def fail_strategies(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:

@@ -20,18 +20,13 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    (
-        "text",
-        "sweepdir",
-        "plan",
-        "figures",
-        "interrupts",
-        "logs",
-    ),  # units, folder layout, data, signals, log lines
+    # units, folder layout, data, signals, log lines; sequence lengths in buckets, their sampler
+    ("text", "sweepdir", "plan", "figures", "interrupts", "logs", "buckets", "batching"),
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
     ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",
@@ -160,7 +155,17 @@ def test_no_import_cycles() -> None:
 
 
 # What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
-STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGY_NAMES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "compress",
+    "adaptive",
+)
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
 

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memexp import analytic
 from memexp.config import ARCHITECTURES, ConfigError, ExperimentSpec
 from memexp.model import parameter_count
-from memexp.plan import CheckpointPlan, Part
+from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.runner import run_job
 from memexp.training import MODEL_BUILDERS, backward, build_model, build_workload, forward_loss
 
@@ -29,7 +29,17 @@ PUBLISHED_PARAMETERS = {
     "gpt2": 124_439_808,  # GPT-2 (small), head tied to the token embedding
 }
 SMALL_MEMBERS = ("llama_tiny", "mistral_tiny", "gpt2_tiny")
-STRATEGIES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGIES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "compress",
+    "adaptive",
+)
 
 
 @pytest.mark.parametrize(("preset", "published"), PUBLISHED_PARAMETERS.items())
@@ -145,6 +155,22 @@ def loss_and_grads(
     return loss.detach(), {name: p.grad for name, p in work.model.named_parameters()}
 
 
+# Every unit recomputed element-wise somewhere (the core under its own policy, beside a whole
+# FFN), and layers stored their own way under a plan-wide storage: lossless kinds, so the
+# step's figures stay exact.
+SELECTIVE_AND_STORED = CheckpointPlan(
+    4,
+    parts=((0, Part.FFN),),
+    selective=(
+        (0, Part.ATTENTION_CORE.value, "save_matmuls"),
+        (1, Part.ATTENTION.value, "save_matmuls"),
+        (1, Part.FFN.value, "save_matmuls"),
+        (2, LAYER, "save_matmuls"),
+    ),
+    storage="host",
+    stored=((0, "disk"), (3, "keep")),
+)
+
 PLANS = {
     "full": CheckpointPlan(4, segments=tuple((i, i + 1) for i in range(4))),
     "sqrt": CheckpointPlan(4, segments=((0, 2), (2, 4))),
@@ -154,8 +180,19 @@ PLANS = {
         parts=((0, Part.ATTENTION_CORE), (0, Part.FFN), (1, Part.ATTENTION), (2, Part.FFN)),
     ),
     "op": CheckpointPlan(4, segments=tuple((i, i + 1) for i in range(4)), op_policy="save_matmuls"),
-    "offload": CheckpointPlan(4, offload=True),
+    "offload": CheckpointPlan(4, storage="host"),
+    "selective units, stored layers": SELECTIVE_AND_STORED,
 }
+
+
+def test_a_real_layer_executes_selective_units_and_stored_layers(tiny_spec: SpecFn) -> None:
+    """The quick loop's guard that a real layer runs main's per-unit plan features (the slow
+    test below runs every plan on every member)."""
+    spec = tiny_spec("model=llama_tiny")
+    expected_loss, expected_grads = loss_and_grads(spec, CheckpointPlan.nothing(4))
+    loss, grads = loss_and_grads(spec, SELECTIVE_AND_STORED)
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(grad, expected_grads[key]) for key, grad in grads.items())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The sections a sweep's data may support: scaling with sequence length, the largest batch that
-fits, bytes kept for backward beside the closed form, and estimated step times (fake device).
+fits, dynamic batching's buckets, bytes kept for backward beside the closed form, and estimated
+step times (fake device).
 
 Each returns a `Section`: its lines, or why the data does not support it, so the page can list the
 sections it left out instead of leaving a reader to wonder.
@@ -35,16 +36,21 @@ from memexp.report.cells import (
     MINUS,
     TIMES,
     bytes_cell,
+    code,
     number,
     text_cell,
     values,
 )
 from memexp.results import STATUS_INFEASIBLE, STATUS_OK
+from memexp.sweepdir import table_csv
 from memexp.text import MIB, MISSING, markdown_table
 
 ANALYTIC_SAVED = "extra_analytic_saved_activation_bytes"
 ANALYTIC_NOTE = "extra_analytic_saved_activation_note"
 ESTIMATED_STEP = "extra_estimated_step_ms"
+# batch=dynamic's figures (`extra.dynamic_batch`) and its per-bucket list's table.
+DYNAMIC_BATCH = "extra_dynamic_batch_"
+DYNAMIC_BATCH_BUCKETS = "dynamic_batch_buckets"
 EQUAL_TO_ANALYTIC = "= analytic"
 
 
@@ -202,6 +208,67 @@ def _auto_batch_section(
     return Section(title, lines)
 
 
+def _dynamic_batch_cells(row: pd.Series) -> list[str]:
+    """strategy, status, lengths, budget, buckets, fixed batch, padding, steps, tokens/step."""
+
+    def figure(name: str) -> object:
+        return row.get(f"{DYNAMIC_BATCH}{name}")
+
+    arrow = " → "
+    return [
+        row.strategy_label,
+        row.status,
+        f"{code(str(figure('lengths_file')))} ({number(figure('sequences'), 0)} sequences, "
+        f"buckets by {figure('bucket_rule')})",
+        bytes_cell(figure("budget_bytes")),
+        number(figure("bucket_count"), 0),
+        f"{number(figure('fixed_batch'), 0)} at {number(figure('longest_len'), 0)}",
+        f"{number(figure('fixed_padding_pct'))}{arrow}{number(figure('padding_pct'))}",
+        f"{number(figure('padding_saved_tokens'), 0)} ({number(figure('padding_saved_pct'))} %)",
+        f"{number(figure('fixed_steps'), 0)}{arrow}{number(figure('steps'), 0)}",
+        f"{number(figure('tokens_per_step_gain'), 2)}",
+    ]
+
+
+def _dynamic_batch_section(frame: pd.DataFrame) -> Section:
+    title = "Dynamic batching"
+    budget = f"{DYNAMIC_BATCH}budget_bytes"
+    jobs = frame[frame[budget].notna()] if budget in frame else frame.iloc[:0]
+    if jobs.empty:
+        return Section(title, why_not="no job ran with `batch=dynamic`")
+    headers = [
+        "strategy",
+        "status",
+        "lengths",
+        "budget",
+        "buckets",
+        "fixed batch at length",
+        "padding % fixed → buckets",
+        "padding tokens saved",
+        "steps per pass fixed → buckets",
+        f"own tokens/step {TIMES}",
+    ]
+    lines = [
+        "`batch=dynamic`: the lengths cut into buckets; each bucket pads to its longest "
+        "sequence and runs the largest batch whose predicted peak (fake tensors) fits the "
+        "budget (at most the bucket's sequences), against one fixed batch (the largest that "
+        "fits at the longest length) padding every sequence to the longest. Padding %: padding "
+        "tokens / tokens carried; saved: padding tokens the buckets avoid (% of the fixed "
+        f"batch's padding); own tokens/step {TIMES}: the sequences' own tokens per step, "
+        "buckets over fixed batch, over one pass. Per bucket (lengths, batch, tokens per step, "
+        "padding, predicted and, on a real device, measured peak bytes): "
+        f"`{table_csv(DYNAMIC_BATCH_BUCKETS)}`.",
+    ]
+    for model, rows in _in_reading_order(jobs, frame).groupby("model", sort=False):
+        lines += [
+            "",
+            f"### {model}",
+            "",
+            markdown_table(headers, (_dynamic_batch_cells(row) for _, row in rows.iterrows())),
+        ]
+    return Section(title, lines)
+
+
 def _difference(row: pd.Series) -> str:
     """`= analytic` when the run's bytes equal the closed form, else the signed difference."""
     saved, analytic = row.saved_activation_bytes, row.get(ANALYTIC_SAVED)
@@ -327,6 +394,7 @@ def analysis_sections(
     sections = [
         _scaling_section(sweep_dir, frame, figures),
         _auto_batch_section(sweep_dir, frame, figures),
+        _dynamic_batch_section(frame),
         _saved_vs_closed_form_section(frame),
         _estimated_time_section(frame),
     ]
