@@ -133,6 +133,12 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
+    if plan.saved_ops:
+        raise ConfigError("plan.saved_ops", "…", "empty (no closed form per operator)")
+    if plan.compiled is not None:
+        raise ConfigError(
+            "plan.compiled", plan.compiled.backend, "None (the partitioner decides at compile time)"
+        )
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
     total = outside_layers_bytes(b, s, h, model.vocab_size)

@@ -6,7 +6,7 @@ printed, logged, compared and executed by one model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
@@ -28,20 +28,42 @@ OP_POLICY_NAMES: tuple[str, ...] = ("save_matmuls",)
 
 
 @dataclass(frozen=True)
+class CompiledForward:
+    """The model's forward under `torch.compile`: AOTAutograd's min-cut partitioner chooses what
+    the backward recomputes, keeping at most `activation_memory_budget` (a fraction, 0 to 1) of
+    the activation memory its default partition saves (`torch._functorch.config`)."""
+
+    backend: str
+    activation_memory_budget: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.activation_memory_budget <= 1:
+            raise ValueError(
+                f"activation_memory_budget {self.activation_memory_budget} is outside [0, 1]"
+            )
+
+
+@dataclass(frozen=True)
 class CheckpointPlan:
     """Which units are recomputed in backward instead of keeping their activations.
 
     `segments` are half-open layer ranges each run under one checkpoint (only the segment's
     input is kept); `parts` name the sub-blocks recomputed inside layers outside any segment.
-    `op_policy` turns each segment into an op-level selective checkpoint; `offload` keeps the
-    saved activations in host memory.
+    `op_policy` turns each segment into an op-level selective checkpoint; `saved_ops` gives a
+    segment its own explicit list instead (per segment start: the operator outputs it keeps,
+    each named `<aten op>#<occurrence in the layer's forward>`, e.g. `mm#0`; every other
+    operator is recomputed), as a planner that decides per operator (sac_milp) needs.
+    `offload` keeps the saved activations in host memory; `compiled` runs the forward under
+    torch.compile, whose partitioner then decides what is recomputed.
     """
 
     num_layers: int
     segments: tuple[tuple[int, int], ...] = ()
     parts: tuple[tuple[int, Part], ...] = ()
     op_policy: str | None = None
+    saved_ops: tuple[tuple[int, tuple[str, ...]], ...] = ()
     offload: bool = False
+    compiled: CompiledForward | None = None
 
     def __post_init__(self) -> None:
         covered: set[int] = set()
@@ -63,10 +85,28 @@ class CheckpointPlan:
                 raise ValueError(f"layer {layer}: attention already contains attention_core")
         if self.op_policy is not None and not self.segments:
             raise ValueError("an op-level policy applies to segments, and the plan has none")
+        starts = {start for start, _ in self.segments}
+        for start, _ in self.saved_ops:
+            if start not in starts:
+                raise ValueError(
+                    f"saved operators given for layer {start}, where no segment starts"
+                )
 
     @classmethod
     def nothing(cls, num_layers: int) -> CheckpointPlan:
         return cls(num_layers=num_layers)
+
+    def saved_ops_of(self, start: int) -> tuple[str, ...] | None:
+        """The explicit operator outputs the segment starting at `start` keeps, if it has a list."""
+        for layer, names in self.saved_ops:
+            if layer == start:
+                return names
+        return None
+
+    @property
+    def selective(self) -> bool:
+        """Whether some segment keeps operator outputs by an op-level policy or list."""
+        return self.op_policy is not None or bool(self.saved_ops)
 
     def parts_of(self, layer: int) -> frozenset[Part]:
         return frozenset(part for index, part in self.parts if index == layer)
@@ -79,12 +119,12 @@ class CheckpointPlan:
 
     @property
     def recomputes_anything(self) -> bool:
-        return bool(self.segments or self.parts)
+        return bool(self.segments or self.parts or self.compiled)
 
     def describe(self) -> str:
         """One line a person can read: what is recomputed, and where."""
-        if not self.recomputes_anything:
-            text = "nothing recomputed"
+        if not (self.segments or self.parts):
+            text = "nothing recomputed" if self.compiled is None else "compiled forward"
         else:
             pieces = []
             if self.segments and all(e - s == 1 for s, e in self.segments):
@@ -101,6 +141,14 @@ class CheckpointPlan:
             text = "; ".join(pieces)
         if self.op_policy:
             text += f"; op policy {self.op_policy}"
+        if self.saved_ops:
+            kept = sum(len(names) for _, names in self.saved_ops)
+            text += f"; {kept} operator output(s) kept by explicit lists in {len(self.saved_ops)} segment(s)"
+        if self.compiled is not None:
+            text += (
+                f"; torch.compile ({self.compiled.backend}) with activation_memory_budget "
+                f"{self.compiled.activation_memory_budget:.3f}"
+            )
         if self.offload:
             text += "; saved activations offloaded to host memory"
         return text
@@ -111,7 +159,9 @@ class CheckpointPlan:
             "segments": [list(s) for s in self.segments],
             "parts": [[layer, part.value] for layer, part in self.parts],
             "op_policy": self.op_policy,
+            "saved_ops": [[start, list(names)] for start, names in self.saved_ops],
             "offload": self.offload,
+            "compiled": None if self.compiled is None else asdict(self.compiled),
         }
 
     @classmethod
@@ -121,7 +171,11 @@ class CheckpointPlan:
             segments=tuple((int(s), int(e)) for s, e in data.get("segments", [])),
             parts=tuple((int(layer), Part(part)) for layer, part in data.get("parts", [])),
             op_policy=data.get("op_policy"),
+            saved_ops=tuple(
+                (int(start), tuple(names)) for start, names in data.get("saved_ops", [])
+            ),
             offload=bool(data.get("offload", False)),
+            compiled=CompiledForward(**data["compiled"]) if data.get("compiled") else None,
         )
 
 

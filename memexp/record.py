@@ -122,7 +122,7 @@ def _write_times(result: RunResult, times: StepTimes) -> None:
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
     """The count, unless the plan keeps tensors where saved-tensor hooks cannot see them."""
     result.saved_source = SAVED_SOURCE
-    if plan.op_policy:
+    if plan.selective:
         result.saved_activation_bytes = None
         result.extra["saved_activation_note"] = OP_POLICY_NOTE
     else:

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search
     ("devices",),  # one measurement backend per device kind
-    ("planner",),  # the adaptive planner's profile, peak model and solver
+    ("planner", "sac_planner"),  # adaptive's profile, peak model and solver; PyTorch's ILP
     ("strategies",),  # strategy → CheckpointPlan
     ("configure",),  # Hydra registration and validation (knows every strategy)
     ("record",),  # the one room that writes figures into a RunResult
@@ -151,7 +151,18 @@ def test_no_import_cycles() -> None:
 
 
 # What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
-STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGY_NAMES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "adaptive",
+    "sac_milp",
+    "compile_budget",
+)
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
 

@@ -52,7 +52,9 @@ class AdaptiveConfig:
     max_rounds: int = 3
 
 
-def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
+def validate_budget(cfg: Any) -> None:
+    """The budget fields every budget-held strategy shares (adaptive, sac_milp, compile_budget):
+    `budget_mb`, `budget_ratio`, `budget_scope`."""
     if cfg.budget_mb is not None and cfg.budget_ratio is not None:
         raise ConfigError(
             "strategy.budget_mb",
@@ -67,6 +69,10 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         raise ConfigError(
             "strategy.budget_scope", cfg.budget_scope, f"one of {', '.join(PEAK_FIELDS)}"
         )
+
+
+def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
+    validate_budget(cfg)
     if cfg.max_rounds < 1:
         raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
 
@@ -77,7 +83,7 @@ class Budget:
     rule: str  # how it was set, in words, with its figures
 
 
-def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
+def budget_for(cfg: Any, profile: StepProfile, job_budget: int | None = None) -> Budget:
     """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto);
     then midway between `none` and the leanest plan, over the budget's scope."""
     from memexp.planner import leanest, predict
@@ -120,7 +126,8 @@ class Decision:
 class BudgetPlanner:
     """One job's profile and budget; plans for the budget, or for it less a margin."""
 
-    def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
+    def __init__(self, cfg: Any, spec: ExperimentSpec) -> None:
+        """`cfg`: any strategy config with the budget fields (see `validate_budget`)."""
         from memexp.planner import profile_step
 
         self.profile = profile_step(spec)
