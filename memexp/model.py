@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -207,7 +208,15 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.compiled_forward is None or self.plan.compiled is None:
+        """The compiled forward where the plan has one, except under a TorchDispatchMode (fake
+        tensors, the tensor tracker, the FLOP counter): torch.compile would run the frame
+        eagerly there, and a compile attempted under fake tensors can leave the frame marked
+        to run eagerly for the rest of the process."""
+        if (
+            self.compiled_forward is None
+            or self.plan.compiled is None
+            or is_in_torch_dispatch_mode()
+        ):
             return self._forward(tokens)
         with compile_memory_budget(self.plan.compiled):
             return self.compiled_forward(tokens)

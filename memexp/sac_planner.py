@@ -246,7 +246,7 @@ def decide(profile: SacProfile, budget_bytes: int) -> SacDecision | None:
 
 
 def correction_parts(spec: ExperimentSpec) -> dict[str, int]:
-    """The part of the correction memexp's closed forms name: optimizer state and batch."""
+    """Bytes sac_milp's memory model has no term for, from memexp's closed forms."""
     return {
         "optimizer_state_bytes": analytic.optimizer_state_bytes(spec),
         "batch_bytes": analytic.batch_bytes(spec),

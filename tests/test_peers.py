@@ -21,7 +21,7 @@ from memexp.estimate import predict
 from memexp.measure.memory import measure_memory
 from memexp.model import OP_POLICIES, UNNUMBERED_OPS
 from memexp.plan import CheckpointPlan, CompiledForward
-from memexp.results import STATUS_OK, InfeasibleError, read_result
+from memexp.results import STATUS_NOT_APPLICABLE, STATUS_OK, InfeasibleError, read_result
 from memexp.runner import run_job
 from memexp.strategies import sac_milp
 from memexp.training import backward, build_workload, forward_loss, train_step
@@ -120,14 +120,13 @@ def none_peak(spec: ExperimentSpec) -> int:
 def test_sac_milp_plans_within_its_corrected_budget(tiny_spec: SpecFn) -> None:
     """At every budget of a ladder below `none`, its predicted peak (its own, plus the
     correction) is within the budget, and so is memexp's exact prediction of the plan; the
-    correction is what its model leaves out at `none`, optimizer state and batch included."""
+    correction is the difference of the two models' peaks of `none`."""
     spec = sac_spec(tiny_spec)
     roofline = sac_planner.Roofline(0.1, 10.0, sac_planner.ROOFLINE_GIVEN)
     profile = sac_planner.profile(spec, "forward_backward", roofline)
     nothing = none_peak(spec)
     assert profile.memexp_baseline_peak_bytes == nothing
-    parts = sac_planner.correction_parts(spec)
-    assert profile.correction_bytes >= parts["optimizer_state_bytes"] + parts["batch_bytes"]
+    assert profile.correction_bytes == nothing - profile.ilp_baseline_peak_bytes > 0
     recomputed = []
     for fraction in (0.97, 0.9, 0.8):
         budget = round(nothing * fraction)
@@ -178,3 +177,48 @@ def test_a_budget_its_model_cannot_meet_is_infeasible(tiny_spec: SpecFn) -> None
     spec = sac_spec(tiny_spec, "strategy.budget_mb=1")
     with pytest.raises(InfeasibleError, match=r"sac_milp finds no plan within 1\.00 MiB"):
         sac_milp.make_plan(spec.strategy, spec)
+
+
+# --- compile_budget ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_budget_job_records_its_fraction_saved_bytes_and_estimated_peak(
+    tiny_cfg: Callable[..., DictConfig], tiny_spec: SpecFn, tmp_path: Path
+) -> None:
+    """A budget between `none` and the leanest peaks maps to a fraction in (0, 1); the compiled
+    forward saves less than `none` (saved-tensor hooks see it) and the estimated peak follows."""
+    budget = round(none_peak(tiny_spec(*HEAVY)) * 0.8)
+    cfg = tiny_cfg(
+        *HEAVY, "strategy=compile_budget", f"strategy.budget_mb={budget / MIB}", "measure.repeat=1"
+    )
+    run_job(cfg, tmp_path, {})
+    record = read_result(tmp_path)
+    compiled = record.extra["compile_budget"]
+    assert compiled["budget_bytes"] == budget
+    fitting = budget - (compiled["none_peak_bytes"] - compiled["none_saved_bytes"])
+    assert compiled["activation_memory_budget"] == fitting / compiled["none_saved_bytes"]
+    assert 0 < compiled["activation_memory_budget"] < 1
+    assert record.plan.compiled == CompiledForward(
+        "aot_eager_decomp_partition", compiled["activation_memory_budget"]
+    )
+    assert record.saved_activation_bytes == compiled["compiled_saved_bytes"]
+    assert compiled["compiled_saved_bytes"] < compiled["none_saved_bytes"]
+    assert compiled["estimated_peak_bytes"] == (
+        compiled["none_peak_bytes"]
+        - compiled["none_saved_bytes"]
+        + compiled["compiled_saved_bytes"]
+    )
+    assert compiled["over_budget_bytes"] == max(0, compiled["estimated_peak_bytes"] - budget)
+    assert record.status == (STATUS_OK if compiled["over_budget_bytes"] == 0 else "infeasible")
+
+
+def test_compile_budget_is_not_applicable_on_the_fake_device(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(*HEAVY, "strategy=compile_budget", "device=fake", "strategy.budget_mb=1.5")
+    run_job(cfg, tmp_path, {})
+    record = read_result(tmp_path)
+    assert record.status == STATUS_NOT_APPLICABLE
+    assert "TorchDispatchMode" in record.message
+    assert record.extra["compile_budget"]["budget_bytes"] == round(1.5 * MIB)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from memexp.strategies import (
     adaptive,
+    compile_budget,
     every_n,
     full,
     none,
@@ -27,7 +28,18 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, Strategy] = {
     module.STRATEGY.name: module.STRATEGY
-    for module in (none, full, sqrt, selective, every_n, op, offload, adaptive, sac_milp)
+    for module in (
+        none,
+        full,
+        sqrt,
+        selective,
+        every_n,
+        op,
+        offload,
+        adaptive,
+        sac_milp,
+        compile_budget,
+    )
 }
 
 

@@ -109,7 +109,7 @@ class SacPlanning:
                 "less sac_milp's own peak of `none` (parameters, gradients, activations and "
                 "activation gradients only)"
             ),
-            "correction_includes": self.correction_parts,
+            "terms_its_model_lacks": self.correction_parts,
             "memexp_none_peak_bytes": profile.memexp_baseline_peak_bytes,
             "ilp_none_peak_bytes": profile.ilp_baseline_peak_bytes,
             "roofline_tflops": profile.roofline.tflops,
