@@ -133,6 +133,8 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
+    if plan.selective:
+        raise ConfigError("plan.selective", plan.selective, "() (no closed form per operator)")
     if plan.saved_ops:
         raise ConfigError("plan.saved_ops", "…", "empty (no closed form per operator)")
     if plan.compiled is not None:

@@ -23,8 +23,7 @@ FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,12 +35,11 @@ from memexp.measure.timing import first_step
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
+from memexp.storage import IMAGINED_HOST, StorageLedger
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
 TIME_SOURCE_ESTIMATE = "estimate_from_flops"
-# Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
-IMAGINED_HOST = torch.device("meta")
 # The batch search stops doubling here, so a budget nothing reaches still ends.
 MAX_AUTO_BATCH = 1 << 16
 
@@ -55,27 +53,13 @@ class Prediction:
     host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
     saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
     flops_step: int | None = None  # forward, loss and backward, recomputation included
+    storage: StorageLedger | None = None  # what the tracked step's storage packed and restored
 
 
 def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Run the `foreach` implementation, PyTorch's default for CUDA tensors (not for CPU ones)."""
     for group in optimizer.param_groups:
         group["foreach"] = True
-
-
-@contextlib.contextmanager
-def held_in_host_memory() -> Iterator[None]:
-    """`save_on_cpu` as a GPU sees it: saved tensors move to host memory, come back for backward."""
-
-    def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-        return tensor.device, tensor.to(IMAGINED_HOST)
-
-    def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-        device, tensor = packed
-        return tensor.to(device)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 def _warm_up(work: Workload) -> tuple[int, int]:
@@ -109,8 +93,8 @@ def predict(
     `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
     warm-up step also counts saved bytes and FLOPs.
     """
-    mode, work = fake_workload(spec, plan)
-    offload_to_host = plan.offload and imagine == "cuda"
+    mode, work = fake_workload(spec, plan, host_apart=imagine == "cuda")
+    offload_to_host = plan.storage == "host" and imagine == "cuda"
     saved = flops = None
     with mode:
         if imagine == "cuda":
@@ -119,11 +103,8 @@ def predict(
             saved, flops = _warm_up(work)
         else:
             _create_optimizer_state(work)
-        if offload_to_host:
-            work.plan = replace(plan, offload=False)  # the host hooks below stand in for it
-        placement = held_in_host_memory() if offload_to_host else contextlib.nullcontext()
-        with placement:
-            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+        work.storage_ledger = StorageLedger()  # the tracked step's own
+        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
     return Prediction(
         memory=memory,
         param_count=parameter_count(work.model),
@@ -132,6 +113,7 @@ def predict(
         else None,
         saved_activation_bytes=saved,
         flops_step=flops,
+        storage=work.storage_ledger,
     )
 
 

@@ -128,7 +128,7 @@ def test_nested_fields_are_flattened_into_prefixed_columns(tmp_path: Path) -> No
     )  # fmt: skip
     frame = load_results([tmp_path])
     job = frame.iloc[0]
-    assert (job.plan_num_layers, job.plan_offload) == (4, False)
+    assert (job.plan_num_layers, job.plan_storage) == (4, "keep")
     assert "plan_segments" not in frame  # a list: plans.csv holds it, one row per layer x unit
     assert "sweep_dir" not in frame  # `sweep` says it
     assert (job.env_torch, job.extra_budget_bytes) == ("2.6.0", 5)

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("observe",),  # what a running job reports, to a listener or to no one
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",
@@ -159,6 +160,7 @@ STRATEGY_NAMES = (
     "every_n",
     "op",
     "offload",
+    "compress",
     "adaptive",
     "sac_milp",
     "compile_budget",

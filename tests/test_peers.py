@@ -81,7 +81,7 @@ def test_saved_operator_lists_and_compiled_forwards_are_plan_data() -> None:
     )
     assert CheckpointPlan.from_dict(plan.to_dict()) == plan
     assert plan.saved_ops_of(2) == ("mm#0", "add#1") and plan.saved_ops_of(0) is None
-    assert plan.selective
+    assert plan.uses_op_policy
     assert "2 operator output(s) kept" in plan.describe()
     assert "activation_memory_budget 0.250" in plan.describe()
     with pytest.raises(ValueError, match="layer 1, where no segment starts"):

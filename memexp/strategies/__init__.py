@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from memexp.strategies import (
     adaptive,
     compile_budget,
+    compress,
     every_n,
     full,
     none,
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, Strategy] = {
         every_n,
         op,
         offload,
+        compress,
         adaptive,
         sac_milp,
         compile_budget,

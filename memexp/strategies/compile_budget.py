@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from memexp.config import FAKE_DEVICE, ConfigError
 from memexp.plan import CheckpointPlan, CompiledForward
 from memexp.results import SCOPE_FORWARD_BACKWARD, InfeasibleError, NotApplicableError
-from memexp.strategies.adaptive import SCOPE_WORDS, BudgetPlanner, validate_budget
+from memexp.strategies.adaptive import SCOPE_WORDS, peer_budget, validate_budget
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import format_bytes
 
@@ -90,14 +90,13 @@ class BudgetMapping:
 def budget_mapping(spec: ExperimentSpec) -> BudgetMapping:
     from memexp.planner import predict
 
-    planner = BudgetPlanner(spec.strategy, spec)
-    profile = planner.profile
-    none_peak = predict(profile, ((),) * profile.layers).peak_in(planner.scope)
+    budget, profile = peer_budget(spec.strategy, spec)
+    none_peak = predict(profile, ((),) * profile.layers).peak_in(spec.strategy.budget_scope)
     none_saved = profile.saved_activation_bytes()
-    fitting = planner.budget.bytes - (none_peak - none_saved)
+    fitting = budget.bytes - (none_peak - none_saved)
     return BudgetMapping(
-        budget_bytes=planner.budget.bytes,
-        budget_rule=planner.budget.rule,
+        budget_bytes=budget.bytes,
+        budget_rule=budget.rule,
         none_peak_bytes=none_peak,
         none_saved_bytes=none_saved,
         fraction=min(1.0, max(0.0, fitting / none_saved)),

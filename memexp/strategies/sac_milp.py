@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from memexp.config import ConfigError
 from memexp.results import SCOPE_FORWARD_BACKWARD, InfeasibleError
-from memexp.strategies.adaptive import SCOPE_WORDS, BudgetPlanner, validate_budget
+from memexp.strategies.adaptive import SCOPE_WORDS, peer_budget, validate_budget
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import format_bytes
 
@@ -67,7 +67,7 @@ class SacPlanning:
 
         cfg = spec.strategy
         started = time.monotonic()
-        self.budget = BudgetPlanner(cfg, spec).budget
+        self.budget, _ = peer_budget(cfg, spec)
         self.scope = cfg.budget_scope
         roofline = (
             sac_planner.measured_roofline(spec)
