@@ -41,6 +41,7 @@ from memexp import CONF_DIR, planner  # noqa: E402
 from memexp.configure import register_configs, validate  # noqa: E402
 from memexp.results import SCOPE_FORWARD_BACKWARD, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
+from memexp.sweepdir import RESULT_FILE  # noqa: E402
 from memexp.text import MIB, markdown_table  # noqa: E402
 
 # Where each model runs: small measured on the CPU, medium predicted on fake tensors.
@@ -68,10 +69,18 @@ def ladder(model: str, device: str, count: int) -> list[int]:
 class Job:
     label: str
     budget: int | None
-    record: RunResult
+    record: RunResult | None  # None: not run (a stopped benchmark finished with --recorded-only)
 
 
-def run(model: str, device: str, repeat: int, job_dir: Path, *overrides: str) -> RunResult:
+def run(
+    model: str, device: str, repeat: int, job_dir: Path, recorded_only: bool, *overrides: str
+) -> RunResult | None:
+    """The job's record: read where the folder already holds one (`--resume`), else run, unless
+    `recorded_only` (None then: the job was not run)."""
+    if (job_dir / RESULT_FILE).exists():
+        return read_result(job_dir)
+    if recorded_only:
+        return None
     cfg = compose_overrides(
         f"model={model}",
         f"device={device}",
@@ -119,6 +128,8 @@ def planning_time(job: Job) -> str:
 
 def row(job: Job, budget: int, none: RunResult) -> list[str]:
     record = job.record
+    if record is None:
+        return [mib(budget), job.label, "not run", "", "", "", "", ""]
     peak, mark = peak_of(job)
     over = None if peak is None else max(0, peak - budget)
     flops = (
@@ -153,6 +164,8 @@ HEADERS = (
 def model_section(model: str, device: str, budgets: list[int], jobs: list[Job]) -> list[str]:
     none = next(job.record for job in jobs if job.label == "none")
     op = next(job for job in jobs if job.label == "op")
+    if none is None:
+        return [f"## {model} (device={device}): not run", ""]
     rows = [row(Job("none", None, none), budgets[-1], none)]
     for budget in budgets:
         rows.append(row(op, budget, none))
@@ -160,7 +173,7 @@ def model_section(model: str, device: str, budgets: list[int], jobs: list[Job]) 
     notes = [
         f"- {job.label} at {mib(job.budget)} MiB: {job.record.status} — {job.record.message}"
         for job in jobs
-        if job.record.status != "ok"
+        if job.record is not None and job.record.status != "ok"
     ]
     return [
         f"## {model} (device={device}): seq {none.seq_len} × batch {none.batch_size}",
@@ -182,10 +195,18 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, default=5, help="budgets on each ladder")
     parser.add_argument("--repeat", type=int, default=2, help="timed steps per measured job")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts/results/bench_planner.md")
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's folder: its recorded jobs are read, not rerun"
+    )
+    parser.add_argument(
+        "--recorded-only",
+        action="store_true",
+        help="with --resume: run nothing, table what is there",
+    )
     args = parser.parse_args()
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    root = ROOT / "outputs" / "bench_planner" / started.replace(":", "-")
+    root = args.resume or ROOT / "outputs" / "bench_planner" / started.replace(":", "-")
     lines = [
         "# Budget-held planners side by side",
         "",
@@ -201,8 +222,19 @@ def main() -> None:
         budgets = ladder(model, device, args.budgets)
         folder = root / model
         jobs = [
-            Job("none", None, run(model, device, args.repeat, folder / "none", "strategy=none")),
-            Job("op", None, run(model, device, args.repeat, folder / "op", "strategy=op")),
+            Job(
+                label,
+                None,
+                run(
+                    model,
+                    device,
+                    args.repeat,
+                    folder / label,
+                    args.recorded_only,
+                    f"strategy={label}",
+                ),
+            )
+            for label in ("none", "op")
         ]
         for budget in budgets:
             for name in BUDGETED:
@@ -211,6 +243,7 @@ def main() -> None:
                     device,
                     args.repeat,
                     folder / f"{name}_{budget}",
+                    args.recorded_only,
                     f"strategy={name}",
                     f"strategy.budget_mb={budget / MIB}",
                 )
