@@ -124,9 +124,10 @@ def outside_layers_bytes(b: int, s: int, h: int, v: int) -> int:
 def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     """Bytes autograd keeps for backward after the forward and loss of `spec` under `plan`.
 
-    Offloading moves these bytes to host memory without changing them, so an offloading plan
-    has the same figure. Covers fp32 with either attention core; op-level policies decide
-    per operator at run time and have no closed form here.
+    Offloading moves these bytes to host memory or disk without changing them, so an
+    offloading plan has the same figure. Covers fp32 with either attention core; op-level
+    policies decide per operator at run time, and compressed storage per saved tensor
+    (memexp.storage), so neither has a closed form here.
     """
     model = spec.model
     if spec.precision != "fp32":
@@ -140,6 +141,10 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     if plan.compiled is not None:
         raise ConfigError(
             "plan.compiled", plan.compiled.backend, "None (the partitioner decides at compile time)"
+        )
+    if plan.storage not in ("keep", "host", "disk"):
+        raise ConfigError(
+            "plan.storage", plan.storage, "keep, host or disk (compression has no closed form)"
         )
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
@@ -277,11 +282,11 @@ def step_floor_bytes(spec: ExperimentSpec, plan: CheckpointPlan, multi_tensor: b
 
     Both terms are alive at once in every real step: at the optimizer step's peak, and at the end
     of the forward (weights, the previous step's optimizer state, the batch and what autograd
-    keeps). Where the activations have no closed form (bf16, op-level policies) they count zero,
-    so the bound stays a bound.
+    keeps). Where the activations have no closed form (bf16, op-level policies, compression) or
+    leave the device (offloading) they count zero, so the bound stays a bound.
     """
     try:
-        activations = saved_activation_bytes(spec, plan)
+        activations = saved_activation_bytes(spec, plan) if plan.storage == "keep" else 0
     except ConfigError:
         activations = 0
     forward_end = (

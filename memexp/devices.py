@@ -297,7 +297,7 @@ def predicted_storage(
             transfer["storage_estimated_step_with_transfer_ms"] = (
                 extras["estimated_step_ms"] + transfer["storage_transfer_ms"]
             )
-    elif plan.storage in OFFLOAD_KINDS and (plan.storage == "disk" or through_host):
+    elif prediction.storage.stored_bytes and plan.storage in OFFLOAD_KINDS:
         transfer["storage_transfer_note"] = "not estimated: set device.host_gbps/disk_gbps"
     return {**figures, **transfer}
 

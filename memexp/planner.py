@@ -11,9 +11,13 @@ attention side kept, its core or its block recomputed whole or element-wise (5 w
 the FFN block kept, recomputed whole or element-wise (3 ways), plus the whole layer recomputed
 whole or element-wise. Every fixed strategy's layer is one of them: `op`'s is
 `layer@save_matmuls`, `full`'s `layer` (or `attention+ffn`), `selective`'s a single unit.
+Given storage kinds (`options_with_storage`), every option that still saves tensors (all but
+the whole layer recomputed) is offered once more per kind, `+saved:int8`: what the layer saves
+stored that way (memexp.storage; `CheckpointPlan.stored`), compressed on the device or
+offloaded to host memory or disk.
 
 Profile. All layers are identical, so one layer per option tells everything: a model of 17
-layers, layer i under option i, runs one forward and backward on fake tensors (no compute)
+layers (more with storage kinds), layer i under option i, runs one forward and backward on fake tensors (no compute)
 under the project's tensor tracker, and phase marks from module and gradient hooks cut its
 timeline into the embedding, each layer's forward, the head's forward (norm, vocabulary
 projection, loss), the head's backward, each layer's backward and the embedding's backward.
@@ -34,16 +38,21 @@ backward a layer leaves only its weight gradients (g bytes), whatever it recompu
 
 Cost. The solver minimises recompute time, not FLOPs: an element-wise recomputation costs no
 matmul FLOPs but reads and writes its tensors, and softmax, GELU and LayerNorm are
-memory-bound. Each option's cost is the time its backward takes beyond the backward of the
-layer that recomputes nothing, from one of two sources (`StepProfile.cost_source`):
+memory-bound. Each option's cost is the time its forward and backward take beyond those of
+the layer that recomputes nothing (a storage packs in the forward and unpacks in the
+backward), from one of two sources (`StepProfile.cost_source`):
 
     roofline  the second pass prices every operator at max(FLOPs / peak rate, bytes moved /
               memory rate) (memexp.measure.flops.RooflineClock; views move nothing), with
               `device.peak_tflops` and `device.memory_gbps`, else the imagined device's rates
               (memexp.config.ROOFLINE_DEFAULTS): deterministic, the fake device's source
-    measured  one layer at the job's shapes, its backward timed on the job's device under each
-              option (`with_measured_costs`: median of repeats, interleaved, less the backward
-              that recomputes nothing; a negative difference is noise and counts as 0)
+    measured  one layer at the job's shapes, its forward and backward timed on the job's
+              device under each option (`with_measured_costs`: median of repeats, interleaved,
+              less the layer that recomputes nothing; a negative difference is noise, 0)
+
+On the roofline an offloading option also pays its transfers: the bytes it takes off the
+device (what it holds less than the same option kept), out and back, over `device.host_gbps`
+or `device.disk_gbps` (`StepProfile.with_transfers`); measured, they are in the timing.
 
 Peak model. A plan is one option per layer, o_0 … o_{L-1}. With S the resting memory
 (parameters, optimizer state, batch: `memexp.analytic`), K_i and H_i what the layers before i

@@ -18,7 +18,7 @@ from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
 from memexp.measure.memory import MemoryMeasurement
-from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE
+from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE, STORED_LAYERS_NOTE
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK, RunResult, write_json_atomic
 from memexp.strategies.base import Outcome
@@ -123,9 +123,11 @@ def _write_times(result: RunResult, times: StepTimes) -> None:
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
     """The count, unless the plan keeps tensors where saved-tensor hooks cannot see them."""
     result.saved_source = SAVED_SOURCE
-    if plan.uses_op_policy:
+    if plan.uses_op_policy or plan.stored:
         result.saved_activation_bytes = None
-        result.extra["saved_activation_note"] = OP_POLICY_NOTE
+        result.extra["saved_activation_note"] = (
+            OP_POLICY_NOTE if plan.uses_op_policy else STORED_LAYERS_NOTE
+        )
     else:
         result.saved_activation_bytes = counted
 

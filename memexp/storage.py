@@ -209,10 +209,6 @@ class ToDisk:
         return stored
 
 
-def disk_format(directory: Path | None) -> Format:
-    return ToDisk(directory)
-
-
 FORMATS: Mapping[str, Format] = {
     "bf16": to_bf16,
     "fp8": to_fp8,
@@ -308,7 +304,7 @@ class SavedTensorStorage:
     ) -> SavedTensorStorage:
         if kind not in STORAGE_KINDS or kind == "keep":
             raise ValueError(f"no storage format {kind!r}; formats: {', '.join(FORMATS)}")
-        pack_one = disk_format(directory) if kind == "disk" and directory else formats[kind]
+        pack_one = ToDisk(directory) if kind == "disk" and directory else formats[kind]
         return cls(kind, pack_one, ledger)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | Stored:

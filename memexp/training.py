@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,8 @@ class Workload:
     """Everything one step needs: the model under its plan, the optimizer and a fixed batch.
 
     The plan's `storage` is applied to every forward with `storage_formats` (the fake device
-    substitutes imagined host memory and disk), writing files under `storage_directory` (None:
-    the system's temporary folder); `storage_ledger` adds up what every step packed.
+    substitutes imagined host memory and disk; `disk` writes to the system's temporary folder,
+    $TMPDIR); `storage_ledger` adds up what every step packed.
     """
 
     spec: ExperimentSpec
@@ -37,15 +36,12 @@ class Workload:
     targets: torch.Tensor
     plan: CheckpointPlan
     storage_formats: Mapping[str, Format] = field(default_factory=lambda: dict(FORMATS))
-    storage_directory: Path | None = None
     storage_ledger: StorageLedger = field(default_factory=StorageLedger)
 
     def layer_storage(self, kind: str) -> contextlib.AbstractContextManager:
         """One layer's own storage (`CheckpointPlan.stored`), in this workload's formats; the
         ledger counts the plan-wide storage only."""
-        return saved_tensor_storage(
-            kind, directory=self.storage_directory, formats=self.storage_formats
-        )
+        return saved_tensor_storage(kind, formats=self.storage_formats)
 
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -95,7 +91,6 @@ def saved_tensor_placement(work: Workload) -> contextlib.AbstractContextManager:
     """The plan's storage for what autograd saves while the forward runs (memexp.storage)."""
     return saved_tensor_storage(
         work.plan.storage,
-        directory=work.storage_directory,
         formats=work.storage_formats,
         ledger=work.storage_ledger,
     )

@@ -237,7 +237,7 @@ def test_a_budget_below_every_plan_is_infeasible_with_the_smallest_peak(
     specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile], monkeypatch
 ) -> None:
     profile = profiles["fp32"]
-    monkeypatch.setattr(planner, "profile_step", lambda spec: profile)
+    monkeypatch.setattr(planner, "profile_step", lambda spec, storage_kinds=(): profile)
     for scope, words in adaptive.SCOPE_WORDS.items():
         lowest = leanest(profile, scope).peak_bytes
         cfg = adaptive.AdaptiveConfig(budget_mb=(lowest - 1) / MIB, budget_scope=scope)
@@ -344,7 +344,7 @@ def test_a_plan_measured_over_budget_is_tightened_and_planned_again(
         embedding_net_bytes=profile.embedding_net_bytes
         - profile.options[()].kept_bytes * profile.layers // 3,
     )
-    monkeypatch.setattr(planner, "profile_step", lambda spec: optimistic)
+    monkeypatch.setattr(planner, "profile_step", lambda spec, storage_kinds=(): optimistic)
     budget_mb = middle_budget_mb(profile)
     record = run_adaptive(tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}")
     rounds = record.extra["adaptive"]["rounds"]

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from memexp import analytic
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.devices import predicted_storage
-from memexp.estimate import predict_job
+from memexp.estimate import predict, predict_job
 from memexp.measure.fidelity import gradient_error
 from memexp.measure.memory import measure_memory
 from memexp.measure.timing import first_step
 from memexp.plan import STORAGE_KINDS, CheckpointPlan
+from memexp.results import STATUS_OK, read_result
+from memexp.runner import run_job
 from memexp.storage import (
     COMPRESSED_KINDS,
     FORMATS,
@@ -262,3 +266,55 @@ def test_the_fake_device_predicts_offloading_transfers_from_its_bandwidths(
     assert figures["storage_transfer_back_ms"] == pytest.approx(back / 50e6 + back / 5e6)
     assert figures["storage_transfer_overlaps_compute"] is False
     assert figures["storage_transfer_source"] == "closed form from fake-tensor bytes"
+
+
+@pytest.mark.slow
+def test_int8_keeps_at_most_35_percent_of_nones_saved_bytes_on_small(tiny_spec: SpecFn) -> None:
+    """Counted on fake tensors, which count exactly what the CPU counts (the compressed data
+    and scales; the rest as made)."""
+    spec = tiny_spec("model=small")
+    layers = spec.model.layers
+    saved = {
+        kind: predict(spec, CheckpointPlan(layers, storage=kind), "cpu").saved_activation_bytes
+        for kind in ("keep", "int8")
+    }
+    assert saved["int8"] <= 0.35 * saved["keep"]
+
+
+def test_compression_has_no_closed_form_and_offloading_keeps_it(tiny_spec: SpecFn) -> None:
+    spec = tiny_spec()
+    kept = analytic.saved_activation_bytes(spec, CheckpointPlan.nothing(spec.model.layers))
+    for kind in ("host", "disk"):
+        plan = CheckpointPlan(spec.model.layers, storage=kind)
+        assert analytic.saved_activation_bytes(spec, plan) == kept
+    with pytest.raises(ConfigError, match=re.escape("plan.storage='int8'")):
+        analytic.saved_activation_bytes(spec, CheckpointPlan(spec.model.layers, storage="int8"))
+
+
+@pytest.mark.slow
+def test_storage_jobs_record_and_print_what_their_storage_did(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Disk offload measured on the CPU; int8 with its gradient error; a fake-device disk
+    offload with its transfer time, units and source."""
+    jobs = {
+        "disk": ("strategy=offload", "strategy.to=disk", "device=cpu", "measure.repeat=1"),
+        "int8": ("strategy=compress", "device=cpu", "measure.repeat=1"),
+        "predicted": ("strategy=offload", "strategy.to=disk", "device=fake"),
+    }
+    records = {}
+    for name, overrides in jobs.items():
+        run_job(tiny_cfg(*overrides), tmp_path / name, {})
+        records[name] = read_result(tmp_path / name)
+    printed = capsys.readouterr().out
+    assert all(record.status == STATUS_OK for record in records.values())
+    disk, int8, predicted = (records[name].extra for name in jobs)
+    assert disk["storage_stored_bytes"] == disk["storage_source_bytes"] == 319488
+    assert disk["storage_pack_ms"] > 0 and disk["storage_unpack_ms"] > 0
+    assert int8["storage_stored_bytes"] == 88064  # tiny's eligible tensors as int8 + scales
+    assert int8["storage_loss"] == int8["storage_reference_loss"] == records["int8"].loss_first_step
+    assert 0 < int8["storage_grad_rel_error"] <= int8["storage_grad_rel_error_worst"]
+    assert predicted["storage_transfer_out_bytes"] == 319488
+    assert "storage_pack_ms" not in predicted  # nothing ran
+    assert "host 55 GB/s then disk 7 GB/s (closed form from fake-tensor bytes" in printed
+    assert "gradient error" in printed

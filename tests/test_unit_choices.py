@@ -171,10 +171,10 @@ def test_storage_kinds_must_be_known(tiny_spec: SpecFn) -> None:
 @pytest.mark.slow
 def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn) -> None:
     """Over 17 recompute options and 15 of them stored as int8 or on disk (47 per layer,
-    103,823 plans on 3 layers), on a ladder of budgets: the solver's cost is the least of the
+    2,209 plans on 2 layers), on a ladder of budgets: the solver's cost is the least of the
     plans that fit, its plans' predicted peaks measure on the CPU to the byte, and offloading
     to disk costs its transfers at device.disk_gbps."""
-    spec = tiny_spec("model.layers=3", "seq.len=64", "model.vocab_size=64", "device.disk_gbps=2")
+    spec = tiny_spec("model.layers=2", "seq.len=64", "model.vocab_size=64", "device.disk_gbps=2")
     profile = planner.profile_step(spec, ("int8", "disk"))
     assert len(profile.options) == 17 + 2 * 15
     assert profile.cost_source.endswith("disk 2 GB/s")
@@ -187,7 +187,7 @@ def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn
     }
     peaks = sorted({p.peak_in(SCOPE_FORWARD_BACKWARD) for p in every_plan.values()})
     chosen = set()
-    for budget in peaks[:: max(1, len(peaks) // 40)]:
+    for budget in peaks:
         fitting = [
             p.recompute_ps
             for p in every_plan.values()

@@ -56,3 +56,9 @@ OP_POLICY_NOTE = (
     "not recorded: an op-level policy keeps its outputs in the selective-checkpoint cache, "
     "which saved-tensor hooks do not see; activations_bytes (tensor tracker) includes them"
 )
+
+# Why a plan whose layers store saved tensors their own way records no saved-bytes figure.
+STORED_LAYERS_NOTE = (
+    "not recorded: layers with their own storage pack what they save in their own hooks, "
+    "which the counting hooks do not see; activations_bytes (tensor tracker) includes them"
+)

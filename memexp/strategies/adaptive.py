@@ -11,15 +11,16 @@ memory), which the searched batch must fit; otherwise midway between the `none` 
 peak and the lowest peak any plan reaches, both over the scope, so that `adaptive` is a point
 between `none` and the leanest plan rather than either end.
 
-Planning (memexp.planner) profiles the job's layer under each of its recomputation options
-(each unit kept, recomputed whole or recomputed element-wise) on fake tensors, predicts the
-step's peak for any per-layer plan and solves for the plan of least recompute time within the
-budget exactly. The time each option adds to the backward is, by `cost_source`, `measured`
-(one layer's backward timed per option on the job's device), `roofline` (each operator's
-max(FLOPs / device.peak_tflops, bytes moved / device.memory_gbps), deterministic) or `auto`
-(measured where the step runs, the roofline on the fake device). `execute` then measures the plan's real peak and, if it is
-over budget (on a GPU the allocator rounds and the kernels differ from the profiled ones),
-tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
+Planning (memexp.planner) profiles the job's layer under each of its options (each unit kept,
+recomputed whole or recomputed element-wise; with `storage` kinds, what the layer saves stored
+that way) on fake tensors, predicts the step's peak for any per-layer plan and solves for the
+plan of least recompute time within the budget exactly. The time each option adds to the
+layer's forward and backward is, by `cost_source`, `measured` (one layer timed per option on
+the job's device), `roofline` (each operator's max(FLOPs / device.peak_tflops, bytes moved /
+device.memory_gbps), deterministic) or `auto` (measured where the step runs, the roofline on
+the fake device). `execute` then measures the plan's real peak and, if it is over budget (on a
+GPU the allocator rounds and the kernels differ from the profiled ones), tightens the planning
+budget by the overshoot and plans again, at most `max_rounds` plans.
 A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
 What it planned, predicted and measured goes to the record as `extra["adaptive"]`.
 
@@ -227,7 +228,7 @@ class BudgetPlanner:
         Per unit (recomputed whole): the bytes a layer holds into its backward that
         recomputing the unit drops, the extra bytes its recomputation adds at its backward's
         highest point, the FLOPs it recomputes (matmuls only, as FlopCounterMode counts), the
-        time it adds to the backward (the solver's cost, from `cost_source`) and one timed
+        time it adds to the layer (the solver's cost, from `cost_source`) and one timed
         forward. Per layer option: its recompute time, the cost the solver weighs.
         """
         from memexp.planner import PROFILE_SOURCE, option_name
