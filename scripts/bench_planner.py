@@ -207,6 +207,8 @@ def main() -> None:
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     root = args.resume or ROOT / "outputs" / "bench_planner" / started.replace(":", "-")
+    if args.resume:
+        started = f"{root.name} (jobs run then; tabled {started})"
     lines = [
         "# Budget-held planners side by side",
         "",
