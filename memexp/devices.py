@@ -43,6 +43,7 @@ from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.timing import StoppingRule, time_steps, time_units
 from memexp.model import parameter_count
+from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.results import InfeasibleError
 from memexp.storage import COMPRESSED_KINDS, OFFLOAD_KINDS, StorageLedger
@@ -118,12 +119,16 @@ class MeasuredBackend:
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
+        enter_phase("count FLOPs")
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
         fidelity = measured_fidelity(spec, plan)  # before the job's own model exists
+        enter_phase("build")
         work = build_workload(spec, plan, spec.device)
         timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
         storage = {**fidelity, **self._storage_figures(spec, plan, work.storage_ledger)}
+        enter_phase("memory step")
+        memory = measure_memory(work)
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
@@ -139,7 +144,7 @@ class MeasuredBackend:
             loss_first_step=timings.first_loss,
             saved_activation_bytes=timings.saved_activation_bytes,
             storage=storage,
-            memory=measure_memory(work),
+            memory=memory,
         )
 
     def _storage_figures(
@@ -170,6 +175,7 @@ class PredictedBackend:
     """Predicts the step on fake tensors, following the code paths of the device it imagines."""
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        enter_phase("predict")
         prediction = predict_job(spec, plan)
         time_source, extras = prediction_extras(spec, prediction)
         return Figures(
@@ -226,6 +232,7 @@ def measured_fidelity(spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, A
     """A lossy storage's gradient error, measured on the job's device (memexp.measure.fidelity)."""
     if not plan.storage_kinds & set(COMPRESSED_KINDS):
         return {}
+    enter_phase("gradient error")
     error = gradient_error(spec, plan)
     release_memory()
     return {

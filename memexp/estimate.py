@@ -32,6 +32,7 @@ from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
 from memexp.measure.timing import first_step
+from memexp.memo import cached
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
@@ -117,12 +118,20 @@ def predict(
     )
 
 
+NO_CHECKPOINT_FLOPS = "flops_no_checkpoint"  # its name in a sweep's cache (memexp.memo)
+
+
 def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:
-    """The step's FLOPs with nothing recomputed, from models of one and two layers.
+    """The step's FLOPs with nothing recomputed, from models of one and two layers; counted once
+    per workload in a sweep (memexp.memo), whatever the strategy.
 
     Every layer does the same FLOPs, so FLOPs are exactly affine in depth: counting two shallow
     models costs a fraction of counting the deep one.
     """
+    return cached(NO_CHECKPOINT_FLOPS, spec, lambda: _count_without_checkpointing(spec))
+
+
+def _count_without_checkpointing(spec: ExperimentSpec) -> int:
 
     def flops_at(layers: int) -> int:
         shallow = replace(spec, model=replace(spec.model, layers=layers))

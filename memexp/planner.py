@@ -104,7 +104,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -114,6 +114,7 @@ from memexp.config import ExperimentSpec
 from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
 from memexp.measure.timing import time_layer_steps
+from memexp.memo import cached
 from memexp.model import layer_units
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
@@ -185,6 +186,11 @@ PASSES = ("forward", "backward")
 
 def option_name(option: LayerOption) -> str:
     return "+".join(option) or "nothing"
+
+
+def option_of(name: str) -> LayerOption:
+    """The option `option_name` names (no token holds a `+`)."""
+    return () if name == "nothing" else tuple(name.split("+"))
 
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
@@ -502,10 +508,38 @@ def _counts_at_marks(work: Workload, rates: tuple[float, float]) -> dict[str, tu
     return counts
 
 
+STEP_PROFILE = "step_profile"  # its name in a sweep's cache (memexp.memo)
+
+
+def profile_to_data(profile: StepProfile) -> dict[str, Any]:
+    """The profile as JSON data: options keyed by their names (`attention_core+ffn`, `nothing`)."""
+    data = asdict(profile)
+    data["options"] = {option_name(o): asdict(p) for o, p in profile.options.items()}
+    return data
+
+
+def profile_from_data(data: dict[str, Any]) -> StepProfile:
+    options = {option_of(name): OptionProfile(**fields) for name, fields in data["options"].items()}
+    return StepProfile(**{**data, "options": options})
+
+
 def profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str] = ()) -> StepProfile:
     """Profile the job's layer under every option (`options_with_storage(storage_kinds)`) on
-    fake tensors (no compute, any model size). Offloaded tensors leave the device where the
-    job's tensors stand for an accelerator's; on a CPU host memory is where they already are."""
+    fake tensors (no compute, any model size); profiled once per workload and storage kinds
+    in a sweep (memexp.memo), whatever the strategy's other settings."""
+    figure = "-".join((STEP_PROFILE, *storage_kinds))
+    return cached(
+        figure,
+        spec,
+        lambda: _profile_step(spec, storage_kinds),
+        profile_to_data,
+        profile_from_data,
+    )
+
+
+def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepProfile:
+    """Offloaded tensors leave the device where the job's tensors stand for an accelerator's;
+    on a CPU host memory is where they already are."""
     layer_options = options_with_storage(storage_kinds)
     shallow = replace(spec, model=replace(spec.model, layers=len(layer_options)))
     plan = plan_of(layer_options)

@@ -4,6 +4,7 @@ that a plan's storage is what a step stores."""
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -293,7 +294,7 @@ def test_compression_has_no_closed_form_and_offloading_keeps_it(tiny_spec: SpecF
 
 @pytest.mark.slow
 def test_storage_jobs_record_and_print_what_their_storage_did(
-    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Disk offload measured on the CPU; int8 with its gradient error; a fake-device disk
     offload with its transfer time, units and source."""
@@ -302,11 +303,12 @@ def test_storage_jobs_record_and_print_what_their_storage_did(
         "int8": ("strategy=compress", "device=cpu", "measure.repeat=1"),
         "predicted": ("strategy=offload", "strategy.to=disk", "device=fake"),
     }
+    caplog.set_level(logging.INFO, logger="memexp")
     records = {}
     for name, overrides in jobs.items():
         run_job(tiny_cfg(*overrides), tmp_path / name, {})
         records[name] = read_result(tmp_path / name)
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert all(record.status == STATUS_OK for record in records.values())
     disk, int8, predicted = (records[name].extra for name in jobs)
     assert disk["storage_stored_bytes"] == disk["storage_source_bytes"] == 319488
