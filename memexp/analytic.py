@@ -136,6 +136,12 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
     if plan.selective:
         raise ConfigError("plan.selective", plan.selective, "() (no closed form per operator)")
+    if plan.saved_ops:
+        raise ConfigError("plan.saved_ops", "…", "empty (no closed form per operator)")
+    if plan.compiled is not None:
+        raise ConfigError(
+            "plan.compiled", plan.compiled.backend, "None (the partitioner decides at compile time)"
+        )
     if plan.storage not in ("keep", "host", "disk"):
         raise ConfigError(
             "plan.storage", plan.storage, "keep, host or disk (compression has no closed form)"

@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search
     ("devices",),  # one measurement backend per device kind
-    ("planner",),  # the adaptive planner's profile, peak model and solver
+    ("planner", "sac_planner"),  # adaptive's profile, peak model and solver; PyTorch's ILP
     ("strategies",),  # strategy → CheckpointPlan
     ("configure",),  # Hydra registration and validation (knows every strategy)
     ("record",),  # the one room that writes figures into a RunResult
@@ -164,6 +164,8 @@ STRATEGY_NAMES = (
     "offload",
     "compress",
     "adaptive",
+    "sac_milp",
+    "compile_budget",
 )
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
