@@ -34,6 +34,8 @@ def write_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
         ("seq_len", "seq.len"),
         ("batch_size", "batch.size"),
         ("precision", "precision"),
+        ("parallel", "parallel.name"),
+        ("world_size", "parallel.world_size"),
     ):
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         setattr(result, field_name, value if isinstance(value, (str, int)) else None)
@@ -49,6 +51,8 @@ def write_identity(result: RunResult, spec: ExperimentSpec) -> None:
     result.precision = spec.precision
     result.optimizer = spec.optimizer.name
     result.seed = spec.seed
+    result.parallel = spec.parallel.name
+    result.world_size = spec.parallel.world_size
 
 
 def write_batch_search(result: RunResult, search: BatchSearch) -> None:

@@ -93,6 +93,10 @@ class RunResult:
     precision: str | None = None
     optimizer: str | None = None
     seed: int | None = None
+    # How the state was spread over ranks (memexp.config.PARALLEL_MODES) and over how many; every
+    # memory figure below is one rank's. Records from before the field read as `none` on 1.
+    parallel: str | None = None
+    world_size: int | None = None
     param_count: int | None = None
 
     # --- the checkpoint plan ----------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_record_names_the_job(record: dict) -> None:
     }
     assert (record["device"], record["precision"], record["optimizer"]) == ("cpu", "fp32", "adam")
     assert (record["seed"], record["job_num"]) == (0, 0)
+    assert (record["parallel"], record["world_size"]) == ("none", 1)
     assert "strategy=none" in record["overrides"]
     assert Path(record["job_dir"]) == Path(record["sweep_dir"]) / "0"
     assert record["schema_version"] == results.SCHEMA_VERSION
@@ -164,10 +165,11 @@ def test_records_are_written_atomically(
 def test_invalid_config_is_recorded_not_raised(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = tiny_cfg("model.heads=5")
+    cfg = tiny_cfg("model.heads=5", "parallel=fsdp")
     result = run_job(cfg, tmp_path, {"overrides": ["model.heads=5"]})
     assert (result.status, result.error_type) == ("error", "ConfigError")
     assert (result.model, result.strategy) == ("tiny", "none")  # what the job was asked to be
+    assert (result.parallel, result.world_size) == ("fsdp", 8)
     assert (result.seq_len, result.batch_size) == (16, 2)
     assert result.message is not None and result.message.startswith("model.heads=5 ")
     assert read_result(tmp_path) == result
