@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
-from memexp import analytic
-from memexp.config import FAKE_DEVICE, ExperimentSpec
+from memexp import analytic, sharded_states
+from memexp.config import FAKE_DEVICE, PARALLEL_NONE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
     Prediction,
@@ -39,7 +39,7 @@ from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.timing import StoppingRule, time_steps, time_units
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
-from memexp.results import InfeasibleError
+from memexp.results import InfeasibleError, NotApplicableError
 from memexp.text import format_bytes
 from memexp.training import build_workload
 
@@ -107,6 +107,11 @@ class MeasuredBackend:
     host_memory: bool = False
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if spec.parallel.name != PARALLEL_NONE:
+            raise NotApplicableError(
+                f"parallel={spec.parallel.name} is predicted, not measured, here: this device "
+                "runs one process; predict its ranks with device=fake"
+            )
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
@@ -134,7 +139,9 @@ class MeasuredBackend:
         return time_units(spec)
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
-        return analytic.figures(spec, plan, self.multi_tensor_optimizer)
+        return analytic.figures(spec, plan, self.multi_tensor_optimizer) | sharded_states.figures(
+            spec
+        )
 
 
 class PredictedBackend:
