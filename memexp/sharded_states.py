@@ -9,7 +9,8 @@ first). Symbols: world size N, a tensor of r rows (its first dimension) and c = 
   FSDP2 also adds to the last ranks' shards). Its gradients and the optimizer's moments have
   the same shape; Adam adds a 0-d fp32 step per tensor. To compute, a unit (one layer, or the
   root: embeddings, final LayerNorm and head) all-gathers N·⌈r/N⌉·c elements of every tensor
-  into one buffer (the padded whole) and copies its unsharded parameters (r·c each) out of it;
+  into one buffer (the padded whole) and copies its unsharded parameters out of it (each the
+  first r·c elements of a padded storage of N·⌈r/N⌉·c, so they count the padding too);
   in backward its unsharded gradients are copied into one reduce-scatter buffer of the same
   padded size. Both buffers are in the mixed-precision dtypes (`param_dtype`, `reduce_dtype`,
   which defaults to the parameter dtype), the shards fp32.
@@ -118,9 +119,8 @@ def figures(spec: ExperimentSpec) -> dict[str, Any]:
         )
         for unit, unit_tensors in unit_shapes(spec).items():
             padded = sum(padded_elements(shape, n) for shape in unit_tensors)
-            out[f"analytic_unsharded_{unit}_params_bytes"] = (
-                sum(map(elements, unit_tensors)) * param_bytes
-            )
+            # The unsharded parameters are views narrowed from padded storages of their own.
+            out[f"analytic_unsharded_{unit}_params_bytes"] = padded * param_bytes
             out[f"analytic_all_gather_{unit}_bytes"] = padded * param_bytes
             out[f"analytic_reduce_scatter_{unit}_bytes"] = padded * reduce_bytes
         return out
