@@ -226,9 +226,14 @@ def optimizer_scratch_bytes(spec: ExperimentSpec, multi_tensor: bool) -> int:
     The per-tensor loop makes sqrt(v) and its quotient by the bias correction (2 tensors of the
     parameter's size) while the previous parameter's quotient is still held.
     """
-    if spec.optimizer.name == "sgd":
+    return step_scratch_bytes(spec.optimizer.name, parameter_sizes(spec.model), multi_tensor)
+
+
+def step_scratch_bytes(optimizer: str, sizes: list[int], multi_tensor: bool) -> int:
+    """`optimizer_scratch_bytes` for an optimizer stepping tensors of `sizes` elements (a rank's
+    shards or its own tensors under sharding)."""
+    if optimizer == "sgd" or not sizes:
         return 0
-    sizes = parameter_sizes(spec.model)
     if multi_tensor:
         return sum(sizes) * FLOAT_BYTES
     # The loop's `denom` of the previous tensor is still referenced while the next is made.

@@ -24,11 +24,18 @@ first). Symbols: world size N, a tensor of r rows (its first dimension) and c = 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from memexp import analytic
 from memexp.analytic import FLOAT_BYTES, elements
-from memexp.config import FULLY_SHARDED_MODES, PARALLEL_NONE, ExperimentSpec, ParallelConfig
+from memexp.config import (
+    FULLY_SHARDED_MODES,
+    PARALLEL_NONE,
+    RESHARDING_MODE,
+    ExperimentSpec,
+    ParallelConfig,
+)
 
 # The modes whose ranks hold DDP's gradient buckets (zero1 runs under DDP).
 BUCKETED_MODES = ("ddp", "zero1")
@@ -133,3 +140,71 @@ def figures(spec: ExperimentSpec) -> dict[str, Any]:
         ),
     )
     return out
+
+
+@dataclass(frozen=True)
+class RankStates:
+    """What one rank holds besides activations, as the adaptive planner's peak model needs it
+    (memexp.planner): its own parameters, gradients and optimizer state, what one layer leaves
+    after its backward, and what is held through forward and backward besides (the gathered
+    units and their buffers under fsdp/zero2, DDP's buckets under ddp/zero1).
+
+    Under parallel=none these are the one-device closed forms of memexp.analytic. Under
+    sharding the gathered bytes are a bound, not a walk of the step: the root and one layer
+    gathered with one layer's all-gather buffer (fsdp), or every unit (zero2); the adaptive
+    strategy measures each plan on the fake ranks and re-plans by any overshoot.
+    """
+
+    params_bytes: int
+    grads_bytes: int
+    optimizer_state_bytes: int
+    layer_grads_bytes: int
+    gathered_bytes: int
+    optimizer_step_bytes: int  # at the optimizer step's peak, the batch aside
+
+
+def rank_states(spec: ExperimentSpec, multi_tensor: bool) -> RankStates:
+    parallel = spec.parallel
+    layer = analytic.layer_parameter_shapes(spec.model)
+    if parallel.name == PARALLEL_NONE:
+        weights = analytic.parameter_count(spec.model) * FLOAT_BYTES
+        return RankStates(
+            params_bytes=weights,
+            grads_bytes=weights,
+            optimizer_state_bytes=analytic.optimizer_state_bytes(spec),
+            layer_grads_bytes=sum(map(elements, layer)) * FLOAT_BYTES,
+            gathered_bytes=0,
+            optimizer_step_bytes=analytic.optimizer_step_peak_bytes(spec, multi_tensor)
+            - analytic.batch_bytes(spec),
+        )
+    found = figures(spec)
+    n = parallel.world_size
+    shapes = analytic.parameter_shapes(spec.model)
+    if parallel.name in FULLY_SHARDED_MODES:
+        resharded = parallel.name == RESHARDING_MODE and parallel.reshard_after_forward
+        gathered = (
+            found["analytic_unsharded_root_params_bytes"]
+            + (1 if resharded else spec.model.layers)
+            * found["analytic_unsharded_layer_params_bytes"]
+            + found["analytic_all_gather_layer_bytes"]
+        )
+        layer_grads = sum(rank_elements(shape, n) for shape in layer) * FLOAT_BYTES
+        stepped = [rank_elements(shape, n) for shape in shapes]
+    else:
+        gathered = found["analytic_rank_gradient_bucket_bytes"]
+        layer_grads = sum(map(elements, layer)) * FLOAT_BYTES
+        owned = zero1_rank_shapes(shapes, n) if parallel.name == ZERO1 else shapes
+        stepped = [elements(shape) for shape in owned]
+    scratch = analytic.step_scratch_bytes(spec.optimizer.name, stepped, multi_tensor)
+    return RankStates(
+        params_bytes=found["analytic_rank_params_bytes"],
+        grads_bytes=found["analytic_rank_grads_bytes"],
+        optimizer_state_bytes=found["analytic_rank_optimizer_state_bytes"],
+        layer_grads_bytes=layer_grads,
+        gathered_bytes=gathered,
+        optimizer_step_bytes=found["analytic_rank_params_bytes"]
+        + found["analytic_rank_grads_bytes"]
+        + found["analytic_rank_optimizer_state_bytes"]
+        + scratch
+        + found["analytic_rank_gradient_bucket_bytes"],
+    )

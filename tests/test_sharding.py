@@ -10,15 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from memexp import analytic, sharded_states
 from memexp.config import ExperimentSpec
 from memexp.estimate import Prediction, predict
 from memexp.measure.fake_world import fake_ranks
 from memexp.plan import CheckpointPlan
+from memexp.planner import profile_step
+from memexp.results import STATUS_INFEASIBLE, STATUS_OK
+from memexp.runner import run_job
 from memexp.sharded_states import (
     padded_elements,
     rank_elements,
@@ -28,6 +33,7 @@ from memexp.sharding import shard_workload
 from memexp.training import build_workload
 
 SpecFn = Callable[..., ExperimentSpec]
+ConfigFn = Callable[..., DictConfig]
 FAKE = ("device=fake", "device.imagine=cpu")
 
 
@@ -185,3 +191,41 @@ def test_reshard_after_forward_false_keeps_fsdp_gathered_like_zero2(tiny_spec: S
     kept = tiny_spec(*FAKE, "parallel=fsdp", "parallel.reshard_after_forward=false")
     zero2 = replace(kept, parallel=replace(kept.parallel, name="zero2", reshard_after_forward=True))
     assert predicted(kept).memory.phase_bytes == predicted(zero2).memory.phase_bytes
+
+
+# --- the adaptive planner, per rank ----------------------------------------------------------
+
+
+def test_the_planner_rests_on_the_ranks_states(tiny_spec: SpecFn) -> None:
+    """One device's profile rests on its whole states; a rank's on its shards, gathered units
+    and buffers (a bound, memexp.sharded_states.RankStates)."""
+    one = profile_step(tiny_spec("strategy=adaptive"))
+    rank_spec = tiny_spec("strategy=adaptive", "parallel=fsdp", "parallel.world_size=3")
+    rank = profile_step(rank_spec)
+    figures = sharded_states.figures(rank_spec)
+    batch = analytic.batch_bytes(rank_spec)
+    assert one.resting_bytes == 233_728 + 467_604 + batch
+    assert rank.resting_bytes == (
+        79_128
+        + 158_404
+        + batch
+        + figures["analytic_unsharded_root_params_bytes"]
+        + figures["analytic_unsharded_layer_params_bytes"]
+        + figures["analytic_all_gather_layer_bytes"]
+    )
+    assert rank.options == one.options  # activations are every rank's own
+
+
+@pytest.mark.slow
+def test_adaptive_fits_one_gpus_budget_under_the_chosen_sharding(
+    tiny_cfg: ConfigFn, tmp_path: Path
+) -> None:
+    """0.5 MiB is below any one-device plan of tiny but above fsdp's rank on 8 GPUs."""
+    budget = ("strategy=adaptive", "strategy.budget_mb=0.5", *FAKE)
+    one = run_job(tiny_cfg(*budget), tmp_path / "one", {})
+    assert one.status == STATUS_INFEASIBLE
+    rank = run_job(tiny_cfg(*budget, "parallel=fsdp"), tmp_path / "rank", {})
+    assert (rank.status, rank.parallel, rank.world_size) == (STATUS_OK, "fsdp", 8)
+    adaptive = rank.extra["adaptive"]
+    assert adaptive["budget_bytes"] == 2**19
+    assert rank.forward_backward_peak_bytes == adaptive["measured_peak_bytes"] <= 2**19
