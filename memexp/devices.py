@@ -148,6 +148,11 @@ class PredictedBackend:
     """Predicts the step on fake tensors, following the code paths of the device it imagines."""
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if spec.parallel.cpu_offload:
+            raise NotApplicableError(
+                "parallel.cpu_offload is not predicted: on fake tensors here the host and the "
+                "device are one CPU, so offloaded states cannot be told from the rank's own"
+            )
         prediction = predict_job(spec, plan)
         time_source, extras = prediction_extras(spec, prediction)
         return Figures(

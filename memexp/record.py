@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memexp.config import ExperimentSpec
+from memexp.config import PARALLEL_NONE, ExperimentSpec
 from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
@@ -151,9 +151,13 @@ def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -
 
 
 def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
+    parallel = spec.parallel
+    ranks = (
+        "" if parallel.name == PARALLEL_NONE else f" parallel={parallel.name}/{parallel.world_size}"
+    )
     return (
         f"[memexp] {spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
-        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}\n"
+        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}{ranks}\n"
         f"[memexp] plan: {plan.describe()}"
     )
 

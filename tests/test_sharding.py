@@ -22,7 +22,7 @@ from memexp.estimate import Prediction, predict
 from memexp.measure.fake_world import fake_ranks
 from memexp.plan import CheckpointPlan
 from memexp.planner import profile_step
-from memexp.results import STATUS_INFEASIBLE, STATUS_OK
+from memexp.results import STATUS_INFEASIBLE, STATUS_NOT_APPLICABLE, STATUS_OK
 from memexp.runner import run_job
 from memexp.sharded_states import (
     padded_elements,
@@ -229,3 +229,18 @@ def test_adaptive_fits_one_gpus_budget_under_the_chosen_sharding(
     adaptive = rank.extra["adaptive"]
     assert adaptive["budget_bytes"] == 2**19
     assert rank.forward_backward_peak_bytes == adaptive["measured_peak_bytes"] <= 2**19
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (("device=cpu", "parallel=fsdp"), "predict its ranks with device=fake"),
+        ((*FAKE, "parallel=fsdp", "parallel.cpu_offload=true"), "host and the device are one CPU"),
+    ],
+)
+def test_what_is_not_predicted_or_run_is_not_applicable(
+    overrides: tuple[str, ...], reason: str, tiny_cfg: ConfigFn, tmp_path: Path
+) -> None:
+    result = run_job(tiny_cfg(*overrides), tmp_path, {})
+    assert result.status == STATUS_NOT_APPLICABLE
+    assert reason in (result.message or "")
