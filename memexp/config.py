@@ -30,6 +30,9 @@ PARALLEL_MODES = (PARALLEL_NONE, "ddp", "zero1", "zero2", "fsdp")
 # policies reach; and the one whose parameters are resharded after the forward.
 FULLY_SHARDED_MODES = ("zero2", "fsdp")
 RESHARDING_MODE = "fsdp"
+# ZeRO-1 (PyTorch's ZeroRedundancyOptimizer), and the modes whose ranks hold DDP's buckets.
+OPTIMIZER_SHARDED_MODE = "zero1"
+BUCKETED_MODES = ("ddp", OPTIMIZER_SHARDED_MODE)
 
 
 class ConfigError(ValueError):
@@ -105,6 +108,11 @@ class ParallelConfig:
     # zero2/fsdp (fully_shard's CPUOffloadPolicy): sharded parameters, gradients and optimizer
     # state live in host memory; the optimizer step runs there.
     cpu_offload: bool = False
+
+    def reshards_after_forward(self) -> bool:
+        """Whether gathered parameters are freed after each unit's forward: fsdp's knob (zero2
+        never frees them before the backward)."""
+        return self.name == RESHARDING_MODE and self.reshard_after_forward
 
 
 @dataclass

@@ -30,16 +30,14 @@ from typing import Any
 from memexp import analytic
 from memexp.analytic import FLOAT_BYTES, elements
 from memexp.config import (
+    BUCKETED_MODES,
     FULLY_SHARDED_MODES,
+    OPTIMIZER_SHARDED_MODE,
     PARALLEL_NONE,
-    RESHARDING_MODE,
     ExperimentSpec,
     ParallelConfig,
 )
 
-# The modes whose ranks hold DDP's gradient buckets (zero1 runs under DDP).
-BUCKETED_MODES = ("ddp", "zero1")
-ZERO1 = "zero1"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 STEP_BYTES = FLOAT_BYTES  # Adam's 0-d step count per tensor
 
@@ -131,7 +129,7 @@ def figures(spec: ExperimentSpec) -> dict[str, Any]:
             out[f"analytic_all_gather_{unit}_bytes"] = padded * param_bytes
             out[f"analytic_reduce_scatter_{unit}_bytes"] = padded * reduce_bytes
         return out
-    owned = zero1_rank_shapes(shapes, n) if parallel.name == ZERO1 else shapes
+    owned = zero1_rank_shapes(shapes, n) if parallel.name == OPTIMIZER_SHARDED_MODE else shapes
     out.update(
         analytic_rank_params_bytes=total * FLOAT_BYTES,
         analytic_rank_grads_bytes=total * FLOAT_BYTES,
@@ -181,10 +179,9 @@ def rank_states(spec: ExperimentSpec, multi_tensor: bool) -> RankStates:
     n = parallel.world_size
     shapes = analytic.parameter_shapes(spec.model)
     if parallel.name in FULLY_SHARDED_MODES:
-        resharded = parallel.name == RESHARDING_MODE and parallel.reshard_after_forward
         gathered = (
             found["analytic_unsharded_root_params_bytes"]
-            + (1 if resharded else spec.model.layers)
+            + (1 if parallel.reshards_after_forward() else spec.model.layers)
             * found["analytic_unsharded_layer_params_bytes"]
             + found["analytic_all_gather_layer_bytes"]
         )
@@ -193,7 +190,7 @@ def rank_states(spec: ExperimentSpec, multi_tensor: bool) -> RankStates:
     else:
         gathered = found["analytic_rank_gradient_bucket_bytes"]
         layer_grads = sum(map(elements, layer)) * FLOAT_BYTES
-        owned = zero1_rank_shapes(shapes, n) if parallel.name == ZERO1 else shapes
+        owned = zero1_rank_shapes(shapes, n) if parallel.name == OPTIMIZER_SHARDED_MODE else shapes
         stepped = [elements(shape) for shape in owned]
     scratch = analytic.step_scratch_bytes(spec.optimizer.name, stepped, multi_tensor)
     return RankStates(

@@ -23,17 +23,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from memexp.config import FULLY_SHARDED_MODES, RESHARDING_MODE, ParallelConfig
+from memexp.config import FULLY_SHARDED_MODES, OPTIMIZER_SHARDED_MODE, ParallelConfig
 from memexp.training import OPTIMIZER_CLASSES, Workload, build_optimizer
 
-ZERO1 = "zero1"
 # `parallel.param_dtype` / `reduce_dtype` → torch dtypes (None: the parameters' own).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def reshards_after_forward(parallel: ParallelConfig) -> bool:
-    """Whether gathered parameters are freed after each unit's forward: fsdp's knob; zero2 never."""
-    return parallel.name == RESHARDING_MODE and parallel.reshard_after_forward
 
 
 def mixed_precision(parallel: ParallelConfig) -> MixedPrecisionPolicy:
@@ -51,14 +45,14 @@ def shard_workload(work: Workload, mesh: DeviceMesh | None) -> None:
         assert mesh is not None, "fully_shard needs the ranks' device mesh"
         options = {
             "mesh": mesh,
-            "reshard_after_forward": reshards_after_forward(parallel),
+            "reshard_after_forward": parallel.reshards_after_forward(),
             "mp_policy": mixed_precision(parallel),
         }
         for layer in work.model.layers:
             fully_shard(layer, **options)
         fully_shard(work.model, **options)
         work.optimizer = build_optimizer(work.spec, work.model)
-    elif parallel.name == ZERO1:
+    elif parallel.name == OPTIMIZER_SHARDED_MODE:
         work.optimizer = ZeroRedundancyOptimizer(
             work.model.parameters(),
             optimizer_class=OPTIMIZER_CLASSES[work.spec.optimizer.name],

@@ -21,7 +21,7 @@ from memexp import analytic, results
 from memexp.callbacks import collect_results
 from memexp.config import DEVICE_TYPES, ExperimentSpec
 from memexp.devices import BACKENDS
-from memexp.measure.tracker import CATEGORY_FIELDS
+from memexp.measure.tracker import CATEGORY_FIELDS, SHARDED_FIELDS
 from memexp.plan import CheckpointPlan
 from memexp.results import RESULT_FILE, RunResult, read_result, write_result
 from memexp.runner import run_job
@@ -35,6 +35,7 @@ COUNTS = {
     "schema_version", "job_num", "seq_len", "batch_size", "seed", "param_count",
     "time_warmup", "time_repeats", "loss_first_step", "time_threads", "time_interop_threads",
     "time_cpus", "time_load_before", "time_load_after",  # load averages: runnable tasks
+    "world_size",  # ranks
 }  # fmt: skip
 UNIT_NAME = re.compile(
     r".*(_bytes|_ms_median|_ms_min|_ms_max|_ms_iqr|_pct|_s|_per_s_median)$|^flops_.*"
@@ -117,8 +118,9 @@ def test_figures_of_the_baseline_job(
 
 
 def test_tracker_breakdown_adds_up_to_the_peak(record: dict) -> None:
-    categories = set(CATEGORY_FIELDS.values())
+    categories = set(CATEGORY_FIELDS.values()) - set(SHARDED_FIELDS)
     assert sum(record[field] for field in categories) == record["peak_bytes"]
+    assert [record[field] for field in SHARDED_FIELDS] == [None] * 3  # one device: no shards
     assert record["peak_bytes"] == max(
         v for k, v in record["phase_bytes"].items() if k.endswith("_peak")
     )
