@@ -125,15 +125,22 @@ def outside_layers_bytes(b: int, s: int, h: int, v: int) -> int:
 def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     """Bytes autograd keeps for backward after the forward and loss of `spec` under `plan`.
 
-    Offloading moves these bytes to host memory without changing them, so an offloading plan
-    has the same figure. Covers fp32 with either attention core; op-level policies decide
-    per operator at run time and have no closed form here.
+    Offloading moves these bytes to host memory or disk without changing them, so an
+    offloading plan has the same figure. Covers fp32 with either attention core; op-level
+    policies decide per operator at run time, and compressed storage per saved tensor
+    (memexp.storage), so neither has a closed form here.
     """
     model = spec.model
     if spec.precision != "fp32":
         raise ConfigError("precision", spec.precision, "fp32 (the closed form's dtype)")
     if plan.op_policy is not None:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
+    if plan.selective:
+        raise ConfigError("plan.selective", plan.selective, "() (no closed form per operator)")
+    if plan.storage not in ("keep", "host", "disk"):
+        raise ConfigError(
+            "plan.storage", plan.storage, "keep, host or disk (compression has no closed form)"
+        )
 
     b, s, h = spec.batch_size, spec.seq_len, model.hidden
     total = outside_layers_bytes(b, s, h, model.vocab_size)
@@ -293,11 +300,11 @@ def step_floor_bytes(spec: ExperimentSpec, plan: CheckpointPlan, multi_tensor: b
 
     Both terms are alive at once in every real step: at the optimizer step's peak, and at the end
     of the forward (weights, the previous step's optimizer state, the batch and what autograd
-    keeps). Where the activations have no closed form (bf16, op-level policies) they count zero,
-    so the bound stays a bound.
+    keeps). Where the activations have no closed form (bf16, op-level policies, compression) or
+    leave the device (offloading) they count zero, so the bound stays a bound.
     """
     try:
-        activations = saved_activation_bytes(spec, plan)
+        activations = saved_activation_bytes(spec, plan) if plan.storage == "keep" else 0
     except ConfigError:
         activations = 0
     forward_end = (

@@ -17,6 +17,16 @@ ATTENTION_KINDS = ("naive", "sdpa")
 FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
 DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
 IMAGINED_DEVICES = ("cuda", "cpu")
+# The rates the adaptive planner's roofline assumes when `device.peak_tflops` or
+# `device.memory_gbps` is not given, per imagined device: (peak TFLOP/s, memory GB/s). cuda: an
+# H200 (989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e), as the fake device's 141 GiB imagines; cpu: a
+# many-core server socket (2 TFLOP/s fp32 FMA, 200 GB/s DDR5). Only their ratio shapes a plan:
+# it says how dear memory-bound recomputation (softmax, GELU, LayerNorm) is against matmuls.
+ROOFLINE_DEFAULTS: dict[str, tuple[float, float]] = {"cuda": (989.0, 4800.0), "cpu": (2.0, 200.0)}
+# The links the planner prices an offloading option's transfers over when `device.host_gbps` or
+# `device.disk_gbps` is not given, in GB/s each way: the fake preset's (PCIe 5.0 x16 pinned
+# copies; one PCIe 4.0 NVMe drive).
+LINK_DEFAULTS_GBPS: dict[str, float] = {"host": 55.0, "disk": 7.0}
 PRECISIONS = ("fp32", "bf16")
 # What a job returns to Hydra's sweeper (`objective`); memexp.objective reads each from the record.
 OBJECTIVES = ("step_ms", "peak_bytes", "forward_backward_peak_bytes", "tokens_per_s")
@@ -88,8 +98,15 @@ class DeviceConfig:
     # For step-time estimates from FLOPs (fake device): peak TFLOP/s and the fraction reached.
     peak_tflops: float | None = None
     utilization: float = 0.4
+    # The memory rate in GB/s (10^9 bytes), for the planner's roofline of memory-bound ops;
+    # None: the imagined device's (ROOFLINE_DEFAULTS), as is peak_tflops there when None.
+    memory_gbps: float | None = None
     # Fake device: whose default code paths the step follows where PyTorch lets us choose.
     imagine: str = "cuda"
+    # GB/s (10⁹ bytes a second) of the host link and of the disk, for offloading's transfer
+    # time in predictions; None: not estimated. conf/device/fake.yaml sets the imagined H200's.
+    host_gbps: float | None = None
+    disk_gbps: float | None = None
 
 
 @dataclass
@@ -203,6 +220,21 @@ class ExperimentSpec:
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
+
+    @property
+    def roofline_rates(self) -> tuple[float, float]:
+        """(peak TFLOP/s, memory GB/s): the device's given ones, else its imagined device's."""
+        peak, memory = ROOFLINE_DEFAULTS[self.imagined_device]
+        settings = self.device_settings
+        return (
+            peak if settings.peak_tflops is None else settings.peak_tflops,
+            memory if settings.memory_gbps is None else settings.memory_gbps,
+        )
+
+    def link_gbps(self, kind: str) -> float:
+        """GB/s each way to where `kind` (host or disk) offloads: the device's, else the default."""
+        given = {"host": self.device_settings.host_gbps, "disk": self.device_settings.disk_gbps}
+        return LINK_DEFAULTS_GBPS[kind] if given[kind] is None else given[kind]
 
     @property
     def imagined_device(self) -> str:

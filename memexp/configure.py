@@ -95,6 +95,9 @@ def _require_positive_number(name: str, value: float | None, unit: str) -> None:
 def _validate_device(settings: DeviceConfig) -> None:
     _require_positive_number("device.memory_gb", settings.memory_gb, "GiB")
     _require_positive_number("device.peak_tflops", settings.peak_tflops, "TFLOP/s")
+    _require_positive_number("device.memory_gbps", settings.memory_gbps, "GB/s")
+    _require_positive_number("device.host_gbps", settings.host_gbps, "GB/s")
+    _require_positive_number("device.disk_gbps", settings.disk_gbps, "GB/s")
     if not 0 < settings.utilization <= 1:
         raise ConfigError(
             "device.utilization", settings.utilization, "a fraction of peak in (0, 1]"

@@ -4,8 +4,10 @@ The runner asks `backend_for(spec)` and never names a device. Every backend answ
 two questions, as figures and never as records (memexp.record writes them):
 
 * `measure(spec, plan)`: the step's FLOPs, its memory, its times (or none), the bytes saved for
-  backward, the parameter count and, on the fake device, what the prediction adds (whether it
-  fits the imagined device, an estimated step time, the host memory offloading would use);
+  backward, the parameter count, what the plan's storage packed (and, for a lossy storage on a
+  real device, the gradients' error; for offloading, its transfers) and, on the fake device,
+  what the prediction adds (whether it fits the imagined device, an estimated step time, the
+  host memory offloading would use);
 * `time_units(spec)`: one timed forward of each recomputable unit, which the adaptive strategy
   records beside the FLOPs it plans with (none where nothing runs).
 
@@ -18,6 +20,7 @@ never by patching the runner.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,13 +36,17 @@ from memexp.estimate import (
     predict_job,
     step_flops_without_checkpointing,
 )
+from memexp.measure.fidelity import GRADIENT_ERROR_SOURCE, gradient_error
 from memexp.measure.flops import step_flops
+from memexp.measure.link import HOST_LINK_SOURCE, measure_host_link_gbps, offload_transfer
 from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.timing import StoppingRule, time_steps, time_units
 from memexp.model import parameter_count
+from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.results import InfeasibleError, NotApplicableError
+from memexp.storage import COMPRESSED_KINDS, OFFLOAD_KINDS, StorageLedger
 from memexp.text import format_bytes
 from memexp.training import build_workload
 
@@ -70,6 +77,7 @@ class Figures:
     times: StepTimes | None = None
     loss_first_step: float | None = None
     prediction: dict[str, Any] = field(default_factory=dict)  # the fake device's extras
+    storage: dict[str, Any] = field(default_factory=dict)  # `storage_*`: what the storage did
 
     @property
     def peak_bytes(self) -> int:
@@ -105,6 +113,8 @@ class MeasuredBackend:
     time_source: str
     multi_tensor_optimizer: bool  # PyTorch's default optimizer path for this device's tensors
     host_memory: bool = False
+    # Measures the host link's GB/s when a plan offloads to host memory (a GPU's backend).
+    host_link_gbps: Callable[[torch.device], float] | None = None
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
         if spec.parallel.name != PARALLEL_NONE:
@@ -114,10 +124,16 @@ class MeasuredBackend:
             )
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
+        enter_phase("count FLOPs")
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
+        fidelity = measured_fidelity(spec, plan)  # before the job's own model exists
+        enter_phase("build")
         work = build_workload(spec, plan, spec.device)
         timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
+        storage = {**fidelity, **self._storage_figures(spec, plan, work.storage_ledger)}
+        enter_phase("memory step")
+        memory = measure_memory(work)
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
@@ -132,8 +148,26 @@ class MeasuredBackend:
             ),
             loss_first_step=timings.first_loss,
             saved_activation_bytes=timings.saved_activation_bytes,
-            memory=measure_memory(work),
+            storage=storage,
+            memory=memory,
         )
+
+    def _storage_figures(
+        self, spec: ExperimentSpec, plan: CheckpointPlan, ledger: StorageLedger
+    ) -> dict[str, Any]:
+        """The ledger of the warm-up and timed steps, per step; for offloading to host memory
+        on a GPU, the link measured here and the transfer time it gives."""
+        if plan.storage == "keep":
+            return {}
+        figures = ledger_figures(ledger, measured=True)
+        if plan.storage == "host" and self.host_link_gbps is not None:
+            gbps = self.host_link_gbps(torch.device(spec.device))
+            figures.update(
+                storage_host_gbps_measured=gbps,
+                storage_host_gbps_source=HOST_LINK_SOURCE,
+                **storage_transfer(plan.storage, ledger, gbps, None, through_host=True),
+            )
+        return figures
 
     def time_units(self, spec: ExperimentSpec) -> dict[str, float]:
         return time_units(spec)
@@ -153,6 +187,7 @@ class PredictedBackend:
                 "parallel.cpu_offload is not predicted: on fake tensors here the host and the "
                 "device are one CPU, so offloaded states cannot be told from the rank's own"
             )
+        enter_phase("predict")
         prediction = predict_job(spec, plan)
         time_source, extras = prediction_extras(spec, prediction)
         return Figures(
@@ -162,6 +197,7 @@ class PredictedBackend:
             saved_activation_bytes=prediction.saved_activation_bytes,
             time_source=time_source,
             prediction=extras,
+            storage=predicted_storage(spec, plan, prediction, extras),
             memory=prediction.memory,
         )
 
@@ -199,11 +235,101 @@ def prediction_extras(spec: ExperimentSpec, prediction: Prediction) -> tuple[str
     return TIME_SOURCE_ESTIMATE, extra
 
 
+# Why a fake-device record has no gradient error.
+FIDELITY_NOT_MEASURED = "not measured: fake tensors hold no values"
+TRANSFER_SOURCE = "closed form from fake-tensor bytes"
+
+
+def measured_fidelity(spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
+    """A lossy storage's gradient error, measured on the job's device (memexp.measure.fidelity)."""
+    if not plan.storage_kinds & set(COMPRESSED_KINDS):
+        return {}
+    enter_phase("gradient error")
+    error = gradient_error(spec, plan)
+    release_memory()
+    return {
+        "storage_grad_rel_error": error.relative_error,
+        "storage_grad_rel_error_worst": error.worst_relative_error,
+        "storage_grad_rel_error_worst_parameter": error.worst_parameter,
+        "storage_loss": error.loss,
+        "storage_reference_loss": error.reference_loss,
+        "storage_grad_error_source": GRADIENT_ERROR_SOURCE,
+    }
+
+
+def ledger_figures(ledger: StorageLedger, measured: bool) -> dict[str, Any]:
+    """What the storage packed, per step; seconds only where the step really ran."""
+    per_step = ledger.per_context()
+    figures: dict[str, Any] = {
+        "storage_tensors": per_step["tensors"],
+        "storage_source_bytes": int(per_step["source_bytes"]),
+        "storage_stored_bytes": int(per_step["stored_bytes"]),
+        "storage_restored_bytes": int(per_step["restored_bytes"]),
+        "storage_steps": ledger.contexts,
+    }
+    if measured:
+        figures.update(storage_pack_ms=per_step["pack_ms"], storage_unpack_ms=per_step["unpack_ms"])
+    return figures
+
+
+def storage_transfer(
+    kind: str,
+    ledger: StorageLedger,
+    host_gbps: float | None,
+    disk_gbps: float | None,
+    through_host: bool,
+) -> dict[str, Any]:
+    """Offloading's transfer time per step from the ledger's bytes (memexp.measure.link)."""
+    if kind not in OFFLOAD_KINDS:
+        return {}
+    per_step = ledger.per_context()
+    transfer = offload_transfer(
+        kind,
+        per_step["stored_bytes"],
+        per_step["restored_bytes"],
+        host_gbps,
+        disk_gbps,
+        through_host,
+    )
+    return {f"storage_{key}": value for key, value in transfer.items()}
+
+
+def predicted_storage(
+    spec: ExperimentSpec, plan: CheckpointPlan, prediction: Prediction, extras: dict[str, Any]
+) -> dict[str, Any]:
+    """The fake device's storage figures: the tracked step's ledger (bytes, no times), the
+    transfer time of offloading from the device's bandwidths (added to the estimated step
+    time: not overlapped), and why a lossy storage has no gradient error."""
+    if plan.storage == "keep" or prediction.storage is None:
+        return {}
+    figures = ledger_figures(prediction.storage, measured=False)
+    if plan.storage in COMPRESSED_KINDS:
+        figures["storage_grad_error_note"] = FIDELITY_NOT_MEASURED
+    settings = spec.device_settings
+    through_host = settings.imagine == "cuda"
+    transfer = storage_transfer(
+        plan.storage, prediction.storage, settings.host_gbps, settings.disk_gbps, through_host
+    )
+    if transfer:
+        transfer["storage_transfer_source"] = TRANSFER_SOURCE
+        if "estimated_step_ms" in extras:
+            transfer["storage_estimated_step_with_transfer_ms"] = (
+                extras["estimated_step_ms"] + transfer["storage_transfer_ms"]
+            )
+    elif prediction.storage.stored_bytes and plan.storage in OFFLOAD_KINDS:
+        transfer["storage_transfer_note"] = "not estimated: set device.host_gbps/disk_gbps"
+    return {**figures, **transfer}
+
+
 # Keyed by `spec.device` (validation resolves `auto`); the fake device looks its imagined
 # device up here too, for the optimizer path it follows.
 BACKENDS: dict[str, Backend] = {
     "cpu": MeasuredBackend("perf_counter", multi_tensor_optimizer=False, host_memory=True),
-    "cuda": MeasuredBackend("cuda_synchronized_perf_counter", multi_tensor_optimizer=True),
+    "cuda": MeasuredBackend(
+        "cuda_synchronized_perf_counter",
+        multi_tensor_optimizer=True,
+        host_link_gbps=measure_host_link_gbps,
+    ),
     FAKE_DEVICE: PredictedBackend(),
 }
 

@@ -24,7 +24,7 @@ FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,17 +35,17 @@ from memexp.measure.fake_world import fake_ranks
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
 from memexp.measure.timing import first_step
+from memexp.memo import cached
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
 from memexp.sharded_states import gradient_bucket_bytes
 from memexp.sharding import shard_workload
+from memexp.storage import IMAGINED_HOST, StorageLedger
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
 TIME_SOURCE_ESTIMATE = "estimate_from_flops"
-# Stands for host memory on the fake device: offloaded tensors are tracked there, apart.
-IMAGINED_HOST = torch.device("meta")
 # The batch search stops doubling here, so a budget nothing reaches still ends.
 MAX_AUTO_BATCH = 1 << 16
 
@@ -59,27 +59,13 @@ class Prediction:
     host_peak_bytes: int | None  # offloaded saved tensors in host memory (imagine=cuda only)
     saved_activation_bytes: int | None = None  # None: not counted (a peak-only prediction)
     flops_step: int | None = None  # forward, loss and backward, recomputation included
+    storage: StorageLedger | None = None  # what the tracked step's storage packed and restored
 
 
 def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Run the `foreach` implementation, PyTorch's default for CUDA tensors (not for CPU ones)."""
     for group in optimizer.param_groups:
         group["foreach"] = True
-
-
-@contextlib.contextmanager
-def held_in_host_memory() -> Iterator[None]:
-    """`save_on_cpu` as a GPU sees it: saved tensors move to host memory, come back for backward."""
-
-    def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-        return tensor.device, tensor.to(IMAGINED_HOST)
-
-    def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-        device, tensor = packed
-        return tensor.to(device)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 def _warm_up(work: Workload) -> tuple[int, int]:
@@ -132,8 +118,8 @@ def _predict_rank(
     counts: bool,
     mesh: DeviceMesh | None,
 ) -> Prediction:
-    mode, work = fake_workload(spec, plan)
-    offload_to_host = plan.offload and imagine == "cuda"
+    mode, work = fake_workload(spec, plan, host_apart=imagine == "cuda")
+    offload_to_host = plan.storage == "host" and imagine == "cuda"
     saved = flops = None
     with mode:
         shard_workload(work, mesh)
@@ -143,11 +129,8 @@ def _predict_rank(
             saved, flops = _warm_up(work)
         else:
             _create_optimizer_state(work)
-        if offload_to_host:
-            work.plan = replace(plan, offload=False)  # the host hooks below stand in for it
-        placement = held_in_host_memory() if offload_to_host else contextlib.nullcontext()
-        with placement:
-            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+        work.storage_ledger = StorageLedger()  # the tracked step's own
+        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
     return Prediction(
         memory=memory,
         param_count=parameter_count(work.model),
@@ -156,6 +139,7 @@ def _predict_rank(
         else None,
         saved_activation_bytes=saved,
         flops_step=flops,
+        storage=work.storage_ledger,
     )
 
 
@@ -178,12 +162,20 @@ def with_gradient_buckets(prediction: Prediction, bucket_bytes: int) -> Predicti
     return replace(prediction, memory=shifted)
 
 
+NO_CHECKPOINT_FLOPS = "flops_no_checkpoint"  # its name in a sweep's cache (memexp.memo)
+
+
 def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:
-    """The step's FLOPs with nothing recomputed, from models of one and two layers.
+    """The step's FLOPs with nothing recomputed, from models of one and two layers; counted once
+    per workload in a sweep (memexp.memo), whatever the strategy.
 
     Every layer does the same FLOPs, so FLOPs are exactly affine in depth: counting two shallow
     models costs a fraction of counting the deep one.
     """
+    return cached(NO_CHECKPOINT_FLOPS, spec, lambda: _count_without_checkpointing(spec))
+
+
+def _count_without_checkpointing(spec: ExperimentSpec) -> int:
 
     def flops_at(layers: int) -> int:
         shallow = replace(spec, model=replace(spec.model, layers=layers))

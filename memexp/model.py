@@ -11,9 +11,11 @@ changes which tensors dominate memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,9 +24,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from memexp.config import ModelConfig
-from memexp.plan import CheckpointPlan, Part
+from memexp.plan import LAYER, CheckpointPlan, Part
 
 ContextFactory = Callable[[], Any]
+# Opens a saved-tensor storage of one kind (memexp.storage, handed in by memexp.training).
+StorageContext = Callable[[str], contextlib.AbstractContextManager]
 
 _aten = torch.ops.aten
 # The operators of each policy in `memexp.plan.OP_POLICY_NAMES`: the operators whose outputs a checkpointed
@@ -64,6 +68,29 @@ def run_checkpointed(
     )
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """How one unit is recomputed: whole (`context_fn` None) or under an op-level policy's
+    selective checkpoint context, which keeps the outputs of the policy's operators."""
+
+    context_fn: ContextFactory | None = None
+
+    def run(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return run_checkpointed(fn, *args, context_fn=self.context_fn)
+
+
+# What one layer recomputes: unit name (`memexp.plan.UNITS`) → how; a unit absent is kept.
+LayerUnits = Mapping[str, Recompute]
+
+
+def layer_units(plan: CheckpointPlan, layer: int) -> dict[str, Recompute]:
+    """The units `plan` recomputes in `layer` (outside its segments), each with how."""
+    units = {part.value: Recompute() for part in plan.parts_of(layer)}
+    for unit, policy in plan.selective_of(layer).items():
+        units[unit] = Recompute(op_policy_context(policy))
+    return units
+
+
 def naive_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -85,11 +112,11 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(hidden, hidden, bias=bias)
         self.core = ATTENTION_CORES[kind]
 
-    def forward(self, x: torch.Tensor, recompute_core: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, core: Recompute | None = None) -> torch.Tensor:
         batch, seq, hidden = x.shape
         qkv = self.qkv(self.norm(x)).view(batch, seq, 3, self.heads, hidden // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        context = run_checkpointed(self.core, q, k, v) if recompute_core else self.core(q, k, v)
+        context = self.core(q, k, v) if core is None else core.run(self.core, q, k, v)
         context = context.transpose(1, 2).reshape(batch, seq, hidden)
         return x + self.out(context)
 
@@ -111,12 +138,21 @@ class TransformerLayer(nn.Module):
         self.attention = AttentionBlock(cfg.hidden, cfg.heads, cfg.attention, cfg.bias)
         self.ffn = FeedForwardBlock(cfg.hidden, cfg.ffn_hidden, cfg.bias)
 
-    def forward(self, x: torch.Tensor, parts: frozenset[Part] = frozenset()) -> torch.Tensor:
-        if Part.ATTENTION in parts:
-            x = run_checkpointed(self.attention, x)
+    def forward(self, x: torch.Tensor, units: LayerUnits | None = None) -> torch.Tensor:
+        """One layer, each unit in `units` recomputed as it says (nothing given: all kept)."""
+        units = units or {}
+        if LAYER in units:
+            return units[LAYER].run(self._blocks, x, {})
+        return self._blocks(x, units)
+
+    def _blocks(self, x: torch.Tensor, units: LayerUnits) -> torch.Tensor:
+        attention = units.get(Part.ATTENTION.value)
+        if attention is not None:
+            x = attention.run(self.attention, x)
         else:
-            x = self.attention(x, recompute_core=Part.ATTENTION_CORE in parts)
-        return run_checkpointed(self.ffn, x) if Part.FFN in parts else self.ffn(x)
+            x = self.attention(x, core=units.get(Part.ATTENTION_CORE.value))
+        ffn = units.get(Part.FFN.value)
+        return self.ffn(x) if ffn is None else ffn.run(self.ffn, x)
 
 
 class Transformer(nn.Module):
@@ -135,6 +171,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.plan = CheckpointPlan.nothing(cfg.layers)
         self.context_fn: ContextFactory | None = None
+        # How a layer the plan stores its own way stores its saved tensors; the model knows
+        # no storage, its workload hands one in (memexp.training.build_workload).
+        self.storage_context: StorageContext | None = None
 
     def apply_plan(self, plan: CheckpointPlan) -> None:
         """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
@@ -142,6 +181,14 @@ class Transformer(nn.Module):
             raise ValueError(f"plan is for {plan.num_layers} layers, model has {self.cfg.layers}")
         self.plan = plan
         self.context_fn = op_policy_context(plan.op_policy)
+
+    def _layer_storage(self, index: int) -> contextlib.AbstractContextManager:
+        kind = self.plan.storage_of(index)
+        if kind is None:
+            return contextlib.nullcontext()
+        if self.storage_context is None:
+            raise RuntimeError(f"layer {index} is stored as {kind}, and no storage was given")
+        return self.storage_context(kind)
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for index in range(start, end):
@@ -158,7 +205,8 @@ class Transformer(nn.Module):
                 x = run_checkpointed(self._run_layers, x, *segment, context_fn=self.context_fn)
                 index = segment[1]
             else:
-                x = self.layers[index](x, self.plan.parts_of(index))
+                with self._layer_storage(index):
+                    x = self.layers[index](x, layer_units(self.plan, index))
                 index += 1
         return self.head(self.norm(x))
 

@@ -21,10 +21,26 @@ class Part(str, Enum):
 
 # The largest unit a plan recomputes: one whole layer (a one-layer segment).
 LAYER = "layer"
+# Every unit of a layer a plan may recompute, smallest first.
+UNITS: tuple[str, ...] = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
 
 # The op-level policies a plan may name (`CheckpointPlan.op_policy`); memexp.model maps each to
 # the operators it keeps. Named here, without torch, so validating a config never imports it.
 OP_POLICY_NAMES: tuple[str, ...] = ("save_matmuls",)
+
+# How the tensors autograd saves for backward are stored (`CheckpointPlan.storage`);
+# memexp.storage implements each. Named here, without torch, so validating a config never
+# imports it. `keep`: as made; `bf16`, `fp8`, `int8`: compressed in place (lossy); `host`:
+# moved to host memory; `disk`: written to memory-mapped files.
+STORAGE_KINDS: tuple[str, ...] = ("keep", "bf16", "fp8", "int8", "host", "disk")
+# What `describe()` says of each kind but `keep`.
+STORAGE_DESCRIPTIONS = {
+    "bf16": "saved activations stored as bf16",
+    "fp8": "saved activations stored as fp8 (e4m3, one scale per tensor)",
+    "int8": "saved activations stored as int8 (one scale per last-dim channel)",
+    "host": "saved activations offloaded to host memory",
+    "disk": "saved activations offloaded to disk (memory-mapped files)",
+}
 
 
 @dataclass(frozen=True)
@@ -33,17 +49,27 @@ class CheckpointPlan:
 
     `segments` are half-open layer ranges each run under one checkpoint (only the segment's
     input is kept); `parts` name the sub-blocks recomputed inside layers outside any segment.
-    `op_policy` turns each segment into an op-level selective checkpoint; `offload` keeps the
-    saved activations in host memory.
+    `op_policy` turns each segment into an op-level selective checkpoint; `storage` says how
+    every tensor the plan saves for backward is stored (`STORAGE_KINDS`: kept, compressed, or
+    offloaded to host memory or disk), whatever is recomputed. `selective` names units (layer,
+    unit of `UNITS`, op policy) recomputed under their own op-level policy: the policy's
+    operators (matrix products under `save_matmuls`) keep their outputs and only the rest of
+    the unit is recomputed, so a plan may recompute one unit element-wise and another one
+    whole, layer by layer. `stored` names layers (layer, kind of `STORAGE_KINDS`) whose saved
+    tensors are stored their own way instead of the plan's `storage`.
     """
 
     num_layers: int
     segments: tuple[tuple[int, int], ...] = ()
     parts: tuple[tuple[int, Part], ...] = ()
     op_policy: str | None = None
-    offload: bool = False
+    storage: str = "keep"
+    selective: tuple[tuple[int, str, str], ...] = ()
+    stored: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.storage not in STORAGE_KINDS:
+            raise ValueError(f"unknown storage {self.storage!r}; known: {', '.join(STORAGE_KINDS)}")
         covered: set[int] = set()
         for start, end in self.segments:
             if not 0 <= start < end <= self.num_layers:
@@ -57,10 +83,28 @@ class CheckpointPlan:
                 raise ValueError(f"part {part.value} names layer {layer} outside the model")
             if layer in covered:
                 raise ValueError(f"layer {layer} is inside a segment and also has parts")
+        for layer, unit, policy in self.selective:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"selective {unit} names layer {layer} outside the model")
+            if unit not in UNITS:
+                raise ValueError(f"selective unit {unit!r} is not one of {', '.join(UNITS)}")
+            if policy not in OP_POLICY_NAMES:
+                raise ValueError(f"op policy {policy!r} is not one of {', '.join(OP_POLICY_NAMES)}")
+            if layer in covered:
+                raise ValueError(f"layer {layer} is inside a segment and also has a selective unit")
+        stored_layers = [layer for layer, _ in self.stored]
+        for layer, kind in self.stored:
+            if kind not in STORAGE_KINDS:
+                raise ValueError(f"layer {layer}: unknown storage {kind!r}")
+            if not 0 <= layer < self.num_layers or stored_layers.count(layer) > 1:
+                raise ValueError(f"stored layer {layer} is outside the model or named twice")
+            if layer in covered or LAYER in self.selective_of(layer):
+                raise ValueError(
+                    f"layer {layer} is recomputed whole and stored: a checkpoint keeps only its "
+                    "input, outside saved-tensor hooks' reach"
+                )
         for layer in range(self.num_layers):
-            chosen = self.parts_of(layer)
-            if Part.ATTENTION in chosen and Part.ATTENTION_CORE in chosen:
-                raise ValueError(f"layer {layer}: attention already contains attention_core")
+            _check_units(layer, [p.value for p in self.parts_of(layer)], self.selective_of(layer))
         if self.op_policy is not None and not self.segments:
             raise ValueError("an op-level policy applies to segments, and the plan has none")
 
@@ -71,6 +115,19 @@ class CheckpointPlan:
     def parts_of(self, layer: int) -> frozenset[Part]:
         return frozenset(part for index, part in self.parts if index == layer)
 
+    def selective_of(self, layer: int) -> dict[str, str]:
+        """The units of `layer` recomputed under an op-level policy, each with its policy."""
+        return {unit: policy for index, unit, policy in self.selective if index == layer}
+
+    @property
+    def storage_kinds(self) -> frozenset[str]:
+        """Every way the plan stores saved tensors: its own `storage` and its layers'."""
+        return frozenset({self.storage, *(kind for _, kind in self.stored)})
+
+    def storage_of(self, layer: int) -> str | None:
+        """How `layer`'s saved tensors are stored, where it differs from the plan's `storage`."""
+        return dict(self.stored).get(layer)
+
     def segment_starting_at(self, layer: int) -> tuple[int, int] | None:
         for segment in self.segments:
             if segment[0] == layer:
@@ -79,7 +136,12 @@ class CheckpointPlan:
 
     @property
     def recomputes_anything(self) -> bool:
-        return bool(self.segments or self.parts)
+        return bool(self.segments or self.parts or self.selective)
+
+    @property
+    def uses_op_policy(self) -> bool:
+        """Some unit keeps tensors in an op-level policy's cache, out of saved-tensor hooks' sight."""
+        return self.op_policy is not None or bool(self.selective)
 
     def describe(self) -> str:
         """One line a person can read: what is recomputed, and where."""
@@ -98,11 +160,23 @@ class CheckpointPlan:
                 by_part.setdefault(part, []).append(layer)
             for part, layers in by_part.items():
                 pieces.append(f"{part.value} recomputed in layers {_ranges(sorted(layers))}")
+            by_unit: dict[tuple[str, str], list[int]] = {}
+            for layer, unit, policy in self.selective:
+                by_unit.setdefault((unit, policy), []).append(layer)
+            for (unit, policy), layers in by_unit.items():
+                pieces.append(
+                    f"{unit} recomputed element-wise ({policy}) in layers {_ranges(sorted(layers))}"
+                )
             text = "; ".join(pieces)
         if self.op_policy:
             text += f"; op policy {self.op_policy}"
-        if self.offload:
-            text += "; saved activations offloaded to host memory"
+        if self.storage in STORAGE_DESCRIPTIONS:
+            text += "; " + STORAGE_DESCRIPTIONS[self.storage]
+        by_kind: dict[str, list[int]] = {}
+        for layer, kind in self.stored:
+            by_kind.setdefault(kind, []).append(layer)
+        for kind, layers in by_kind.items():
+            text += f"; in layers {_ranges(sorted(layers))} {kind} storage"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,18 +185,39 @@ class CheckpointPlan:
             "segments": [list(s) for s in self.segments],
             "parts": [[layer, part.value] for layer, part in self.parts],
             "op_policy": self.op_policy,
-            "offload": self.offload,
+            "storage": self.storage,
+            "selective": [list(entry) for entry in self.selective],
+            "stored": [list(entry) for entry in self.stored],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointPlan:
+        """Also reads records written before `storage` existed: `offload: true` is `host`."""
         return cls(
             num_layers=int(data["num_layers"]),
             segments=tuple((int(s), int(e)) for s, e in data.get("segments", [])),
             parts=tuple((int(layer), Part(part)) for layer, part in data.get("parts", [])),
             op_policy=data.get("op_policy"),
-            offload=bool(data.get("offload", False)),
+            storage=data.get("storage") or ("host" if data.get("offload") else "keep"),
+            selective=tuple(
+                (int(layer), str(unit), str(policy))
+                for layer, unit, policy in data.get("selective", [])
+            ),
+            stored=tuple((int(layer), str(kind)) for layer, kind in data.get("stored", [])),
         )
+
+
+def _check_units(layer: int, whole: list[str], selective: dict[str, str]) -> None:
+    """One layer's units may not overlap: each is recomputed one way, a layer holds its blocks
+    and the attention block its core."""
+    both = set(whole) & set(selective)
+    if both:
+        raise ValueError(f"layer {layer}: {', '.join(sorted(both))} recomputed two ways")
+    chosen = set(whole) | set(selective)
+    if LAYER in chosen and len(chosen) > 1:
+        raise ValueError(f"layer {layer}: the whole layer already contains its other units")
+    if Part.ATTENTION.value in chosen and Part.ATTENTION_CORE.value in chosen:
+        raise ValueError(f"layer {layer}: attention already contains attention_core")
 
 
 def _ranges(values: list[int]) -> str:

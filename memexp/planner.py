@@ -1,13 +1,23 @@
-"""The adaptive planner: profile what each recomputation unit costs and saves, predict the step's
-peak for any per-layer plan, and find the cheapest plan within a budget exactly.
+"""The adaptive planner: profile what each recomputation option costs and saves, predict the
+step's peak for any per-layer plan, and find the plan of least recompute time within a budget
+exactly.
 
 Units and options. In every layer a plan may recompute the attention core (QKᵀ, softmax, ·V),
-the attention sub-block, the FFN sub-block or the whole layer. A unit excludes its own
-sub-units, so one layer has seven options (`OPTIONS`): nothing, core, attention, FFN,
-core + FFN, attention + FFN, layer.
+the attention sub-block, the FFN sub-block or the whole layer, each either whole or
+element-wise (`unit@save_matmuls`: a selective checkpoint context that keeps the outputs of
+matrix products and fused attention and recomputes only LayerNorm, softmax, GELU, casts and
+copies). A unit excludes its own sub-units, so one layer has 17 options (`OPTIONS`): the
+attention side kept, its core or its block recomputed whole or element-wise (5 ways), times
+the FFN block kept, recomputed whole or element-wise (3 ways), plus the whole layer recomputed
+whole or element-wise. Every fixed strategy's layer is one of them: `op`'s is
+`layer@save_matmuls`, `full`'s `layer` (or `attention+ffn`), `selective`'s a single unit.
+Given storage kinds (`options_with_storage`), every option that still saves tensors (all but
+the whole layer recomputed) is offered once more per kind, `+saved:int8`: what the layer saves
+stored that way (memexp.storage; `CheckpointPlan.stored`), compressed on the device or
+offloaded to host memory or disk.
 
-Profile. All layers are identical, so one layer per option tells everything: a model of seven
-layers, layer i under option i, runs one forward and backward on fake tensors (no compute)
+Profile. All layers are identical, so one layer per option tells everything: a model of 17
+layers (more with storage kinds), layer i under option i, runs one forward and backward on fake tensors (no compute)
 under the project's tensor tracker, and phase marks from module and gradient hooks cut its
 timeline into the embedding, each layer's forward, the head's forward (norm, vocabulary
 projection, loss), the head's backward, each layer's backward and the embedding's backward.
@@ -25,6 +35,24 @@ and, from a second pass under the FLOP counter, the extra FLOPs of its backward 
 recomputation; non-reentrant checkpointing stops recomputing once every saved tensor is
 back, so a unit's last matmul, whose output nothing inside it saves, is not redone). After its
 backward a layer leaves only its weight gradients (g bytes), whatever it recomputed.
+
+Cost. The solver minimises recompute time, not FLOPs: an element-wise recomputation costs no
+matmul FLOPs but reads and writes its tensors, and softmax, GELU and LayerNorm are
+memory-bound. Each option's cost is the time its forward and backward take beyond those of
+the layer that recomputes nothing (a storage packs in the forward and unpacks in the
+backward), from one of two sources (`StepProfile.cost_source`):
+
+    roofline  the second pass prices every operator at max(FLOPs / peak rate, bytes moved /
+              memory rate) (memexp.measure.flops.RooflineClock; views move nothing), with
+              `device.peak_tflops` and `device.memory_gbps`, else the imagined device's rates
+              (memexp.config.ROOFLINE_DEFAULTS): deterministic, the fake device's source
+    measured  one layer at the job's shapes, its forward and backward timed on the job's
+              device under each option (`with_measured_costs`: median of repeats, interleaved,
+              less the layer that recomputes nothing; a negative difference is noise, 0)
+
+On the roofline an offloading option also pays its transfers: the bytes it takes off the
+device (what it holds less than the same option kept), out and back, over `device.host_gbps`
+or `device.disk_gbps` (`StepProfile.with_transfers`); measured, they are in the timing.
 
 Peak model. A plan is one option per layer, o_0 … o_{L-1}. With S the resting memory
 (parameters, optimizer state, batch: `memexp.analytic`), K_i and H_i what the layers before i
@@ -53,12 +81,17 @@ bf16, explicit and fused attention); on a GPU the allocator rounds and caches an
 differ from the CPU's the profile ran, so the adaptive strategy measures every plan and
 re-plans.
 
-Solver. Minimise the recompute FLOPs subject to every highest point being within the budget:
+Solver. Minimise the recompute time subject to every highest point being within the budget:
 a dynamic program over the layers whose state is what the layers so far keep and hold. A
-partial plan is dropped only when another keeps and holds no more, costs no more FLOPs and
-has no higher peak so far (every later constraint grows with kept and held bytes), so the
-optimum is never lost: the result is exact, as an exhaustive search confirms in the tests.
-Ties go to the lower predicted peak.
+partial plan is dropped only when another keeps and holds no more, costs no more time and
+(at equal time) has no higher peak so far: every later constraint grows with kept and held
+bytes, so the optimum is never lost and the result is exact, as an exhaustive search over all
+17^3 plans of a 3-layer model confirms in the tests. Sorted by kept bytes, the undominated
+partial plans are found with a staircase of (held, cost) and bisection, and options another
+option beats in every figure (kept, held, forward peak, held + backward peak, cost) are never
+extended, so 32 layers solve in well under a second of CPU (scripts/bench_solver.py). Ties go
+to the lower predicted peak. `leanest` first finds the lowest reachable peak the same way
+(dominance on bytes and peak), then the cheapest plan at that peak.
 
 Scope. The budget holds the highest point over one of two scopes (memexp.results.PEAK_FIELDS):
 `step`, every point above, or `forward_backward`, every point but the optimizer step's, which
@@ -68,47 +101,119 @@ plan. `predict` names every point, so it gives both peaks of a plan.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from memexp import analytic, sharded_states
 from memexp.config import ExperimentSpec
-from memexp.measure.flops import fake_workload, flop_counter
+from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
+from memexp.measure.timing import time_layer_steps
+from memexp.memo import cached
+from memexp.model import layer_units
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
 
-LayerOption = tuple[str, ...]  # the units one layer recomputes
-OPTIONS: tuple[LayerOption, ...] = (
-    (),
-    (Part.ATTENTION_CORE.value,),
-    (Part.ATTENTION.value,),
-    (Part.FFN.value,),
-    (Part.ATTENTION_CORE.value, Part.FFN.value),
-    (Part.ATTENTION.value, Part.FFN.value),
-    (LAYER,),
-)
-UNITS = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
+LayerOption = tuple[str, ...]  # how one layer runs: tokens (`unit_token`, `storage_token`)
+# The op-level policy of a unit recomputed element-wise: matrix products keep their outputs.
+ELEMENTWISE = "save_matmuls"
+SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that op policy
+STORAGE_MARK = "saved:"  # `saved:int8`: what the layer still saves, stored as int8
+OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (memexp.storage)
+
+
+def unit_token(unit: str, policy: str | None = None) -> str:
+    """A unit recomputed whole (`ffn`) or under an op-level policy (`ffn@save_matmuls`)."""
+    return unit if policy is None else f"{unit}{SELECTIVE_MARK}{policy}"
+
+
+def storage_token(kind: str) -> str:
+    """The layer's saved tensors stored as `kind` (memexp.storage), whatever it recomputes."""
+    return f"{STORAGE_MARK}{kind}"
+
+
+def _storage_kind(option: LayerOption) -> str | None:
+    for token in option:
+        if token.startswith(STORAGE_MARK):
+            return token.removeprefix(STORAGE_MARK)
+    return None
+
+
+def _layer_options() -> tuple[LayerOption, ...]:
+    """Every way to recompute one layer's units, the seven whole-unit options first.
+
+    The attention side is kept, its core or its block recomputed, whole or element-wise; the
+    FFN side likewise; or the whole layer, whole or element-wise (which is `op`'s layer).
+    """
+    core, attention, ffn = (p.value for p in (Part.ATTENTION_CORE, Part.ATTENTION, Part.FFN))
+    ways = (None, ELEMENTWISE)
+    attention_side = [()] + [(unit_token(u, w),) for u in (core, attention) for w in ways]
+    ffn_side = [()] + [(unit_token(ffn, w),) for w in ways]
+    blocks = [a + f for a in attention_side for f in ffn_side]
+    whole = [(unit_token(LAYER, w),) for w in ways]
+    first = [(), (core,), (attention,), (ffn,), (core, ffn), (attention, ffn), (LAYER,)]
+    return (*first, *[o for o in blocks + whole if o not in first])
+
+
+OPTIONS: tuple[LayerOption, ...] = _layer_options()
+
+
+def options_with_storage(kinds: Sequence[str]) -> tuple[LayerOption, ...]:
+    """`OPTIONS`, then each one that keeps something in saved tensors (not the whole layer
+    recomputed: a checkpoint keeps only its input) with that stored as each of `kinds`."""
+    stored = [
+        (*option, storage_token(kind))
+        for kind in kinds
+        for option in OPTIONS
+        if not any(token.partition(SELECTIVE_MARK)[0] == LAYER for token in option)
+    ]
+    return (*OPTIONS, *stored)
+
+
 PROFILE_SOURCE = "tensor_tracker_and_flop_counter_on_fake_tensors"
+COST_ROOFLINE = "roofline"  # per operator: max(FLOPs / peak rate, bytes moved / memory rate)
+COST_MEASURED = "measured"  # each option's backward timed on the job's device
+MEASURED_REPEATS = 5
 OPTIMIZER_POINT = "optimizer step"  # the one highest point outside forward and backward
+PASSES = ("forward", "backward")
 
 
 def option_name(option: LayerOption) -> str:
     return "+".join(option) or "nothing"
 
 
+def option_of(name: str) -> LayerOption:
+    """The option `option_name` names (no token holds a `+`)."""
+    return () if name == "nothing" else tuple(name.split("+"))
+
+
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments = tuple((i, i + 1) for i, option in enumerate(choices) if option == (LAYER,))
-    parts = tuple(
-        (i, Part(unit)) for i, option in enumerate(choices) if option != (LAYER,) for unit in option
+    segments, parts, selective, stored = [], [], [], []
+    for index, option in enumerate(choices):
+        for token in option:
+            unit, _, policy = token.partition(SELECTIVE_MARK)
+            if token.startswith(STORAGE_MARK):
+                stored.append((index, token.removeprefix(STORAGE_MARK)))
+            elif policy:
+                selective.append((index, unit, policy))
+            elif unit == LAYER:
+                segments.append((index, index + 1))
+            else:
+                parts.append((index, Part(unit)))
+    return CheckpointPlan(
+        len(choices),
+        segments=tuple(segments),
+        parts=tuple(parts),
+        selective=tuple(selective),
+        stored=tuple(stored),
     )
-    return CheckpointPlan(len(choices), segments=segments, parts=parts)
 
 
 # --- profiling -----------------------------------------------------------------------------
@@ -123,6 +228,7 @@ class OptionProfile:
     backward_peak_bytes: int
     cache_bytes: int  # of the kept bytes, those the end of the forward frees (autocast cache)
     recompute_flops: int  # its backward's FLOPs minus those of the same layer recomputing nothing
+    recompute_ps: int  # its backward's time minus that of the same layer recomputing nothing
 
     @property
     def held_bytes(self) -> int:
@@ -150,9 +256,34 @@ class StepProfile:
     layer_saved_bytes: int  # saved for backward by a layer recomputing nothing (saved-tensor hooks)
     outside_saved_bytes: int  # saved for backward outside the layers (embeddings, head, loss)
     layer_forward_flops: int
+    cost_source: str  # where `recompute_ps` comes from (COST_ROOFLINE or COST_MEASURED, …)
 
     def cost(self, option: LayerOption) -> int:
-        return self.options[option].recompute_flops
+        """What the solver minimises: the option's recompute time, in picoseconds."""
+        return self.options[option].recompute_ps
+
+    def with_transfers(self, spec: ExperimentSpec) -> StepProfile:
+        """Each offloading option's cost plus its transfers, out in the forward and back in the
+        backward, of the bytes it takes off the device (what it holds less than the same option
+        kept), at `spec.link_gbps`; nothing overlaps them with compute."""
+        costs, links = {}, set()
+        for option, stats in self.options.items():
+            costs[option] = stats.recompute_ps
+            kind = _storage_kind(option)
+            if kind in OFFLOADS:
+                kept = self.options[tuple(t for t in option if not t.startswith(STORAGE_MARK))]
+                away = kept.held_bytes - stats.held_bytes
+                costs[option] += round(2 * away * 1000 / spec.link_gbps(kind))
+                links.add(f"{kind} {spec.link_gbps(kind):g} GB/s")
+        if not links:
+            return self
+        transfers = f"; offloads add 2 × bytes taken off the device over {', '.join(sorted(links))}"
+        return self.with_costs(costs, self.cost_source + transfers)
+
+    def with_costs(self, recompute_ps: dict[LayerOption, int], source: str) -> StepProfile:
+        """The same profile with each option's recompute time taken from elsewhere."""
+        options = {o: replace(s, recompute_ps=recompute_ps[o]) for o, s in self.options.items()}
+        return replace(self, options=options, cost_source=source)
 
     @property
     def _after_head(self) -> int:
@@ -211,6 +342,7 @@ class PeakPrediction:
 
     points: dict[str, int]
     recompute_flops: int
+    recompute_ps: int
 
     def _in(self, scope: str) -> dict[str, int]:
         if scope == SCOPE_STEP:
@@ -254,7 +386,11 @@ def predict(profile: StepProfile, choices: Sequence[LayerOption]) -> PeakPredict
         points[f"backward of layer {index}"] = now + stats.backward_peak_bytes
         # the layer's held activations go; its weight gradients stay
         now += profile.layer_gradient_bytes - stats.held_bytes
-    return PeakPrediction(points, sum(profile.cost(option) for option in choices))
+    return PeakPrediction(
+        points,
+        recompute_flops=sum(profile.options[option].recompute_flops for option in choices),
+        recompute_ps=sum(profile.cost(option) for option in choices),
+    )
 
 
 class _PhaseMarks:
@@ -358,26 +494,63 @@ def _memory_phases(work: Workload) -> dict[str, _Phase]:
     return {name: phases[name] for name in order}
 
 
-def _flops_at_marks(work: Workload) -> dict[str, int]:
-    """FLOPs counted when each phase began (a separate pass: the counter's module hooks hold
-    tensors a little longer, which the memory pass must not see)."""
-    flops: dict[str, int] = {}
-    with flop_counter() as counter:
-        marks = _PhaseMarks(lambda name: flops.__setitem__(name, counter.get_total_flops()))
-        marks.run(work)
-    return flops
+def _counts_at_marks(work: Workload, rates: tuple[float, float]) -> dict[str, tuple[int, int]]:
+    """FLOPs and roofline picoseconds (at `rates`: peak TFLOP/s, memory GB/s) counted when
+    each phase began (a separate pass: the counter's module hooks hold tensors a little
+    longer, which the memory pass must not see)."""
+    counts: dict[str, tuple[int, int]] = {}
+    with flop_counter() as counter, RooflineClock(counter, *rates) as clock:
+
+        def mark(name: str) -> None:
+            counts[name] = (counter.get_total_flops(), clock.picoseconds)
+
+        _PhaseMarks(mark).run(work)
+    return counts
 
 
-def profile_step(spec: ExperimentSpec) -> StepProfile:
-    """Profile the job's layer under every option on fake tensors (no compute, any model size)."""
-    shallow = replace(spec, model=replace(spec.model, layers=len(OPTIONS)))
-    plan = plan_of(OPTIONS)
-    mode, work = fake_workload(shallow, plan)
+STEP_PROFILE = "step_profile"  # its name in a sweep's cache (memexp.memo)
+
+
+def profile_to_data(profile: StepProfile) -> dict[str, Any]:
+    """The profile as JSON data: options keyed by their names (`attention_core+ffn`, `nothing`)."""
+    data = asdict(profile)
+    data["options"] = {option_name(o): asdict(p) for o, p in profile.options.items()}
+    return data
+
+
+def profile_from_data(data: dict[str, Any]) -> StepProfile:
+    options = {option_of(name): OptionProfile(**fields) for name, fields in data["options"].items()}
+    return StepProfile(**{**data, "options": options})
+
+
+def profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str] = ()) -> StepProfile:
+    """Profile the job's layer under every option (`options_with_storage(storage_kinds)`) on
+    fake tensors (no compute, any model size); profiled once per workload and storage kinds
+    in a sweep (memexp.memo), whatever the strategy's other settings."""
+    figure = "-".join((STEP_PROFILE, *storage_kinds))
+    return cached(
+        figure,
+        spec,
+        lambda: _profile_step(spec, storage_kinds),
+        profile_to_data,
+        profile_from_data,
+    )
+
+
+def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepProfile:
+    """Offloaded tensors leave the device where the job's tensors stand for an accelerator's;
+    on a CPU host memory is where they already are."""
+    layer_options = options_with_storage(storage_kinds)
+    shallow = replace(spec, model=replace(spec.model, layers=len(layer_options)))
+    plan = plan_of(layer_options)
+    host_apart = spec.imagined_device == "cuda"
+    mode, work = fake_workload(shallow, plan, host_apart)
     with mode:
         phases = _memory_phases(work)
-    mode, work = fake_workload(shallow, plan)
+    rates = spec.roofline_rates
+    mode, work = fake_workload(shallow, plan, host_apart)
     with mode:
-        flops = _flops_at_marks(work)
+        counts = _counts_at_marks(work, rates)
         gradient_bytes = sum(
             p.numel() * p.element_size() for p in work.model.layers[0].parameters()
         )
@@ -386,13 +559,20 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
     def after(name: str) -> str:
         return names[names.index(name) + 1]
 
-    def backward_flops(index: int) -> int:
-        name = f"backward:{index}"
-        return flops[after(name)] - flops[name]
+    def spent(phase: str, k: int) -> int:
+        return counts[after(phase)][k] - counts[phase][k]
+
+    def option_counts(index: int) -> tuple[int, int]:
+        """What layer `index`'s option adds over the `nothing` layer (index 0): FLOPs in its
+        backward (what it recomputes), roofline picoseconds in its forward and backward (a
+        storage packs in the forward and unpacks in the backward)."""
+        flops = spent(f"backward:{index}", 0) - spent("backward:0", 0)
+        ps = sum(spent(f"{phase}:{index}", 1) - spent(f"{phase}:0", 1) for phase in PASSES)
+        return flops, ps
 
     options: dict[LayerOption, OptionProfile] = {}
     layer_saved: dict[LayerOption, int] = {}
-    for index, option in enumerate(OPTIONS):
+    for index, option in enumerate(layer_options):
         forward, backward_phase = phases[f"forward:{index}"], phases[f"backward:{index}"]
         forward_end = phases[after(f"forward:{index}")]
         backward_end = phases[after(f"backward:{index}")]
@@ -404,12 +584,14 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
                 f"a layer under {option_name(option)} frees {-cache} bytes more in its backward "
                 "than it kept; the peak model has no place for that"
             )
+        recompute_flops, recompute_ps = option_counts(index)
         options[option] = OptionProfile(
             kept_bytes=kept,
             forward_peak_bytes=forward.peak - forward.start,
             backward_peak_bytes=backward_phase.peak - backward_phase.start,
             cache_bytes=cache,
-            recompute_flops=backward_flops(index) - backward_flops(OPTIONS.index(())),
+            recompute_flops=recompute_flops,
+            recompute_ps=recompute_ps,
         )
     start = phases["embedding"].start
     head_forward, head_backward = phases["head_forward"], phases["head_backward"]
@@ -437,8 +619,35 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
         optimizer_peak_bytes=rank.optimizer_step_bytes + batch,
         layer_saved_bytes=layer_saved[()],
         outside_saved_bytes=phases["end"].saved - sum(layer_saved.values()),
-        layer_forward_flops=flops["forward:1"] - flops["forward:0"],
+        layer_forward_flops=counts["forward:1"][0] - counts["forward:0"][0],
+        cost_source=roofline_source(rates),
+    ).with_transfers(spec)
+
+
+def roofline_source(rates: tuple[float, float]) -> str:
+    peak, memory = rates
+    return (
+        f"{COST_ROOFLINE}: per operator max(FLOPs / {peak:g} TFLOP/s, bytes moved / "
+        f"{memory:g} GB/s), on fake tensors"
     )
+
+
+def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfile:
+    """`profile` with each option's cost measured on the job's device: one layer's forward and
+    backward under the option less under `nothing` (median of repeats; a difference below
+    zero is timing noise and counts as 0). Storage runs for real, its transfers included."""
+    ways = {
+        option: (layer_units(plan, 0), plan.storage_of(0))
+        for option in profile.options
+        for plan in (plan_of((option,)),)
+    }
+    ms = time_layer_steps(spec, ways, MEASURED_REPEATS)
+    costs = {option: max(0, round((ms[option] - ms[()]) * 1e9)) for option in profile.options}
+    source = (
+        f"{COST_MEASURED}: one layer's forward and backward per option on {spec.device}, median "
+        f"of {MEASURED_REPEATS}, less those of the layer that recomputes nothing"
+    )
+    return profile.with_costs(costs, source)
 
 
 # --- solving -------------------------------------------------------------------------------
@@ -447,6 +656,7 @@ def profile_step(spec: ExperimentSpec) -> StepProfile:
 @dataclass(frozen=True)
 class Solution:
     choices: tuple[LayerOption, ...]
+    recompute_ps: int  # the cost solved for: predicted recompute time, in picoseconds
     recompute_flops: int
     peak_bytes: int  # predicted, over the scope the plan was solved for
 
@@ -455,99 +665,181 @@ class Solution:
         return plan_of(self.choices)
 
 
+Rank = Callable[["_Partial"], Any]  # what a search minimises, compared as a whole
+Trail = tuple[LayerOption, Any] | None  # (last choice, the trail before it): a shared list
+
+
 @dataclass(frozen=True)
 class _Partial:
     """The first layers of a plan: bytes they keep in the forward and hold into the backward,
-    their recompute FLOPs, and the highest point so far."""
+    their recompute time (the cost), the highest point so far, and their choices."""
 
     kept: int
     held: int
     cost: int
     peak: int
-    choices: tuple[LayerOption, ...]
+    trail: Trail = None
 
-    def covers(self, other: _Partial) -> bool:
-        """No more bytes kept or held, no more FLOPs, no higher peak: `other` can be dropped."""
-        return (
-            self.kept <= other.kept
-            and self.held <= other.held
-            and self.cost <= other.cost
-            and self.peak <= other.peak
-        )
+    @property
+    def choices(self) -> tuple[LayerOption, ...]:
+        out: list[LayerOption] = []
+        node = self.trail
+        while node is not None:
+            out.append(node[0])
+            node = node[1]
+        return tuple(reversed(out))
 
 
-def _undominated(partials: list[_Partial]) -> list[_Partial]:
-    """Keep only the partial plans no other one covers (the first of identical ones).
+def _by_cost(partial: _Partial) -> tuple[int, int]:
+    return partial.cost, partial.peak
 
-    Every later constraint grows with kept and held bytes, so a covered partial plan can never
-    end better than the one covering it.
+
+def _by_peak(partial: _Partial) -> int:
+    return partial.peak
+
+
+def _undominated(partials: list[_Partial], rank: Rank) -> list[_Partial]:
+    """Keep only the partial plans no other one dominates: keeps and holds no more bytes and
+    ranks no worse (the first of identical ones).
+
+    Every later constraint grows with kept and held bytes, so a dominated partial plan can
+    never end better than the one dominating it. Sorted by kept bytes, a plan is dominated
+    exactly when one before it holds no more and ranks no worse: a staircase of the best rank
+    seen at each held size (held rising, rank falling) answers that by bisection.
     """
     frontier: list[_Partial] = []
-    ordered = sorted(partials, key=lambda p: (p.kept, p.held, p.cost, p.peak, _order(p.choices)))
-    for partial in ordered:
-        if not any(other.covers(partial) for other in frontier):
-            frontier.append(partial)
+    stair_held: list[int] = []
+    stair_rank: list[Any] = []
+    keyed = sorted((p.kept, p.held, rank(p), i) for i, p in enumerate(partials))
+    for _, held, value, i in keyed:
+        at = bisect.bisect_right(stair_held, held)
+        if at and stair_rank[at - 1] <= value:
+            continue
+        frontier.append(partials[i])
+        if at and stair_held[at - 1] == held:
+            at -= 1
+        end = at
+        while end < len(stair_held) and stair_rank[end] >= value:
+            end += 1
+        stair_held[at:end] = [held]
+        stair_rank[at:end] = [value]
     return frontier
 
 
-def _search(
-    profile: StepProfile, limit: int | None, objective: Callable[[Solution], Any], scope: str
-) -> Solution | None:
-    """The best plan by `objective` among those whose predicted peak over `scope` is within
-    `limit` bytes."""
+def _useful_options(profile: StepProfile, with_cost: bool) -> list[LayerOption]:
+    """The options no other one beats wherever it stands: keeps, holds, peaks in its forward
+    and (held + its backward's peak) no more, and, `with_cost`, costs no more. Dropping the
+    others loses no optimum and shrinks every step of the search."""
+
+    def figures(option: LayerOption) -> tuple[int, ...]:
+        s = profile.options[option]
+        own = (
+            s.kept_bytes,
+            s.held_bytes,
+            s.forward_peak_bytes,
+            s.held_bytes + s.backward_peak_bytes,
+        )
+        return (*own, s.recompute_ps) if with_cost else own
+
+    table = {option: figures(option) for option in profile.options}
+
+    def beats(a: LayerOption, b: LayerOption) -> bool:
+        return all(x <= y for x, y in zip(table[a], table[b], strict=True))
+
+    order = list(profile.options)
+    return [
+        b
+        for i, b in enumerate(order)
+        if not any(
+            beats(a, b) and (j < i or not beats(b, a)) for j, a in enumerate(order) if a != b
+        )
+    ]
+
+
+def _search(profile: StepProfile, limit: int | None, rank: Rank, scope: str) -> list[_Partial]:
+    """Every undominated whole plan (by `rank`) whose predicted peak over `scope` is within
+    `limit` bytes, with its peak."""
     fixed = max(profile.fixed_peaks(scope).values())
     if limit is not None and fixed > limit:
-        return None
-    frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed, choices=())]
+        return []
+    options = _useful_options(profile, with_cost=rank is _by_cost)
+    before_layers = profile.resting_bytes + profile.embedding_net_bytes
+    steps = []  # per option: kept, held, cost, forward point less kept, backward point less held
+    for option in options:
+        s = profile.options[option]
+        steps.append(
+            (
+                option,
+                s.kept_bytes,
+                s.held_bytes,
+                s.recompute_ps,
+                before_layers + s.forward_peak_bytes,
+                profile._after_head + s.held_bytes + s.backward_peak_bytes,
+            )
+        )
+    frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed)]
     for index in range(profile.layers):
+        gradients_above = (profile.layers - 1 - index) * profile.layer_gradient_bytes
         grown = []
         for partial in frontier:
-            for option, stats in profile.options.items():
+            for option, kept, held, cost, forward_point, backward_point in steps:
                 peak = max(
-                    partial.peak, profile.layer_peak(index, partial.kept, partial.held, option)
+                    partial.peak,
+                    forward_point + partial.kept,
+                    backward_point + partial.held + gradients_above,
                 )
                 if limit is not None and peak > limit:
                     continue
                 grown.append(
                     _Partial(
-                        kept=partial.kept + stats.kept_bytes,
-                        held=partial.held + stats.held_bytes,
-                        cost=partial.cost + stats.recompute_flops,
-                        peak=peak,
-                        choices=(*partial.choices, option),
+                        partial.kept + kept,
+                        partial.held + held,
+                        partial.cost + cost,
+                        peak,
+                        (option, partial.trail),
                     )
                 )
-        frontier = _undominated(grown)
+        frontier = _undominated(grown, rank)
     finals = []
     for partial in frontier:
         peak = max(partial.peak, profile.head_peak(partial.kept, partial.held))
         if limit is None or peak <= limit:
-            finals.append(Solution(partial.choices, partial.cost, peak))
-    return min(finals, key=objective, default=None)
+            finals.append(replace(partial, peak=peak))
+    return finals
 
 
-def _order(choices: Sequence[LayerOption]) -> tuple[int, ...]:
+def _solution(profile: StepProfile, partial: _Partial) -> Solution:
+    choices = partial.choices
+    flops = sum(profile.options[option].recompute_flops for option in choices)
+    return Solution(choices, partial.cost, flops, partial.peak)
+
+
+def _order(profile: StepProfile, choices: Sequence[LayerOption]) -> tuple[int, ...]:
     """Ties between equal plans go to the one with lighter options in earlier layers."""
-    return tuple(OPTIONS.index(option) for option in choices)
+    order = list(profile.options)
+    return tuple(order.index(option) for option in choices)
 
 
 def cheapest_within(
     profile: StepProfile, budget_bytes: int, scope: str = SCOPE_STEP
 ) -> Solution | None:
-    """The plan with the least recompute FLOPs whose predicted peak over `scope` is within the
-    budget."""
-    return _search(
-        profile,
-        budget_bytes,
-        lambda s: (s.recompute_flops, s.peak_bytes, _order(s.choices)),
-        scope,
+    """The plan with the least recompute time whose predicted peak over `scope` is within the
+    budget (the lowest peak among equals)."""
+    finals = [_solution(profile, p) for p in _search(profile, budget_bytes, _by_cost, scope)]
+    return min(
+        finals,
+        key=lambda s: (s.recompute_ps, s.peak_bytes, _order(profile, s.choices)),
+        default=None,
     )
+
+
+def lowest_peak(profile: StepProfile, scope: str = SCOPE_STEP) -> int:
+    """The lowest predicted peak over `scope` any plan reaches."""
+    return min(p.peak for p in _search(profile, None, _by_peak, scope))
 
 
 def leanest(profile: StepProfile, scope: str = SCOPE_STEP) -> Solution:
     """The plan with the lowest predicted peak over `scope` (the cheapest among equals)."""
-    solution = _search(
-        profile, None, lambda s: (s.peak_bytes, s.recompute_flops, _order(s.choices)), scope
-    )
-    assert solution is not None  # without a limit every plan is a candidate
+    solution = cheapest_within(profile, lowest_peak(profile, scope), scope)
+    assert solution is not None  # the lowest peak is some plan's
     return solution

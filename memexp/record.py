@@ -18,7 +18,7 @@ from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
 from memexp.measure.memory import MemoryMeasurement
-from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE
+from memexp.measure.saved import OP_POLICY_NOTE, SAVED_SOURCE, STORED_LAYERS_NOTE
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK, RunResult, write_json_atomic
 from memexp.strategies.base import Outcome
@@ -92,6 +92,7 @@ def write_figures(result: RunResult, plan: CheckpointPlan, figures: Figures, job
         _write_times(result, figures.times)
     _write_saved_bytes(result, plan, figures.saved_activation_bytes)
     result.extra.update(figures.prediction)
+    result.extra.update(figures.storage)
     _write_memory(result, figures.memory, job_dir)
 
 
@@ -126,9 +127,11 @@ def _write_times(result: RunResult, times: StepTimes) -> None:
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
     """The count, unless the plan keeps tensors where saved-tensor hooks cannot see them."""
     result.saved_source = SAVED_SOURCE
-    if plan.op_policy:
+    if plan.uses_op_policy or plan.stored:
         result.saved_activation_bytes = None
-        result.extra["saved_activation_note"] = OP_POLICY_NOTE
+        result.extra["saved_activation_note"] = (
+            OP_POLICY_NOTE if plan.uses_op_policy else STORED_LAYERS_NOTE
+        )
     else:
         result.saved_activation_bytes = counted
 
@@ -156,20 +159,20 @@ def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
         "" if parallel.name == PARALLEL_NONE else f" parallel={parallel.name}/{parallel.world_size}"
     )
     return (
-        f"[memexp] {spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
-        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}{ranks}\n"
-        f"[memexp] plan: {plan.describe()}"
+        f"{spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
+        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}{ranks}; "
+        f"plan: {plan.describe()}"
     )
 
 
 def describe_outcome(result: RunResult) -> str:
     """A failure's message; a prediction said as one (fake tensors); else the measured figures."""
     if result.status != STATUS_OK:
-        return f"[memexp] {result.status}: {result.message}"
+        return f"{result.status}: {result.message}"
     if result.memory_source == SOURCE_FAKE_TENSORS:
         return describe_prediction(result)
     return (
-        f"[memexp] step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
         f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
@@ -177,14 +180,53 @@ def describe_outcome(result: RunResult) -> str:
         f"{'' if result.time_stable else ' (not stable)'}, {result.time_threads} thread(s), "
         f"load {result.time_load_after:.1f} on {result.time_cpus} CPU(s), "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
+        f"{describe_storage(result)}"
     )
+
+
+def describe_storage(result: RunResult) -> str:
+    """What the plan's storage did, said after the figures ('' when it kept tensors as made)."""
+    extra = result.extra
+    if "storage_stored_bytes" not in extra:
+        return ""
+    kind = result.plan.storage if result.plan is not None else "?"
+    text = (
+        f"; storage {kind}: {format_bytes(extra['storage_stored_bytes'])} stored of "
+        f"{format_bytes(extra['storage_source_bytes'])} as made per step"
+    )
+    if "storage_pack_ms" in extra:
+        text += (
+            f" (pack {extra['storage_pack_ms']:.1f} ms, unpack {extra['storage_unpack_ms']:.1f} "
+            f"ms, read back {format_bytes(extra['storage_restored_bytes'])})"
+        )
+    if "storage_grad_rel_error" in extra:
+        text += (
+            f", gradient error {extra['storage_grad_rel_error']:.3%} (worst "
+            f"{extra['storage_grad_rel_error_worst']:.3%} in "
+            f"{extra['storage_grad_rel_error_worst_parameter']})"
+        )
+    if "storage_grad_error_note" in extra:
+        text += f", gradient error {extra['storage_grad_error_note']}"
+    if "storage_transfer_ms" in extra:
+        links = " then ".join(
+            f"{name} {gbps:g} GB/s" for name, gbps in extra["storage_transfer_links"].items()
+        )
+        source = extra.get("storage_transfer_source", extra.get("storage_host_gbps_source"))
+        text += (
+            f"; transfer ≈ {extra['storage_transfer_out_ms']:.2f} ms out + "
+            f"{extra['storage_transfer_back_ms']:.2f} ms back over {links} ({source}; not "
+            "overlapped with compute)"
+        )
+    if "storage_transfer_note" in extra:
+        text += f"; transfer {extra['storage_transfer_note']}"
+    return text
 
 
 def describe_prediction(result: RunResult) -> str:
     """The one line a fake-device job prints: predicted, with its sources, never 'measured'."""
     extra = result.extra
     text = (
-        f"[memexp] predicted step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"predicted step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
         f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)}, "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"
@@ -202,4 +244,4 @@ def describe_prediction(result: RunResult) -> str:
             f"; step ≈ {extra['estimated_step_ms']:,.1f} ms ({TIME_SOURCE_ESTIMATE}: "
             f"{extra['estimate_utilization']:.0%} of {extra['estimate_peak_tflops']:g} TFLOP/s)"
         )
-    return text
+    return text + describe_storage(result)

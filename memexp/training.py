@@ -7,8 +7,8 @@ these functions, so they all measure the same step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,17 @@ from torch import nn
 from memexp.config import ExperimentSpec
 from memexp.model import Transformer
 from memexp.plan import CheckpointPlan
+from memexp.storage import FORMATS, Format, StorageLedger, saved_tensor_storage
 
 
 @dataclass
 class Workload:
-    """Everything one step needs: the model under its plan, the optimizer and a fixed batch."""
+    """Everything one step needs: the model under its plan, the optimizer and a fixed batch.
+
+    The plan's `storage` is applied to every forward with `storage_formats` (the fake device
+    substitutes imagined host memory and disk; `disk` writes to the system's temporary folder,
+    $TMPDIR); `storage_ledger` adds up what every step packed.
+    """
 
     spec: ExperimentSpec
     model: Transformer
@@ -29,6 +35,13 @@ class Workload:
     tokens: torch.Tensor
     targets: torch.Tensor
     plan: CheckpointPlan
+    storage_formats: Mapping[str, Format] = field(default_factory=lambda: dict(FORMATS))
+    storage_ledger: StorageLedger = field(default_factory=StorageLedger)
+
+    def layer_storage(self, kind: str) -> contextlib.AbstractContextManager:
+        """One layer's own storage (`CheckpointPlan.stored`), in this workload's formats; the
+        ledger counts the plan-wide storage only."""
+        return saved_tensor_storage(kind, formats=self.storage_formats)
 
 
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
@@ -65,7 +78,9 @@ def build_workload(
     model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)
-    return Workload(spec, model, optimizer, tokens, targets, plan)
+    work = Workload(spec, model, optimizer, tokens, targets, plan)
+    model.storage_context = work.layer_storage
+    return work
 
 
 def autocast_context(spec: ExperimentSpec, device_type: str) -> contextlib.AbstractContextManager:
@@ -74,19 +89,18 @@ def autocast_context(spec: ExperimentSpec, device_type: str) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def saved_tensor_placement(work: Workload) -> Iterator[None]:
-    """Offloading plans keep what autograd saves in (pinned) host memory while the forward runs."""
-    if work.plan.offload:
-        pin = work.tokens.device.type == "cuda"
-        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-            yield
-    else:
-        yield
+def saved_tensor_placement(work: Workload) -> contextlib.AbstractContextManager:
+    """The plan's storage for what autograd saves while the forward runs (memexp.storage)."""
+    return saved_tensor_storage(
+        work.plan.storage,
+        formats=work.storage_formats,
+        ledger=work.storage_ledger,
+    )
 
 
 def forward_loss(work: Workload, in_place: bool = False) -> torch.Tensor:
-    """Forward and loss; `in_place` ignores offloading (to count saved tensors where they are made)."""
+    """Forward and loss; `in_place` installs no storage hooks, so that the caller's own (saved
+    tensors counted, memexp.measure.saved) see the tensors as made."""
     placement = contextlib.nullcontext() if in_place else saved_tensor_placement(work)
     with autocast_context(work.spec, work.tokens.device.type), placement:
         logits = work.model(work.tokens)

@@ -128,7 +128,7 @@ def test_nested_fields_are_flattened_into_prefixed_columns(tmp_path: Path) -> No
     )  # fmt: skip
     frame = load_results([tmp_path])
     job = frame.iloc[0]
-    assert (job.plan_num_layers, job.plan_offload) == (4, False)
+    assert (job.plan_num_layers, job.plan_storage) == (4, "keep")
     assert "plan_segments" not in frame  # a list: plans.csv holds it, one row per layer x unit
     assert "sweep_dir" not in frame  # `sweep` says it
     assert (job.env_torch, job.extra_budget_bytes) == ("2.6.0", 5)
@@ -218,9 +218,9 @@ def test_cli_expands_a_quoted_glob(two_sweeps: Path) -> None:
     assert not (two_sweeps / "sweep_a" / "summary.md").exists()
 
 
-def test_cli_fails_when_nothing_is_found(tmp_path: Path, capsys) -> None:
+def test_cli_fails_when_nothing_is_found(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert summarize.main([str(tmp_path)]) == 1
-    assert "no result.json" in capsys.readouterr().err
+    assert caplog.messages == [f"no result.json under {tmp_path}"]
 
 
 @pytest.fixture

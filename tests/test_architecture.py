@@ -20,11 +20,19 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
+    (
+        "text",
+        "sweepdir",
+        "plan",
+        "figures",
+        "interrupts",
+        "logs",
+    ),  # units, folder layout, data, signals, log lines
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
-    ("observe",),  # what a running job reports, to a listener or to no one
+    ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
+        "storage",
         "analytic",
         "environment",
         "scaling",
@@ -32,6 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "resume",
         "cli_help",
         "objective",
+        "progress",
     ),
     ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
     ("sharding",),  # one rank's share of a workload (fully_shard, ZeRO-1)
@@ -152,7 +161,17 @@ def test_no_import_cycles() -> None:
 
 
 # What the runner must reach only through interfaces (Strategy.execute, memexp.devices).
-STRATEGY_NAMES = ("none", "full", "sqrt", "selective", "every_n", "op", "offload", "adaptive")
+STRATEGY_NAMES = (
+    "none",
+    "full",
+    "sqrt",
+    "selective",
+    "every_n",
+    "op",
+    "offload",
+    "compress",
+    "adaptive",
+)
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 
 

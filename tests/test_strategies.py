@@ -80,7 +80,7 @@ def test_loss_and_gradients_equal_nones(
 def test_offloading_changes_neither_loss_nor_gradients(tiny_spec: SpecFn) -> None:
     """Run on the CPU the plan a GPU job would get: save_on_cpu round-trips every saved tensor."""
     spec = tiny_spec()
-    assert_same_step(spec, CheckpointPlan(spec.model.layers, offload=True))
+    assert_same_step(spec, CheckpointPlan(spec.model.layers, storage="host"))
 
 
 # --- recompute FLOPs --------------------------------------------------------------------------

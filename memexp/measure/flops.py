@@ -2,18 +2,24 @@
 
 `FlopCounterMode` counts matrix products (the FLOPs that matter); element-wise ops are not
 counted. Recomputation inside checkpoints is counted because the backward really runs it.
+`RooflineClock` turns the same run into time on an imagined device, element-wise ops included:
+each operator takes the longer of its FLOPs at the peak rate and its bytes at the memory rate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from memexp.config import ExperimentSpec
 from memexp.plan import CheckpointPlan
+from memexp.storage import fake_tensor_formats
 from memexp.training import Workload, backward, build_workload, forward_loss
 
 FLOPS_SOURCE = "flop_counter_fake_tensors"
@@ -37,10 +43,15 @@ def count_flops(run: Callable[[], None]) -> FlopCounterMode:
     return counter
 
 
-def fake_workload(spec: ExperimentSpec, plan: CheckpointPlan) -> tuple[FakeTensorMode, Workload]:
+def fake_workload(
+    spec: ExperimentSpec, plan: CheckpointPlan, host_apart: bool = False
+) -> tuple[FakeTensorMode, Workload]:
+    """The workload on fake tensors, with the plan's storage in its fake-tensor formats
+    (`host_apart`: offloading to host memory moves tensors off the device, as from a GPU)."""
     mode = FakeTensorMode()
     with mode:
         work = build_workload(spec, plan, "cpu")
+    work.storage_formats = fake_tensor_formats(host_apart)
     return mode, work
 
 
@@ -50,3 +61,47 @@ def step_flops(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     with mode:
         counter = count_flops(lambda: backward(forward_loss(work)))
     return int(counter.get_total_flops())
+
+
+def _is_view(func: Any) -> bool:
+    """An operator whose outputs alias its inputs without writing them moves no bytes."""
+    returns = func._schema.returns
+    return bool(returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in returns
+    )
+
+
+def _bytes_of(values: Any) -> int:
+    return sum(
+        leaf.numel() * leaf.element_size()
+        for leaf in tree_leaves(values)
+        if isinstance(leaf, torch.Tensor)
+    )
+
+
+class RooflineClock(TorchDispatchMode):
+    """Sums, over the operators run inside it, max(FLOPs / peak rate, bytes moved / memory
+    rate) in whole picoseconds (an integer, so sums are exact and plans compare exactly).
+
+    Enter it inside `counter` (a `flop_counter()`), which counts each operator's FLOPs; bytes
+    moved are the operator's tensor inputs and outputs; views, and operators that make no
+    tensor, move nothing.
+    """
+
+    def __init__(self, counter: FlopCounterMode, peak_tflops: float, memory_gbps: float) -> None:
+        super().__init__()
+        self.counter = counter
+        self.flops_per_ps = peak_tflops  # 1 TFLOP/s is one FLOP per picosecond
+        self.bytes_per_ps = memory_gbps / 1000.0
+        self.picoseconds = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)
+        written = _bytes_of(out)
+        if written and not _is_view(func):  # views and queries (a tensor's device) move nothing
+            flops = self.counter.get_total_flops() - before
+            moved = _bytes_of((args, kwargs)) + written
+            self.picoseconds += round(max(flops / self.flops_per_ps, moved / self.bytes_per_ps))
+        return out

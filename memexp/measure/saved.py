@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from memexp.storage import SavedTensorStorage
 
 SAVED_SOURCE = "saved_tensors_hooks"
 
@@ -30,22 +33,32 @@ def parameter_storages(model: nn.Module) -> set[StorageWeakRef]:
 
 
 @contextlib.contextmanager
-def counting_saved_bytes(model: nn.Module) -> Iterator[Callable[[], int]]:
+def counting_saved_bytes(
+    model: nn.Module, storage: SavedTensorStorage | None = None
+) -> Iterator[Callable[[], int]]:
     """Count the distinct non-parameter storages autograd saves inside the block.
 
-    Yields a function returning the total so far. Nested saved-tensor hooks (offloading) take
-    precedence over this one, so offloading plans are counted with their tensors kept in place.
+    Yields a function returning the total so far. Saved-tensor hooks do not compose (the
+    innermost pair alone runs), so a compressing `storage` packs inside these hooks and what it
+    holds is counted: compressed data and scales, as stored. Offloading is left out (the caller
+    runs the forward without its hooks): offloaded tensors are counted where they are made.
     """
     seen: dict[StorageWeakRef, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ref = StorageWeakRef(storage)
-        if ref not in parameter_storages(model):
-            seen[ref] = storage.nbytes()
-        return tensor
+    def pack(tensor: torch.Tensor) -> Any:
+        packed = storage.pack(tensor) if storage is not None else tensor
+        held = SavedTensorStorage.held(packed) if storage is not None else (tensor,)
+        for kept in held:
+            kept_storage = kept.untyped_storage()
+            ref = StorageWeakRef(kept_storage)
+            if ref not in parameter_storages(model):
+                seen[ref] = kept_storage.nbytes()
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def unpack(packed: Any) -> torch.Tensor:
+        return storage.unpack(packed) if storage is not None else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield lambda: sum(seen.values())
 
 
@@ -53,4 +66,10 @@ def counting_saved_bytes(model: nn.Module) -> Iterator[Callable[[], int]]:
 OP_POLICY_NOTE = (
     "not recorded: an op-level policy keeps its outputs in the selective-checkpoint cache, "
     "which saved-tensor hooks do not see; activations_bytes (tensor tracker) includes them"
+)
+
+# Why a plan whose layers store saved tensors their own way records no saved-bytes figure.
+STORED_LAYERS_NOTE = (
+    "not recorded: layers with their own storage pack what they save in their own hooks, "
+    "which the counting hooks do not see; activations_bytes (tensor tracker) includes them"
 )

@@ -10,7 +10,7 @@ Each timed step is reported, after its clock stopped, to the job's observer (`me
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,10 @@ from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 from memexp.config import ExperimentSpec, MeasureConfig
 from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
-from memexp.model import ATTENTION_CORES, TransformerLayer
-from memexp.observe import current_observer
+from memexp.model import ATTENTION_CORES, LayerUnits, TransformerLayer
+from memexp.observe import current_observer, enter_phase
 from memexp.plan import LAYER, Part
+from memexp.storage import in_place_storage, saved_tensor_storage
 from memexp.training import (
     Workload,
     autocast_context,
@@ -142,7 +143,7 @@ def first_step(work: Workload) -> tuple[torch.Tensor, int]:
     Returns the (detached) loss and the bytes saved for backward; the loss stays a tensor so the
     fake device, whose tensors hold no values, can run the same step.
     """
-    with counting_saved_bytes(work.model) as saved_so_far:
+    with counting_saved_bytes(work.model, in_place_storage(work.plan.storage)) as saved_so_far:
         loss = forward_loss(work, in_place=True)
         saved = saved_so_far()
     backward(loss)
@@ -154,6 +155,7 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
     """`warmup` untimed steps (the first also counts saved bytes), then timed ones until `rule`
     is done, with the load average read before and after them."""
     now = _clock(work.tokens.device)
+    enter_phase("warm-up")
     first_loss, saved = first_step(work)
     for _ in range(warmup - 1):
         train_step(work)
@@ -164,6 +166,7 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
         observer.on_step(phases, allocated_bytes(work.tokens.device))
         return phases
 
+    enter_phase("timed steps")
     load_before = load_average()
     samples, stable = repeat_until_done(timed_step, rule)
     return Timings(
@@ -210,3 +213,43 @@ def time_units(spec: ExperimentSpec) -> dict[str, float]:
     with autocast_context(spec, device.type):
         layer(x)
         return {unit: milliseconds(run) for unit, run in units.items()}
+
+
+def time_layer_steps(
+    spec: ExperimentSpec,
+    ways: Mapping[Hashable, tuple[LayerUnits, str | None]],
+    repeats: int = 5,
+) -> dict[Hashable, float]:
+    """Milliseconds of one layer's forward and backward on the job's device under each way of
+    running it (units recomputed, and a storage kind for what it saves, or None): what each
+    way costs in time, against the way that keeps all.
+
+    One layer at the job's batch and sequence, so any model that runs can be timed. Each
+    repeat runs every way once, in turn, so that a change of machine load falls on all of
+    them alike; the median of `repeats` is kept, after one untimed warm-up of each.
+    """
+    device = torch.device(spec.device)
+    now = _clock(device)
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        layer = TransformerLayer(spec.model)
+        x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
+        grad = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden)
+
+    def step_ms(units: LayerUnits, kind: str | None) -> float:
+        start = now()
+        with autocast_context(spec, device.type), saved_tensor_storage(kind or "keep"):
+            out = layer(x, units)
+        out.backward(grad)
+        elapsed = (now() - start) * 1000.0
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        return elapsed
+
+    samples: dict[Hashable, list[float]] = {key: [] for key in ways}
+    for round_ in range(repeats + 1):
+        for key, (units, kind) in ways.items():
+            ms = step_ms(units, kind)
+            if round_:  # the first round warms up
+                samples[key].append(ms)
+    return {key: spread(values).median for key, values in samples.items()}

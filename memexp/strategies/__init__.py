@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from memexp.strategies import adaptive, every_n, full, none, offload, op, selective, sqrt
+from memexp.strategies import (
+    adaptive,
+    compress,
+    every_n,
+    full,
+    none,
+    offload,
+    op,
+    selective,
+    sqrt,
+)
 from memexp.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -17,7 +27,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, Strategy] = {
     module.STRATEGY.name: module.STRATEGY
-    for module in (none, full, sqrt, selective, every_n, op, offload, adaptive)
+    for module in (none, full, sqrt, selective, every_n, op, offload, compress, adaptive)
 }
 
 

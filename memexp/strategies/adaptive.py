@@ -1,4 +1,4 @@
-"""`adaptive`: the plan with the least recompute FLOPs whose predicted peak fits a memory budget.
+"""`adaptive`: the plan with the least recompute time whose predicted peak fits a memory budget.
 
 The budget holds the peak over `budget_scope`: `forward_backward` (the default: forward, loss
 and backward, where checkpointing acts) or `step` (the whole step, the optimizer step included,
@@ -11,11 +11,16 @@ memory), which the searched batch must fit; otherwise midway between the `none` 
 peak and the lowest peak any plan reaches, both over the scope, so that `adaptive` is a point
 between `none` and the leanest plan rather than either end.
 
-Planning (memexp.planner) profiles the job's layer under each of its seven recomputation options
-on fake tensors, predicts the step's peak for any per-layer plan and solves for the cheapest
-plan within the budget exactly. `execute` then measures the plan's real peak and, if it is
-over budget (on a GPU the allocator rounds and the kernels differ from the profiled ones),
-tightens the planning budget by the overshoot and plans again, at most `max_rounds` plans.
+Planning (memexp.planner) profiles the job's layer under each of its options (each unit kept,
+recomputed whole or recomputed element-wise; with `storage` kinds, what the layer saves stored
+that way) on fake tensors, predicts the step's peak for any per-layer plan and solves for the
+plan of least recompute time within the budget exactly. The time each option adds to the
+layer's forward and backward is, by `cost_source`, `measured` (one layer timed per option on
+the job's device), `roofline` (each operator's max(FLOPs / device.peak_tflops, bytes moved /
+device.memory_gbps), deterministic) or `auto` (measured where the step runs, the roofline on
+the fake device). `execute` then measures the plan's real peak and, if it is over budget (on a
+GPU the allocator rounds and the kernels differ from the profiled ones), tightens the planning
+budget by the overshoot and plans again, at most `max_rounds` plans.
 A budget no plan meets is an answer, status `infeasible`, with the smallest achievable peak.
 What it planned, predicted and measured goes to the record as `extra["adaptive"]`.
 
@@ -27,10 +32,11 @@ registry imports this module for its schema and checks, and registering the sche
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memexp.config import ConfigError
+from memexp.config import FAKE_DEVICE, ConfigError
+from memexp.plan import STORAGE_KINDS, UNITS
 from memexp.results import PEAK_FIELDS, SCOPE_FORWARD_BACKWARD, SCOPE_STEP, InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import MIB, format_bytes
@@ -41,6 +47,13 @@ if TYPE_CHECKING:
     from memexp.planner import PeakPrediction, Solution, StepProfile
 
 SCOPE_WORDS = {SCOPE_STEP: "whole-step", SCOPE_FORWARD_BACKWARD: "forward+backward"}
+COST_AUTO = "auto"
+COST_SOURCES = (COST_AUTO, "measured", "roofline")  # the last two: memexp.planner's COST_*
+# The relative error each lossy storage kind puts on one saved element, as memexp.storage
+# documents it: bf16 keeps 8 significant bits (2⁻⁸ of the element); fp8 e4m3 keeps 4 (2⁻⁴,
+# within its normal range); int8 rounds to 1/254 of its channel's absmax (so 2⁻⁸ of the
+# channel's largest element, more of its small ones). Lossless kinds (host, disk) have none.
+ERROR_BOUNDS = {"bf16": 2.0**-8, "fp8": 2.0**-4, "int8": 1.0 / 254}
 
 
 @dataclass
@@ -50,6 +63,13 @@ class AdaptiveConfig:
     budget_ratio: float | None = None
     budget_scope: str = SCOPE_FORWARD_BACKWARD  # step | forward_backward
     max_rounds: int = 3
+    cost_source: str = COST_AUTO  # auto | measured | roofline
+    # Storage kinds (memexp.storage) a layer may store what it still saves as, besides keeping
+    # it: bf16 | fp8 | int8 (lossy) | host | disk. Empty: recomputation only.
+    storage: list[str] = field(default_factory=list)
+    # The largest relative error a lossy kind may put on a saved element (its documented bound,
+    # `ERROR_BOUNDS`); kinds above it are not offered. None: no bound.
+    max_grad_rel_error: float | None = None
 
 
 def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
@@ -69,6 +89,32 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         )
     if cfg.max_rounds < 1:
         raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
+    for kind in cfg.storage:
+        if kind not in STORAGE_KINDS or kind == "keep":
+            allowed = ", ".join(k for k in STORAGE_KINDS if k != "keep")
+            raise ConfigError("strategy.storage", list(cfg.storage), f"kinds among {allowed}")
+    if cfg.max_grad_rel_error is not None and cfg.max_grad_rel_error < 0:
+        raise ConfigError("strategy.max_grad_rel_error", cfg.max_grad_rel_error, "≥ 0, or null")
+    if cfg.cost_source not in COST_SOURCES:
+        raise ConfigError(
+            "strategy.cost_source", cfg.cost_source, f"one of {', '.join(COST_SOURCES)}"
+        )
+
+
+def offered_storage(cfg: AdaptiveConfig) -> tuple[str, ...]:
+    """The storage kinds the planner may choose: those asked for, less the lossy ones whose
+    documented error is above `max_grad_rel_error`."""
+    bound = cfg.max_grad_rel_error
+    return tuple(
+        kind for kind in cfg.storage if bound is None or ERROR_BOUNDS.get(kind, 0.0) <= bound
+    )
+
+
+def cost_source(cfg: AdaptiveConfig, spec: ExperimentSpec) -> str:
+    """`auto`: measured where the step runs, the roofline on the fake device (nothing runs)."""
+    if cfg.cost_source != COST_AUTO:
+        return cfg.cost_source
+    return "roofline" if spec.device == FAKE_DEVICE else "measured"
 
 
 @dataclass(frozen=True)
@@ -121,9 +167,12 @@ class BudgetPlanner:
     """One job's profile and budget; plans for the budget, or for it less a margin."""
 
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
-        from memexp.planner import profile_step
+        from memexp.planner import COST_MEASURED, profile_step, with_measured_costs
 
-        self.profile = profile_step(spec)
+        self.storage_kinds = offered_storage(cfg)
+        self.profile = profile_step(spec, self.storage_kinds)
+        if cost_source(cfg, spec) == COST_MEASURED:
+            self.profile = with_measured_costs(self.profile, spec)
         self.scope = cfg.budget_scope
         job_budget = spec.memory_budget_bytes if spec.auto_batch else None
         self.budget = budget_for(cfg, self.profile, job_budget)
@@ -160,11 +209,13 @@ class BudgetPlanner:
     def record(self, unit_ms: dict[str, float]) -> dict[str, Any]:
         """The budget and what each unit saves and costs, for `result.extra["adaptive"]`.
 
-        Per unit: the bytes a layer holds into its backward that recomputing the unit drops,
-        the extra bytes its recomputation adds at its backward's highest point, the FLOPs it
-        recomputes (matmuls only, as FlopCounterMode counts) and one timed forward.
+        Per unit (recomputed whole): the bytes a layer holds into its backward that
+        recomputing the unit drops, the extra bytes its recomputation adds at its backward's
+        highest point, the FLOPs it recomputes (matmuls only, as FlopCounterMode counts), the
+        time it adds to the layer (the solver's cost, from `cost_source`) and one timed
+        forward. Per layer option: its recompute time, the cost the solver weighs.
         """
-        from memexp.planner import PROFILE_SOURCE, UNITS
+        from memexp.planner import PROFILE_SOURCE, option_name
 
         options = self.profile.options
         nothing = options[()]
@@ -176,6 +227,7 @@ class BudgetPlanner:
                 "backward_peak_extra_bytes": stats.backward_peak_bytes
                 - nothing.backward_peak_bytes,
                 "recompute_flops": stats.recompute_flops,
+                "recompute_ms": stats.recompute_ps / 1e9,
                 "forward_ms": unit_ms.get(unit),
             }
         return {
@@ -185,6 +237,11 @@ class BudgetPlanner:
             "profile_source": PROFILE_SOURCE,
             "layer_forward_flops": self.profile.layer_forward_flops,
             "units": units,
+            "cost_source": self.profile.cost_source,
+            "storage_offered": list(self.storage_kinds),
+            "option_recompute_ms": {
+                option_name(option): stats.recompute_ps / 1e9 for option, stats in options.items()
+            },
             "unit_time_source": "perf_counter, one forward each after a warm-up"
             if unit_ms
             else None,
@@ -247,6 +304,7 @@ class BudgetStrategy(Strategy):
             predicted_peak_bytes=decision.prediction.peak_in(scope),
             predicted_peak_at=decision.prediction.where_in(scope),
             predicted_recompute_flops=decision.solution.recompute_flops,
+            predicted_recompute_ms=decision.solution.recompute_ps / 1e9,
             measured_peak_bytes=measured,
             measured_recompute_flops=figures.flops_recompute,
             plan_layers=describe_choices(decision.solution),

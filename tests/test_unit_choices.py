@@ -1,0 +1,205 @@
+"""Per-unit choices: a plan recomputes each unit kept, whole or element-wise, as data the model
+executes; the roofline prices every operator; measured costs come from the job's device.
+
+The plans of every existing strategy are special cases: `op` is every layer recomputed
+element-wise, and adaptive's plan of that choice computes, saves and peaks exactly as op's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memexp import planner
+from memexp.config import ConfigError, ExperimentSpec
+from memexp.measure.flops import RooflineClock, flop_counter, step_flops
+from memexp.measure.memory import measure_memory
+from memexp.plan import LAYER, CheckpointPlan, Part
+from memexp.planner import cheapest_within, predict
+from memexp.results import SCOPE_FORWARD_BACKWARD
+from memexp.strategies import adaptive, make_plan
+from memexp.training import backward, build_workload, forward_loss, train_step
+
+SpecFn = Callable[..., ExperimentSpec]
+EW = planner.ELEMENTWISE
+
+
+def loss_and_grads(spec: ExperimentSpec, plan: CheckpointPlan) -> list[torch.Tensor]:
+    work = build_workload(spec, plan, "cpu")
+    loss = forward_loss(work)
+    backward(loss)
+    return [loss.detach(), *(p.grad for p in work.model.parameters())]
+
+
+def test_a_plan_with_selective_units_round_trips_and_reads_as_a_line() -> None:
+    plan = CheckpointPlan(
+        4,
+        segments=((3, 4),),
+        parts=((0, Part.ATTENTION_CORE),),
+        selective=((0, "ffn", EW), (1, "attention", EW), (2, LAYER, EW)),
+        stored=((0, "int8"), (1, "disk")),
+    )
+    assert CheckpointPlan.from_dict(plan.to_dict()) == plan
+    assert plan.selective_of(0) == {"ffn": EW}
+    assert plan.uses_op_policy and plan.recomputes_anything
+    assert plan.describe() == (
+        "layers 3 each recomputed as its own checkpoint; attention_core recomputed in layers 0; "
+        "ffn recomputed element-wise (save_matmuls) in layers 0; attention recomputed "
+        "element-wise (save_matmuls) in layers 1; layer recomputed element-wise (save_matmuls) "
+        "in layers 2; in layers 0 int8 storage; in layers 1 disk storage"
+    )
+    assert plan.storage_of(1) == "disk" and plan.storage_of(2) is None
+    assert plan.storage_kinds == {"keep", "int8", "disk"}
+    # a record written before plans had units recomputed element-wise still reads
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("selective", "stored")}
+    assert CheckpointPlan.from_dict(old).selective == CheckpointPlan.from_dict(old).stored == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"selective": ((0, "ffn", EW),), "parts": ((0, Part.FFN),)}, "recomputed two ways"),
+        ({"selective": ((0, "attention", EW), (0, "attention_core", EW))}, "contains"),
+        ({"selective": ((0, LAYER, EW), (0, "ffn", EW))}, "whole layer already contains"),
+        ({"selective": ((0, "ffn", EW),), "segments": ((0, 2),)}, "inside a segment"),
+        ({"selective": ((0, "ffn", "save_everything"),)}, "op policy"),
+        ({"selective": ((0, "head", EW),)}, "not one of"),
+        ({"selective": ((5, "ffn", EW),)}, "outside the model"),
+        ({"stored": ((0, "int4"),)}, "unknown storage"),
+        ({"stored": ((0, "int8"), (0, "disk"))}, "named twice"),
+        ({"stored": ((0, "int8"),), "segments": ((0, 1),)}, "recomputed whole and stored"),
+        ({"stored": ((0, "int8"),), "selective": ((0, LAYER, EW),)}, "recomputed whole"),
+    ],
+)
+def test_overlapping_or_unknown_selective_units_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CheckpointPlan(4, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_any_mix_of_options_computes_what_none_computes(precision: str, tiny_spec: SpecFn) -> None:
+    """Bit-identical loss and gradients for mixed plans over all 17 options per layer."""
+    spec = tiny_spec(f"precision={precision}")
+    expected = loss_and_grads(spec, CheckpointPlan.nothing(spec.model.layers))
+    rng = random.Random(0)
+    layers = spec.model.layers
+    plans = [planner.OPTIONS[i : i + layers] for i in range(0, len(planner.OPTIONS), layers)]
+    plans += [tuple(rng.choice(planner.OPTIONS) for _ in range(layers)) for _ in range(2)]
+    for choices in plans:
+        choices = (*choices, *((),) * (layers - len(choices)))
+        got = loss_and_grads(spec, planner.plan_of(choices))
+        assert all(map(torch.equal, got, expected)), choices
+
+
+@pytest.mark.slow
+def test_op_is_every_layer_recomputed_element_wise(tiny_spec: SpecFn) -> None:
+    """The same FLOPs and the same tracked peak as op's own plan."""
+    spec = tiny_spec("strategy=op")
+    op_plan = make_plan(spec)
+    layer = (planner.unit_token(LAYER, EW),)
+    as_units = planner.plan_of((layer,) * spec.model.layers)
+    assert as_units.selective == tuple((i, LAYER, EW) for i in range(spec.model.layers))
+    assert step_flops(spec, as_units) == step_flops(spec, op_plan)
+
+    def peak(plan: CheckpointPlan) -> int:
+        return measure_memory(build_workload(spec, plan, "cpu")).peak_bytes
+
+    assert peak(as_units) == peak(op_plan)
+
+
+def test_roofline_prices_each_operator_by_its_flops_or_its_bytes() -> None:
+    """At 1 TFLOP/s and 1000 GB/s one FLOP and one byte each take a picosecond."""
+    with FakeTensorMode():
+        a, b = torch.randn(64, 32), torch.randn(32, 16)
+        with flop_counter() as counter, RooflineClock(counter, 1.0, 1000.0) as clock:
+            product = a @ b  # 2·64·32·16 FLOPs; (64·32 + 32·16 + 64·16)·4 bytes
+        assert clock.picoseconds == 2 * 64 * 32 * 16
+        with flop_counter() as counter, RooflineClock(counter, 1.0, 1000.0) as clock:
+            F.gelu(product)  # no FLOPs counted: 64·16 floats read and written
+            product.t()  # a view moves nothing
+        assert clock.picoseconds == 2 * 64 * 16 * 4
+        with flop_counter() as counter, RooflineClock(counter, 1000.0, 1.0) as clock:
+            a @ b  # memory-bound at 1 GB/s: a thousandth of a byte per picosecond
+        assert clock.picoseconds == (64 * 32 + 32 * 16 + 64 * 16) * 4 * 1000
+
+
+def test_the_roofline_uses_the_devices_rates_or_the_imagined_devices(tiny_spec: SpecFn) -> None:
+    assert tiny_spec("device=fake").roofline_rates == (989.0, 4800.0)
+    assert tiny_spec("device=fake", "device.imagine=cpu").roofline_rates == (2.0, 200.0)
+    given = tiny_spec("device=fake", "device.peak_tflops=100", "device.memory_gbps=1000")
+    assert given.roofline_rates == (100.0, 1000.0)
+
+
+@pytest.mark.slow
+def test_measured_costs_come_from_the_jobs_device(tiny_spec: SpecFn) -> None:
+    """Timed, so only what timing cannot change is asserted: the source, and that keeping
+    everything costs nothing."""
+    spec = tiny_spec("seq.len=8")
+    profile = planner.profile_step(spec)
+    measured = planner.with_measured_costs(profile, spec)
+    assert profile.cost_source.startswith(planner.COST_ROOFLINE)
+    assert measured.cost_source.startswith(planner.COST_MEASURED)
+    assert measured.cost(()) == 0
+    assert all(measured.cost(option) >= 0 for option in planner.OPTIONS)
+    assert {o: s.kept_bytes for o, s in measured.options.items()} == {
+        o: s.kept_bytes for o, s in profile.options.items()
+    }
+
+
+def test_storage_kinds_are_offered_within_the_error_bound() -> None:
+    everything = ["bf16", "fp8", "int8", "host", "disk"]
+    config = adaptive.AdaptiveConfig(storage=everything)
+    assert adaptive.offered_storage(config) == tuple(everything)
+    config.max_grad_rel_error = 0.01  # fp8's 2⁻⁴ is above it
+    assert adaptive.offered_storage(config) == ("bf16", "int8", "host", "disk")
+    config.max_grad_rel_error = 0.0  # lossless only
+    assert adaptive.offered_storage(config) == ("host", "disk")
+
+
+def test_storage_kinds_must_be_known(tiny_spec: SpecFn) -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.storage"):
+        tiny_spec("strategy=adaptive", "strategy.storage=[int4]")
+
+
+@pytest.mark.slow
+def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn) -> None:
+    """Over 17 recompute options and 15 of them stored as int8 or on disk (47 per layer,
+    2,209 plans on 2 layers), on a ladder of budgets: the solver's cost is the least of the
+    plans that fit, its plans' predicted peaks measure on the CPU to the byte, and offloading
+    to disk costs its transfers at device.disk_gbps."""
+    spec = tiny_spec("model.layers=2", "seq.len=64", "model.vocab_size=64", "device.disk_gbps=2")
+    profile = planner.profile_step(spec, ("int8", "disk"))
+    assert len(profile.options) == 17 + 2 * 15
+    assert profile.cost_source.endswith("disk 2 GB/s")
+    on_disk = ("ffn", planner.storage_token("disk"))
+    away = profile.options[("ffn",)].held_bytes - profile.options[on_disk].held_bytes
+    assert away > 0
+    every_plan = {
+        choices: predict(profile, choices)
+        for choices in itertools.product(profile.options, repeat=profile.layers)
+    }
+    peaks = sorted({p.peak_in(SCOPE_FORWARD_BACKWARD) for p in every_plan.values()})
+    chosen = set()
+    for budget in peaks:
+        fitting = [
+            p.recompute_ps
+            for p in every_plan.values()
+            if p.peak_in(SCOPE_FORWARD_BACKWARD) <= budget
+        ]
+        solution = cheapest_within(profile, budget, SCOPE_FORWARD_BACKWARD)
+        assert solution is not None and solution.recompute_ps == min(fitting)
+        chosen.add(solution.choices)
+    stored = [c for c in chosen if any(planner.STORAGE_MARK in t for o in c for t in o)]
+    assert stored, "some budget is met most cheaply by storing"
+    for choices in stored[:3]:
+        work = build_workload(spec, planner.plan_of(choices), "cpu")
+        train_step(work)
+        measured = measure_memory(work).forward_backward_peak_bytes
+        assert measured == every_plan[choices].peak_in(SCOPE_FORWARD_BACKWARD), choices
