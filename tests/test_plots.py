@@ -391,7 +391,9 @@ def test_panels_are_what_varies_and_the_rest_is_said_once(frame: pd.DataFrame) -
     assert layout.inner_values == [256, 512, 1024]  # 1024: small's job that ran out of memory
     assert sorted(layout.panels["model tiny, batch 4"].seq_len.unique()) == [256, 512]
     assert sorted(layout.panels["model small, batch 4"].seq_len.unique()) == [256, 1024]
-    assert layout.shared == "device cpu, precision fp32, attention naive"
+    assert layout.shared == (
+        "device cpu, precision fp32, attention naive, parallel none, world_size 1"
+    )
     assert layout.note is None
 
 
