@@ -15,14 +15,16 @@ The table (`load_results`) has one row per job, failed jobs included with their 
   `memexp.sweepdir.sweep_of`, the run folder itself for a single run); the record's own
   `sweep_dir` is left out, `sweep` says it;
 * `workload`: seq_len x batch_size (written with the sign U+00D7, e.g. `256x4`), followed by
-  device, precision and attention when those vary in the table; `config`: the model and the
+  device, precision and attention when those vary in the table, and the sharding (`fsdp/64`:
+  `parallel` over `world_size` ranks; records without them ran on one device, `none/1`) when it
+  varies; `config`: the model and the
   workload, e.g. `small 256x4`, the label plots and tables use;
 * `strategy_label`: the strategy name plus its `strategy.*` overrides (`full granularity=sublayer`),
   so two settings of one strategy stay apart;
 * `<name>_mib` for every `<name>_bytes` column: bytes / 2**20, i.e. MiB, never MB;
 * baseline-relative columns, computed only for `status == ok` rows against the `strategy == none`
   row with status ok of the same (sweep, model, seq_len, batch_size, device, precision,
-  attention) group (the lowest job number wins when there are several), whose sweep and job
+  attention, parallel, world_size) group (the lowest job number wins when there are several), whose sweep and job
   number are `baseline_sweep` and `baseline_job_num`: a job is never compared with another
   sweep's baseline, even when several sweeps are read into one table;
   `peak_saved_pct` = 100 * (baseline peak - peak) / baseline peak, and likewise
@@ -62,6 +64,7 @@ import numpy as np
 import pandas as pd
 
 from memexp import sweepindex
+from memexp.config import PARALLEL_NONE
 from memexp.results import STATUS_OK, RunResult
 from memexp.sweepdir import (
     RESULT_FILE,
@@ -75,7 +78,16 @@ from memexp.tidy import list_columns
 
 BASELINE_STRATEGY = "none"
 # The workload a job ran: what a reader is told two compared jobs share.
-GROUP_KEYS = ("model", "seq_len", "batch_size", "device", "precision", "attention")
+GROUP_KEYS = (
+    "model",
+    "seq_len",
+    "batch_size",
+    "device",
+    "precision",
+    "attention",
+    "parallel",
+    "world_size",
+)
 # Jobs compared with each other (baseline, Pareto frontier): one workload within one sweep.
 COMPARED_KEYS = ("sweep", *GROUP_KEYS)
 
@@ -136,6 +148,9 @@ def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in columns:
         if column in _INT_FIELDS or (column.startswith("phase_") and column.endswith("_bytes")):
             frame[column] = _as_integers(frame[column])
+    # Records from before the parallel group ran on one device.
+    frame["parallel"] = frame.parallel.fillna(PARALLEL_NONE)
+    frame["world_size"] = frame.world_size.fillna(1)
     return frame.sort_values(["sweep", "job_num"], kind="stable", ignore_index=True)
 
 
@@ -172,6 +187,11 @@ def _strategy_settings(overrides: pd.Series) -> pd.Series:
     return found.str.join(" ")
 
 
+def sharding_label(frame: pd.DataFrame) -> pd.Series:
+    """`fsdp/64`: the sharding mode and the ranks it spreads over (`none/1`: one device)."""
+    return _label_text(frame.parallel) + "/" + _label_text(frame.world_size)
+
+
 def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """`workload`, `config` and `strategy_label`: short names a plot axis or table row can carry."""
     varying = [k for k in ("device", "precision", "attention") if frame[k].nunique() > 1]
@@ -181,6 +201,8 @@ def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
     workloads = _label_text(frame.seq_len) + "\u00d7" + _label_text(frame.batch_size)
     for key in varying:
         workloads = workloads + " " + _label_text(frame[key])
+    if frame.parallel.nunique() > 1 or frame.world_size.nunique() > 1:
+        workloads = workloads + " " + sharding_label(frame)
     settings = _strategy_settings(frame.overrides)
     return frame.assign(
         workload=workloads,

@@ -51,6 +51,7 @@ parameters) with the multi-tensor `foreach` implementation PyTorch uses by defau
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +227,12 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         raise ConfigError("plan.op_policy", plan.op_policy, "None (no closed form per operator)")
     if plan.selective:
         raise ConfigError("plan.selective", plan.selective, "() (no closed form per operator)")
+    if plan.saved_ops:
+        raise ConfigError("plan.saved_ops", "…", "empty (no closed form per operator)")
+    if plan.compiled is not None:
+        raise ConfigError(
+            "plan.compiled", plan.compiled.backend, "None (the partitioner decides at compile time)"
+        )
     if plan.storage not in ("keep", "host", "disk"):
         raise ConfigError(
             "plan.storage", plan.storage, "keep, host or disk (compression has no closed form)"
@@ -267,24 +274,44 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
 # --- parameters, gradients, optimizer state ------------------------------------------------
 
 
-def _projection(model: ModelConfig, outputs: int, inputs: int) -> list[int]:
-    """A projection's weight, and its bias when `model.bias`."""
-    return [outputs * inputs, outputs] if model.bias else [outputs * inputs]
+Shape = tuple[int, ...]
 
 
-def seed_parameter_sizes(model: ModelConfig) -> list[int]:
+@dataclass(frozen=True)
+class ParameterLayout:
+    """An architecture's parameter tensors, in the order its model registers them (the order
+    the optimizer's per-tensor loop visits them in): those before the layers, one layer's,
+    those after."""
+
+    before: list[Shape]
+    layer: list[Shape]
+    after: list[Shape]
+
+
+def _projection(model: ModelConfig, outputs: int, inputs: int) -> list[Shape]:
+    """A linear projection's weight (out × in), and its bias when `model.bias`."""
+    return [(outputs, inputs), (outputs,)] if model.bias else [(outputs, inputs)]
+
+
+def _positions(model: ModelConfig) -> int:
+    assert model.max_seq_len is not None, "validate() resolves max_seq_len"
+    return model.max_seq_len
+
+
+def seed_layout(model: ModelConfig) -> ParameterLayout:
     """The seed's layer: embeddings (tokens; positions, one row per `max_seq_len`, the resolved
     table); per layer a LayerNorm (weight, bias), the qkv and output projections, a LayerNorm,
     the FFN's up and down projections; the final LayerNorm; the untied head, never with a bias.
     """
     h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-    attention = [h, h, *_projection(model, 3 * h, h), *_projection(model, h, h)]
-    feed_forward = [h, h, *_projection(model, f, h), *_projection(model, h, f)]
-    positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
-    return [v * h, positions, *(attention + feed_forward) * model.layers, h, h, v * h]
+    attention = [(h,), (h,), *_projection(model, 3 * h, h), *_projection(model, h, h)]
+    feed_forward = [(h,), (h,), *_projection(model, f, h), *_projection(model, h, f)]
+    return ParameterLayout(
+        [(v, h), (_positions(model), h)], attention + feed_forward, [(h,), (h,), (v, h)]
+    )
 
 
-def rotary_parameter_sizes(model: ModelConfig) -> list[int]:
+def rotary_layout(model: ModelConfig) -> ParameterLayout:
     """Llama and Mistral in the order memexp.hf_model runs them: the token embedding; per layer
     an RMSNorm (weight only), the q, k, v (kv_heads·d rows for k and v) and output projections,
     an RMSNorm, the gate, up and down projections; the final RMSNorm; the head unless tied. No
@@ -294,34 +321,56 @@ def rotary_parameter_sizes(model: ModelConfig) -> list[int]:
     attention = [*_projection(model, h, h), *(_projection(model, kv, h) * 2)]
     attention += _projection(model, h, h)
     feed_forward = [*(_projection(model, f, h) * 2), *_projection(model, h, f)]
-    head = [] if model.tie_embeddings else [v * h]
-    return [v * h, *([h, *attention, h, *feed_forward]) * model.layers, h, *head]
+    head: list[Shape] = [] if model.tie_embeddings else [(v, h)]
+    return ParameterLayout([(v, h)], [(h,), *attention, (h,), *feed_forward], [(h,), *head])
 
 
-def gpt2_parameter_sizes(model: ModelConfig) -> list[int]:
+def gpt2_layout(model: ModelConfig) -> ParameterLayout:
     """GPT-2 in the order memexp.hf_model runs it: token and position embeddings; per layer a
-    LayerNorm, the fused qkv and output projections (Conv1D, always biased), a LayerNorm, the
-    MLP's two projections; the final LayerNorm; the head unless tied (GPT-2 ties it)."""
+    LayerNorm, the fused qkv and output projections (Conv1D: in × out, always biased), a
+    LayerNorm, the MLP's two projections; the final LayerNorm; the head unless tied (GPT-2
+    ties it)."""
     h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-    layer = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h]
-    head = [] if model.tie_embeddings else [v * h]
-    positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
-    return [v * h, positions, *layer * model.layers, h, h, *head]
+    layer = [(h,), (h,), (h, 3 * h), (3 * h,), (h, h), (h,)]
+    layer += [(h,), (h,), (h, f), (f,), (f, h), (h,)]
+    head: list[Shape] = [] if model.tie_embeddings else [(v, h)]
+    return ParameterLayout([(v, h), (_positions(model), h)], layer, [(h,), (h,), *head])
 
 
-# `model.architecture` → its parameter tensors' sizes, in the order the model registers them.
-PARAMETER_SIZES = {
-    SEED_ARCHITECTURE: seed_parameter_sizes,
-    "llama": rotary_parameter_sizes,
-    "mistral": rotary_parameter_sizes,
-    "gpt2": gpt2_parameter_sizes,
+# `model.architecture` → its parameter tensors' shapes.
+PARAMETER_LAYOUTS = {
+    SEED_ARCHITECTURE: seed_layout,
+    "llama": rotary_layout,
+    "mistral": rotary_layout,
+    "gpt2": gpt2_layout,
 }
+
+
+def layer_parameter_shapes(model: ModelConfig) -> list[Shape]:
+    """Shapes of one layer's parameter tensors, in the order it registers them."""
+    return PARAMETER_LAYOUTS[model.architecture](model).layer
+
+
+def outer_parameter_shapes(model: ModelConfig) -> list[Shape]:
+    """Shapes of the parameters outside the layers (embeddings, final norm, head)."""
+    layout = PARAMETER_LAYOUTS[model.architecture](model)
+    return [*layout.before, *layout.after]
+
+
+def parameter_shapes(model: ModelConfig) -> list[Shape]:
+    """Every parameter tensor's shape, in the order the model registers them."""
+    layout = PARAMETER_LAYOUTS[model.architecture](model)
+    return [*layout.before, *layout.layer * model.layers, *layout.after]
+
+
+def elements(shape: Shape) -> int:
+    return math.prod(shape)
 
 
 def parameter_sizes(model: ModelConfig) -> list[int]:
     """Elements of every parameter tensor, in the order the model registers them (the order
     the optimizer's per-tensor loop visits them in)."""
-    return PARAMETER_SIZES[model.architecture](model)
+    return [elements(shape) for shape in parameter_shapes(model)]
 
 
 def parameter_count(model: ModelConfig) -> int:
@@ -349,9 +398,14 @@ def optimizer_scratch_bytes(spec: ExperimentSpec, multi_tensor: bool) -> int:
     The per-tensor loop makes sqrt(v) and its quotient by the bias correction (2 tensors of the
     parameter's size) while the previous parameter's quotient is still held.
     """
-    if spec.optimizer.name == "sgd":
+    return step_scratch_bytes(spec.optimizer.name, parameter_sizes(spec.model), multi_tensor)
+
+
+def step_scratch_bytes(optimizer: str, sizes: list[int], multi_tensor: bool) -> int:
+    """`optimizer_scratch_bytes` for an optimizer stepping tensors of `sizes` elements (a rank's
+    shards or its own tensors under sharding)."""
+    if optimizer == "sgd" or not sizes:
         return 0
-    sizes = parameter_sizes(spec.model)
     if multi_tensor:
         return sum(sizes) * FLOAT_BYTES
     # The loop's `denom` of the previous tensor is still referenced while the next is made.

@@ -53,6 +53,18 @@ PRECISIONS = ("fp32", "bf16")
 # What a job returns to Hydra's sweeper (`objective`); memexp.objective reads each from the record.
 OBJECTIVES = ("step_ms", "peak_bytes", "forward_backward_peak_bytes", "tokens_per_s")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# How the training state is spread over `parallel.world_size` ranks (docs/memory_model.md):
+# none: one device; ddp: every rank holds everything, gradients all-reduced; zero1: optimizer
+# state sharded; zero2: gradients too; fsdp: parameters too (ZeRO-3).
+PARALLEL_NONE = "none"
+PARALLEL_MODES = (PARALLEL_NONE, "ddp", "zero1", "zero2", "fsdp")
+# The modes built on FSDP2's `fully_shard`, the only ones its mixed-precision and CPU-offload
+# policies reach; and the one whose parameters are resharded after the forward.
+FULLY_SHARDED_MODES = ("zero2", "fsdp")
+RESHARDING_MODE = "fsdp"
+# ZeRO-1 (PyTorch's ZeroRedundancyOptimizer), and the modes whose ranks hold DDP's buckets.
+OPTIMIZER_SHARDED_MODE = "zero1"
+BUCKETED_MODES = ("ddp", OPTIMIZER_SHARDED_MODE)
 
 
 class ConfigError(ValueError):
@@ -150,6 +162,29 @@ class DeviceConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The data-parallel sharding one job imagines or runs: what each of `world_size` ranks holds."""
+
+    name: str = PARALLEL_NONE  # none | ddp | zero1 | zero2 | fsdp
+    world_size: int = 1
+    # fsdp only: free the gathered parameters after each layer's forward (gather them again for
+    # backward); false keeps them to the backward, as zero2 always does.
+    reshard_after_forward: bool = True
+    # zero2/fsdp (fully_shard's MixedPrecisionPolicy): the dtype parameters are gathered and
+    # computed in, and the dtype gradients are reduced in; None: the parameters' own (fp32).
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    # zero2/fsdp (fully_shard's CPUOffloadPolicy): sharded parameters, gradients and optimizer
+    # state live in host memory; the optimizer step runs there.
+    cpu_offload: bool = False
+
+    def reshards_after_forward(self) -> bool:
+        """Whether gathered parameters are freed after each unit's forward: fsdp's knob (zero2
+        never frees them before the backward)."""
+        return self.name == RESHARDING_MODE and self.reshard_after_forward
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adam"
     lr: float = 1e-4  # the seed's
@@ -200,6 +235,7 @@ class Config:
     batch: BatchConfig = MISSING
     device: DeviceConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: str = "fp32"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
@@ -232,6 +268,8 @@ class ExperimentSpec:
     memory_budget_bytes: int | None = None
     # batch=dynamic: the lengths in buckets; each bucket gets the largest batch that fits.
     buckets: Buckets | None = None
+    # How the state is sharded over ranks; every per-rank figure (peak, budget) is one rank's.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def searches_batch(self) -> bool:

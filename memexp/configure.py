@@ -34,10 +34,14 @@ from memexp.config import (
     ATTENTION_KINDS,
     DEVICE_TYPES,
     FIXED_MODEL_FIELDS,
+    FULLY_SHARDED_MODES,
     IMAGINED_DEVICES,
     OBJECTIVES,
     OPTIMIZERS,
+    PARALLEL_MODES,
+    PARALLEL_NONE,
     PRECISIONS,
+    RESHARDING_MODE,
     BatchConfig,
     Config,
     ConfigError,
@@ -47,6 +51,7 @@ from memexp.config import (
     MeasureConfig,
     ModelConfig,
     OptimizerConfig,
+    ParallelConfig,
     SeqConfig,
     require_transformers,
     resolve_device,
@@ -81,6 +86,7 @@ def register_configs() -> None:
     cs.store(group=SCHEMA_GROUP, name="batch", node=BatchConfig)
     cs.store(group=SCHEMA_GROUP, name="device", node=DeviceConfig)
     cs.store(group=SCHEMA_GROUP, name="logger", node=LoggerConfig)
+    cs.store(group=SCHEMA_GROUP, name="parallel", node=ParallelConfig)
     for name, strategy in STRATEGIES.items():
         cs.store(group=f"{SCHEMA_GROUP}/strategy", name=name, node=strategy.config_class)
 
@@ -111,6 +117,40 @@ def _validate_device(settings: DeviceConfig) -> None:
             "device.utilization", settings.utilization, "a fraction of peak in (0, 1]"
         )
     _require_choice("device.imagine", settings.imagine, IMAGINED_DEVICES)
+
+
+def _validate_parallel(parallel: ParallelConfig) -> None:
+    """One device, or `world_size` ranks under a sharding mode; each knob only where it acts.
+
+    A sharding mode on one rank is allowed and means what PyTorch runs then: the mode's wrapper
+    and buffers with nothing divided (every shard is the whole), the start of a world-size curve.
+    """
+    _require_choice("parallel.name", parallel.name, PARALLEL_MODES)
+    _require_positive("parallel.world_size", parallel.world_size)
+    if parallel.name == PARALLEL_NONE and parallel.world_size != 1:
+        raise ConfigError(
+            "parallel.world_size",
+            parallel.world_size,
+            "1 under parallel=none (one device); for more ranks choose parallel="
+            + "|".join(mode for mode in PARALLEL_MODES if mode != PARALLEL_NONE),
+        )
+    if not parallel.reshard_after_forward and parallel.name != RESHARDING_MODE:
+        raise ConfigError(
+            "parallel.reshard_after_forward",
+            parallel.reshard_after_forward,
+            f"true (the default) unless parallel={RESHARDING_MODE}: zero2 never reshards "
+            "between forward and backward, ddp and zero1 never shard parameters",
+        )
+    sharded = " or ".join(FULLY_SHARDED_MODES)
+    for knob in ("param_dtype", "reduce_dtype"):
+        value = getattr(parallel, knob)
+        if value is None:
+            continue
+        _require_choice(f"parallel.{knob}", value, PRECISIONS)
+        if parallel.name not in FULLY_SHARDED_MODES:
+            raise ConfigError(f"parallel.{knob}", value, f"null unless parallel={sharded}")
+    if parallel.cpu_offload and parallel.name not in FULLY_SHARDED_MODES:
+        raise ConfigError("parallel.cpu_offload", True, f"false unless parallel={sharded}")
 
 
 def device_memory_bytes(device: str, settings: DeviceConfig) -> int | None:
@@ -227,6 +267,7 @@ SCHEMAS = {
     "batch": BatchConfig,
     "device": DeviceConfig,
     "logger": LoggerConfig,
+    "parallel": ParallelConfig,
     "optimizer": OptimizerConfig,
     "measure": MeasureConfig,
 }
@@ -305,6 +346,8 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
     memory_budget = _memory_budget_bytes(batch, device_memory)
     buckets = _buckets(batch, model)
     _require_choice("precision", cfg.precision, PRECISIONS)
+    parallel: ParallelConfig = OmegaConf.to_object(cfg.parallel)  # type: ignore[assignment]
+    _validate_parallel(parallel)
     _require_choice("objective", cfg.objective, OBJECTIVES)
 
     optimizer: OptimizerConfig = OmegaConf.to_object(cfg.optimizer)  # type: ignore[assignment]
@@ -348,4 +391,5 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
         device_memory_bytes=device_memory,
         memory_budget_bytes=memory_budget,
         buckets=buckets,
+        parallel=parallel,
     )

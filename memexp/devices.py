@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import torch
 
-from memexp import analytic
+from memexp import analytic, sharded_states
 from memexp.buckets import BucketTable
-from memexp.config import FAKE_DEVICE, ExperimentSpec
+from memexp.config import FAKE_DEVICE, PARALLEL_NONE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
     Prediction,
@@ -48,7 +48,7 @@ from memexp.measure.timing import StoppingRule, first_step, time_steps, time_uni
 from memexp.model import parameter_count
 from memexp.observe import enter_phase
 from memexp.plan import COMPRESSED_KINDS, OFFLOAD_KINDS, CheckpointPlan
-from memexp.results import InfeasibleError
+from memexp.results import InfeasibleError, NotApplicableError
 from memexp.storage import StorageLedger
 from memexp.text import format_bytes
 from memexp.training import build_workload
@@ -124,6 +124,11 @@ class MeasuredBackend:
     host_link_gbps: Callable[[torch.device], float] | None = None
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if spec.parallel.name != PARALLEL_NONE:
+            raise NotApplicableError(
+                f"parallel={spec.parallel.name} is predicted, not measured, here: this device "
+                "runs one process; predict its ranks with device=fake"
+            )
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
         enter_phase("count FLOPs")
@@ -183,13 +188,20 @@ class MeasuredBackend:
         return measure_memory(work)
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
-        return analytic.figures(spec, plan, self.multi_tensor_optimizer)
+        return analytic.figures(spec, plan, self.multi_tensor_optimizer) | sharded_states.figures(
+            spec
+        )
 
 
 class PredictedBackend:
     """Predicts the step on fake tensors, following the code paths of the device it imagines."""
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        if spec.parallel.cpu_offload:
+            raise NotApplicableError(
+                "parallel.cpu_offload is not predicted: on fake tensors here the host and the "
+                "device are one CPU, so offloaded states cannot be told from the rank's own"
+            )
         enter_phase("predict")
         prediction = predict_job(spec, plan)
         time_source, extras = prediction_extras(spec, prediction)

@@ -18,6 +18,7 @@ TRADEOFF_PNG = "tradeoff.png"
 BREAKDOWN_PNG = "breakdown.png"
 TIMELINE_PNG = "timeline.png"
 AUTO_BATCH_PNG = "auto_batch.png"
+WORLD_SIZE_PNG = "world_size.png"
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ class PretrainedDecoder(PlannedLayers):
         """Every layer's attention is given the same mask and positions, made once."""
         return (self._attention_inputs(x),)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self._embed(tokens)
         x = self.run_layers(x, *self.layer_inputs(x))
         return self.head(self.norm(x))

@@ -21,10 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from memexp.config import ModelConfig
-from memexp.plan import LAYER, CheckpointPlan, Part
+from memexp.plan import LAYER, CheckpointPlan, CompiledForward, Part
 
 ContextFactory = Callable[[], Any]
 # Opens a saved-tensor storage of one kind (memexp.storage, handed in by memexp.training).
@@ -46,6 +51,48 @@ OP_POLICIES: dict[str, tuple[Any, ...]] = {
         _aten._scaled_dot_product_flash_attention_for_cpu.default,
     ),
 }
+
+
+# Operators the selective checkpoint's policy sees but a saved-operator list does not number:
+# PyTorch's SAC estimator skips them (`OPS_TO_ALWAYS_SKIP` beyond checkpoint's own
+# `SAC_IGNORED_OPS`), so the names `<op>#<n>` it decides on count the same operators.
+UNNUMBERED_OPS = frozenset(
+    {
+        _aten.lift_fresh.default,
+        _aten.clone.default,
+        torch.ops.profiler._record_function_exit._RecordFunction,
+    }
+)
+
+
+class SavedOpsPolicy:
+    """Keep the outputs of the operators named `<op>#<occurrence>`, recompute every other one.
+
+    Operators are numbered per name in the order the segment runs them, separately in the
+    forward and in the recomputation, so both number an operator alike.
+    """
+
+    def __init__(self, saved: frozenset[str]) -> None:
+        self.saved = saved
+        self.seen: dict[bool, dict[str, int]] = {False: {}, True: {}}
+
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if op in UNNUMBERED_OPS:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        name = op.overloadpacket.__name__
+        counts = self.seen[ctx.is_recompute]
+        occurrence = counts.get(name, 0)
+        counts[name] = occurrence + 1
+        if f"{name}#{occurrence}" in self.saved:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def saved_ops_context(saved: tuple[str, ...]) -> ContextFactory:
+    """The `context_fn` of a segment that keeps exactly the operator outputs in `saved`
+    (a fresh numbering for every run of the segment)."""
+    names = frozenset(saved)
+    return lambda: create_selective_checkpoint_contexts(SavedOpsPolicy(names))
 
 
 def op_policy_context(policy: str | None) -> ContextFactory | None:
@@ -174,8 +221,9 @@ class PlannedLayers(nn.Module):
 
     A layer is called as `layer(x, units, *inputs)`: `units` are the units the plan recomputes
     in it, each with how (memexp.model.layer_units), `inputs` whatever else the model's layers
-    take (a mask, rotary embeddings). Segments run under one checkpoint, and under the plan's
-    `op_policy`; a layer the plan stores its own way runs inside its storage context.
+    take (a mask, rotary embeddings). A segment runs under one checkpoint, keeping its own
+    saved-operator list or else the plan's `op_policy`; a layer the plan stores its own way
+    runs inside its storage context; a compiled plan compiles the model's `_forward`.
     """
 
     layers: nn.ModuleList
@@ -183,17 +231,29 @@ class PlannedLayers(nn.Module):
     def __init__(self, num_layers: int) -> None:
         super().__init__()
         self.plan = CheckpointPlan.nothing(num_layers)
-        self.context_fn: ContextFactory | None = None
+        self.context_fns: dict[int, ContextFactory | None] = {}
+        self.compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         # How a layer the plan stores its own way stores its saved tensors; the model knows
         # no storage, its workload hands one in (memexp.training.build_workload).
         self.storage_context: StorageContext | None = None
 
     def apply_plan(self, plan: CheckpointPlan) -> None:
-        """Execute `plan` from the next forward on; segments run under the plan's `op_policy`."""
+        """Execute `plan` from the next forward on: a segment keeps its own saved-operator list,
+        else runs under the plan's `op_policy`; a compiled plan compiles the forward (lazily, at
+        its first call)."""
         if plan.num_layers != len(self.layers):
             raise ValueError(f"plan is for {plan.num_layers} layers, model has {len(self.layers)}")
         self.plan = plan
-        self.context_fn = op_policy_context(plan.op_policy)
+        policy = op_policy_context(plan.op_policy)
+        self.context_fns = {}
+        for start, _ in plan.segments:
+            saved = plan.saved_ops_of(start)
+            self.context_fns[start] = policy if saved is None else saved_ops_context(saved)
+        self.compiled_forward = (
+            None
+            if plan.compiled is None
+            else torch.compile(self._forward, backend=plan.compiled.backend)
+        )
 
     def layer_inputs(self, x: torch.Tensor) -> tuple[Any, ...]:
         """What every layer takes besides the residual stream `x` (none for the seed's)."""
@@ -223,15 +283,32 @@ class PlannedLayers(nn.Module):
         while index < len(self.layers):
             segment = self.plan.segment_starting_at(index)
             if segment is not None:
-                x = run_checkpointed(
-                    self._run_layers, x, *segment, *inputs, context_fn=self.context_fn
-                )
+                context_fn = self.context_fns[segment[0]]
+                x = run_checkpointed(self._run_layers, x, *segment, *inputs, context_fn=context_fn)
                 index = segment[1]
             else:
                 with self._layer_storage(index):
                     x = self.layers[index](x, layer_units(self.plan, index), *inputs)
                 index += 1
         return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The compiled forward where the plan has one, except under a TorchDispatchMode (fake
+        tensors, the tensor tracker, the FLOP counter): torch.compile would run the frame
+        eagerly there, and a compile attempted under fake tensors can leave the frame marked
+        to run eagerly for the rest of the process."""
+        if (
+            self.compiled_forward is None
+            or self.plan.compiled is None
+            or is_in_torch_dispatch_mode()
+        ):
+            return self._forward(tokens)
+        with compile_memory_budget(self.plan.compiled):
+            return self.compiled_forward(tokens)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens to logits: the model's embeddings, `run_layers`, its final norm and head."""
+        raise NotImplementedError
 
 
 class Transformer(PlannedLayers):
@@ -249,10 +326,18 @@ class Transformer(PlannedLayers):
         self.norm = nn.LayerNorm(cfg.hidden)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         return self.head(self.norm(self.run_layers(x)))
+
+
+def compile_memory_budget(compiled: CompiledForward) -> Any:
+    """The partitioner's activation memory budget while a compiled forward runs: torch.compile
+    partitions forward and backward at the first call, so the setting must hold then."""
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=compiled.activation_memory_budget)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -6,7 +6,7 @@ printed, logged, compared and executed by one model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
@@ -48,6 +48,22 @@ STORAGE_DESCRIPTIONS = {
 
 
 @dataclass(frozen=True)
+class CompiledForward:
+    """The model's forward under `torch.compile`: AOTAutograd's min-cut partitioner chooses what
+    the backward recomputes, keeping at most `activation_memory_budget` (a fraction, 0 to 1) of
+    the activation memory its default partition saves (`torch._functorch.config`)."""
+
+    backend: str
+    activation_memory_budget: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.activation_memory_budget <= 1:
+            raise ValueError(
+                f"activation_memory_budget {self.activation_memory_budget} is outside [0, 1]"
+            )
+
+
+@dataclass(frozen=True)
 class CheckpointPlan:
     """Which units are recomputed in backward instead of keeping their activations.
 
@@ -61,6 +77,11 @@ class CheckpointPlan:
     the unit is recomputed, so a plan may recompute one unit element-wise and another one
     whole, layer by layer. `stored` names layers (layer, kind of `STORAGE_KINDS`) whose saved
     tensors are stored their own way instead of the plan's `storage`.
+    `saved_ops` gives a segment its own explicit list instead of `op_policy` (per segment
+    start: the operator outputs it keeps, each named `<aten op>#<occurrence in the layer's
+    forward>`, e.g. `mm#0`; every other operator is recomputed), as a planner that decides per
+    operator (sac_milp) needs. `compiled` runs the forward under torch.compile, whose
+    partitioner then decides what is recomputed.
     """
 
     num_layers: int
@@ -70,6 +91,8 @@ class CheckpointPlan:
     storage: str = "keep"
     selective: tuple[tuple[int, str, str], ...] = ()
     stored: tuple[tuple[int, str], ...] = ()
+    saved_ops: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    compiled: CompiledForward | None = None
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGE_KINDS:
@@ -111,10 +134,23 @@ class CheckpointPlan:
             _check_units(layer, [p.value for p in self.parts_of(layer)], self.selective_of(layer))
         if self.op_policy is not None and not self.segments:
             raise ValueError("an op-level policy applies to segments, and the plan has none")
+        starts = {start for start, _ in self.segments}
+        for start, _ in self.saved_ops:
+            if start not in starts:
+                raise ValueError(
+                    f"saved operators given for layer {start}, where no segment starts"
+                )
 
     @classmethod
     def nothing(cls, num_layers: int) -> CheckpointPlan:
         return cls(num_layers=num_layers)
+
+    def saved_ops_of(self, start: int) -> tuple[str, ...] | None:
+        """The explicit operator outputs the segment starting at `start` keeps, if it has a list."""
+        for layer, names in self.saved_ops:
+            if layer == start:
+                return names
+        return None
 
     def parts_of(self, layer: int) -> frozenset[Part]:
         return frozenset(part for index, part in self.parts if index == layer)
@@ -140,17 +176,18 @@ class CheckpointPlan:
 
     @property
     def recomputes_anything(self) -> bool:
-        return bool(self.segments or self.parts or self.selective)
+        return bool(self.segments or self.parts or self.selective or self.compiled)
 
     @property
     def uses_op_policy(self) -> bool:
-        """Some unit keeps tensors in an op-level policy's cache, out of saved-tensor hooks' sight."""
-        return self.op_policy is not None or bool(self.selective)
+        """Some unit keeps tensors in an op-level policy's cache (a policy or an explicit
+        saved-operator list), out of saved-tensor hooks' sight."""
+        return self.op_policy is not None or bool(self.selective) or bool(self.saved_ops)
 
     def describe(self) -> str:
         """One line a person can read: what is recomputed, and where."""
-        if not self.recomputes_anything:
-            text = "nothing recomputed"
+        if not (self.segments or self.parts or self.selective):
+            text = "nothing recomputed" if self.compiled is None else "compiled forward"
         else:
             pieces = []
             if self.segments and all(e - s == 1 for s, e in self.segments):
@@ -174,6 +211,17 @@ class CheckpointPlan:
             text = "; ".join(pieces)
         if self.op_policy:
             text += f"; op policy {self.op_policy}"
+        if self.saved_ops:
+            kept = sum(len(names) for _, names in self.saved_ops)
+            text += (
+                f"; {kept} operator output(s) kept by explicit lists in "
+                f"{len(self.saved_ops)} segment(s)"
+            )
+        if self.compiled is not None:
+            text += (
+                f"; torch.compile ({self.compiled.backend}) with activation_memory_budget "
+                f"{self.compiled.activation_memory_budget:.3f}"
+            )
         if self.storage in STORAGE_DESCRIPTIONS:
             text += "; " + STORAGE_DESCRIPTIONS[self.storage]
         by_kind: dict[str, list[int]] = {}
@@ -192,6 +240,8 @@ class CheckpointPlan:
             "storage": self.storage,
             "selective": [list(entry) for entry in self.selective],
             "stored": [list(entry) for entry in self.stored],
+            "saved_ops": [[start, list(names)] for start, names in self.saved_ops],
+            "compiled": None if self.compiled is None else asdict(self.compiled),
         }
 
     @classmethod
@@ -208,6 +258,10 @@ class CheckpointPlan:
                 for layer, unit, policy in data.get("selective", [])
             ),
             stored=tuple((int(layer), str(kind)) for layer, kind in data.get("stored", [])),
+            saved_ops=tuple(
+                (int(start), tuple(names)) for start, names in data.get("saved_ops", [])
+            ),
+            compiled=CompiledForward(**data["compiled"]) if data.get("compiled") else None,
         )
 
 

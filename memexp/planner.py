@@ -109,7 +109,7 @@ from typing import Any
 
 import torch
 
-from memexp import analytic
+from memexp import analytic, sharded_states
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
@@ -597,8 +597,11 @@ def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepPro
     start = phases["embedding"].start
     head_forward, head_backward = phases["head_forward"], phases["head_backward"]
     embedding_backward = phases["embedding_backward"]
-    weights = analytic.parameter_count(spec.model) * analytic.FLOAT_BYTES
     multi_tensor = spec.imagined_device == "cuda"  # PyTorch's default (foreach) path on CUDA
+    # One rank's states under the job's sharding (one device's under parallel=none): the
+    # activations are every rank's own, the states are what sharding divides.
+    rank = sharded_states.rank_states(spec, multi_tensor)
+    batch = analytic.batch_bytes(spec)
     return StepProfile(
         layers=spec.model.layers,
         options=options,
@@ -611,10 +614,10 @@ def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepPro
         head_backward_peak_bytes=head_backward.peak - head_backward.start,
         head_backward_net_bytes=phases[after("head_backward")].start - head_backward.start,
         embedding_backward_peak_bytes=embedding_backward.peak - embedding_backward.start,
-        layer_gradient_bytes=gradient_bytes,
-        resting_bytes=weights + analytic.optimizer_state_bytes(spec) + analytic.batch_bytes(spec),
-        gradient_bytes=weights,
-        optimizer_peak_bytes=analytic.optimizer_step_peak_bytes(spec, multi_tensor),
+        layer_gradient_bytes=rank.layer_grads_bytes,
+        resting_bytes=rank.params_bytes + rank.optimizer_state_bytes + batch + rank.gathered_bytes,
+        gradient_bytes=rank.grads_bytes,
+        optimizer_peak_bytes=rank.optimizer_step_bytes + batch,
         layer_saved_bytes=layer_saved[()],
         outside_saved_bytes=phases["end"].saved - sum(layer_saved.values()),
         layer_forward_flops=counts["forward:1"][0] - counts["forward:0"][0],

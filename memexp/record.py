@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memexp.buckets import BucketTable
-from memexp.config import ExperimentSpec
+from memexp.config import PARALLEL_NONE, ExperimentSpec
 from memexp.devices import Figures, StepTimes
 from memexp.estimate import TIME_SOURCE_ESTIMATE, BatchSearch
 from memexp.measure.flops import FLOPS_SOURCE
@@ -35,6 +35,8 @@ def write_identity_from_config(result: RunResult, cfg: DictConfig) -> None:
         ("seq_len", "seq.len"),
         ("batch_size", "batch.size"),
         ("precision", "precision"),
+        ("parallel", "parallel.name"),
+        ("world_size", "parallel.world_size"),
     ):
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         setattr(result, field_name, value if isinstance(value, (str, int)) else None)
@@ -50,6 +52,8 @@ def write_identity(result: RunResult, spec: ExperimentSpec) -> None:
     result.precision = spec.precision
     result.optimizer = spec.optimizer.name
     result.seed = spec.seed
+    result.parallel = spec.parallel.name
+    result.world_size = spec.parallel.world_size
 
 
 def write_batch_search(result: RunResult, search: BatchSearch) -> None:
@@ -200,9 +204,13 @@ def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -
 
 
 def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
+    parallel = spec.parallel
+    ranks = (
+        "" if parallel.name == PARALLEL_NONE else f" parallel={parallel.name}/{parallel.world_size}"
+    )
     return (
         f"{spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
-        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}; "
+        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}{ranks}; "
         f"plan: {plan.describe()}"
     )
 

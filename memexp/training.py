@@ -63,13 +63,15 @@ def build_model(cfg: ModelConfig, initialise: bool = True) -> PlannedLayers:
     return MODEL_BUILDERS[cfg.architecture](cfg, initialise)
 
 
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
 def build_optimizer(spec: ExperimentSpec, model: nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if spec.optimizer.name == "adam":
-        return torch.optim.Adam(params, lr=spec.optimizer.lr)
-    if spec.optimizer.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.optimizer.lr)
-    return torch.optim.SGD(params, lr=spec.optimizer.lr)
+    return OPTIMIZER_CLASSES[spec.optimizer.name](model.parameters(), lr=spec.optimizer.lr)
 
 
 def make_batch(

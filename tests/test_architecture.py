@@ -37,11 +37,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "progress",
     ),
     ("hf_model",),  # real architectures built by transformers, behind the seed model's interface
-    ("training",),  # one training step in phases
+    ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
+    ("sharding",),  # one rank's share of a workload (fully_shard, ZeRO-1)
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search
     ("devices",),  # one measurement backend per device kind
-    ("planner",),  # the adaptive planner's profile, peak model and solver
+    ("planner", "sac_planner"),  # adaptive's profile, peak model and solver; PyTorch's ILP
     ("strategies",),  # strategy → CheckpointPlan
     ("configure",),  # Hydra registration and validation (knows every strategy)
     ("record",),  # the one room that writes figures into a RunResult
@@ -165,6 +166,8 @@ STRATEGY_NAMES = (
     "offload",
     "compress",
     "adaptive",
+    "sac_milp",
+    "compile_budget",
 )
 DEVICE_NAMES = ("cpu", "cuda", "fake", "FAKE_DEVICE")
 

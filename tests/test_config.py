@@ -10,7 +10,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
 from memexp import CONF_DIR
-from memexp.config import ConfigError, ExperimentSpec, resolve_device
+from memexp.config import (
+    PARALLEL_MODES,
+    ConfigError,
+    ExperimentSpec,
+    ParallelConfig,
+    resolve_device,
+)
 from memexp.configure import require_values, validate
 from memexp.strategies import STRATEGIES
 
@@ -18,6 +24,7 @@ ComposeFn = Callable[..., DictConfig]
 SpecFn = Callable[..., ExperimentSpec]
 
 STRATEGY_OPTIONS = sorted(path.stem for path in (CONF_DIR / "strategy").glob("*.yaml"))
+PARALLEL_OPTIONS = sorted(path.stem for path in (CONF_DIR / "parallel").glob("*.yaml"))
 
 
 def test_default_composes_to_the_seed_small_workload(compose_cfg: ComposeFn) -> None:
@@ -84,6 +91,38 @@ def test_every_strategy_option_composes_and_validates(option: str, tiny_spec: Sp
     assert isinstance(spec.strategy, STRATEGIES[option].config_class)
 
 
+def test_every_parallel_option_is_a_mode() -> None:
+    assert set(PARALLEL_OPTIONS) == set(PARALLEL_MODES)
+
+
+@pytest.mark.parametrize("option", PARALLEL_OPTIONS)
+def test_every_parallel_option_composes_and_validates(option: str, tiny_spec: SpecFn) -> None:
+    parallel = tiny_spec(f"parallel={option}").parallel
+    assert parallel.name == option
+    assert parallel.world_size == (1 if option == "none" else 8)
+
+
+def test_one_device_is_the_default(tiny_spec: SpecFn) -> None:
+    assert tiny_spec().parallel == ParallelConfig()
+    assert (ParallelConfig().name, ParallelConfig().world_size) == ("none", 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("parallel=fsdp", "parallel.world_size=1"),  # the mode's machinery, nothing divided
+        ("parallel=fsdp", "parallel.world_size=512", "parallel.reshard_after_forward=false"),
+        ("parallel=zero2", "parallel.param_dtype=bf16", "parallel.reduce_dtype=fp32"),
+        ("parallel=zero2", "parallel.cpu_offload=true"),
+    ],
+)
+def test_parallel_knobs_are_accepted_where_they_act(
+    overrides: tuple[str, ...], tiny_spec: SpecFn
+) -> None:
+    parallel = tiny_spec(*overrides).parallel
+    assert f"parallel={parallel.name}" == overrides[0]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -144,6 +183,33 @@ CHOICE_ERRORS = [
     ),
     (["strategy=sqrt", "strategy.segments=0"], "strategy.segments", 0, ["between 1 and", "=4"]),
     (["strategy=sqrt", "strategy.segments=5"], "strategy.segments", 5, ["between 1 and", "=4"]),
+    (["parallel.name=zero3"], "parallel.name", "zero3", ["none", "ddp", "zero1", "fsdp"]),
+    (["parallel=fsdp", "parallel.world_size=0"], "parallel.world_size", 0, POSITIVE),
+    (["parallel.world_size=8"], "parallel.world_size", 8, ["1 under parallel=none", "ddp|"]),
+    (
+        ["parallel=zero2", "parallel.reshard_after_forward=false"],
+        "parallel.reshard_after_forward",
+        False,
+        ["unless parallel=fsdp", "zero2 never reshards"],
+    ),
+    (
+        ["parallel=fsdp", "parallel.param_dtype=fp16"],
+        "parallel.param_dtype",
+        "fp16",
+        ["fp32", "bf16"],
+    ),
+    (
+        ["parallel=ddp", "parallel.reduce_dtype=bf16"],
+        "parallel.reduce_dtype",
+        "bf16",
+        ["null unless parallel=zero2 or fsdp"],
+    ),
+    (
+        ["parallel=zero1", "parallel.cpu_offload=true"],
+        "parallel.cpu_offload",
+        True,
+        ["false unless parallel=zero2 or fsdp"],
+    ),
 ]
 
 
@@ -182,6 +248,7 @@ def test_device_follows_the_request_and_the_machine(
         (["+model.hiden=64"], "model.hiden", 64, "name, vocab_size, hidden, layers"),
         (["strategy=sqrt", "+strategy.segmnts=2"], "strategy.segmnts", 2, "name, segments"),
         (["+logger.modee=online"], "logger.modee", "online", "name, project, entity, mode"),
+        (["+parallel.ranks=8"], "parallel.ranks", 8, "name, world_size, reshard_after_forward"),
     ],
 )
 def test_a_key_the_schema_lacks_is_refused_naming_the_known_keys(

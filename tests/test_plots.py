@@ -97,7 +97,8 @@ def test_every_figure_is_written_when_its_data_exists(drawn: list[plots.PlotOutc
     assert all(o.path.read_bytes().startswith(PNG_SIGNATURE) for o in written)
     # No job of this sweep ran with batch=auto (tests/test_report_predictions.py draws that one).
     assert [o.note for o in drawn if not o.path] == [
-        "largest batch skipped: no job ran with batch=auto"
+        "largest batch skipped: no job ran with batch=auto",
+        "world size skipped: no job ran with parallel other than none",
     ]
 
 
@@ -390,7 +391,9 @@ def test_panels_are_what_varies_and_the_rest_is_said_once(frame: pd.DataFrame) -
     assert layout.inner_values == [256, 512, 1024]  # 1024: small's job that ran out of memory
     assert sorted(layout.panels["model tiny, batch 4"].seq_len.unique()) == [256, 512]
     assert sorted(layout.panels["model small, batch 4"].seq_len.unique()) == [256, 1024]
-    assert layout.shared == "device cpu, precision fp32, attention naive"
+    assert layout.shared == (
+        "device cpu, precision fp32, attention naive, parallel none, world_size 1"
+    )
     assert layout.note is None
 
 
@@ -433,3 +436,73 @@ def test_summarize_passes_named_timelines_to_the_figure(tmp_path: Path) -> None:
     assert summarize.main([str(tmp_path), "--timeline", "seq=64"]) == 0
     page = (tmp_path / "summary.md").read_text()
     assert "Note: 1 of 2 configs drawn, as named: seq_len=64" in page
+
+
+# --- many GPUs -------------------------------------------------------------------------------
+
+
+def per_rank_peak(mode: str, strategy: str, world_size: int) -> int:
+    """A per-rank peak that falls with the ranks under fsdp and stays under ddp."""
+    states = 16_000_000 // world_size if mode == "fsdp" else 16_000_000
+    return states + (1_000_000 if strategy == "none" else 400_000)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """tiny predicted under ddp and fsdp at 8 and 64 ranks, two strategies, one one-device job."""
+    sweep = tmp_path_factory.mktemp("ranks")
+    jobs = [
+        (mode, world_size, strategy)
+        for mode in ("ddp", "fsdp")
+        for world_size in (8, 64)
+        for strategy in ("none", "selective")
+    ]
+    for num, (mode, world_size, strategy) in enumerate(jobs):
+        write_result(
+            sweep / str(num),
+            RunResult(status="ok", job_num=num, model="tiny", strategy=strategy, seq_len=256,
+                      batch_size=4, device="fake", precision="bf16", attention="naive",
+                      parallel=mode, world_size=world_size, memory_source="fake_tensors",
+                      peak_bytes=per_rank_peak(mode, strategy, world_size),
+                      extra={"device_memory_bytes": 12_000_000}),
+        )  # fmt: skip
+    write_result(
+        sweep / str(len(jobs)),
+        RunResult(status="oom", job_num=len(jobs), model="tiny", strategy="none", seq_len=256,
+                  batch_size=4, device="fake", precision="bf16", attention="naive",
+                  parallel="fsdp", world_size=512),
+    )  # fmt: skip
+    return load_results([sweep])
+
+
+def test_sharded_jobs_are_labelled_and_compared_within_their_mode_and_world_size(
+    sharded: pd.DataFrame,
+) -> None:
+    rows = sharded[sharded.status.eq("ok")]
+    assert sorted(set(rows.workload)) == ["256\u00d74 ddp/64", "256\u00d74 ddp/8",
+                                          "256\u00d74 fsdp/64", "256\u00d74 fsdp/8"]  # fmt: skip
+    selective = rows[rows.strategy.eq("selective")].set_index("workload")
+    expected = 100 * 600_000 / (16_000_000 // 64 + 1_000_000)
+    assert selective.loc["256\u00d74 fsdp/64", "peak_saved_pct"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_world_size_draws_a_line_per_mode_and_strategy(sharded: pd.DataFrame, tmp_path: Path):
+    outcome = plots.plot_world_size(sharded, tmp_path)
+    assert outcome.path is not None and outcome.path.name == "world_size.png"
+    data = outcome.data
+    assert len(data) == 8  # the oom job is not drawn
+    for row in data.itertuples():
+        assert row.peak_mib * 2**20 == per_rank_peak(
+            row.parallel, row.strategy_label, row.world_size
+        )
+    assert set(data.panel) == {"tiny 256\u00d74"}
+    assert sorted(set(zip(data.parallel, data.world_size, strict=True))) == [
+        ("ddp", 8), ("ddp", 64), ("fsdp", 8), ("fsdp", 64)
+    ]  # fmt: skip
+
+
+def test_world_size_is_skipped_without_sharded_jobs(frame: pd.DataFrame, tmp_path: Path) -> None:
+    outcome = plots.plot_world_size(frame, tmp_path)
+    assert outcome.path is None
+    assert outcome.note == "world size skipped: no job ran with parallel other than none"

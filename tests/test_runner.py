@@ -22,7 +22,7 @@ from memexp import analytic, results
 from memexp.callbacks import collect_results
 from memexp.config import DEVICE_TYPES, ExperimentSpec
 from memexp.devices import BACKENDS
-from memexp.measure.tracker import CATEGORY_FIELDS
+from memexp.measure.tracker import CATEGORY_FIELDS, SHARDED_FIELDS
 from memexp.plan import CheckpointPlan
 from memexp.results import RESULT_FILE, RunResult, read_result, write_result
 from memexp.runner import run_job
@@ -36,6 +36,7 @@ COUNTS = {
     "schema_version", "job_num", "seq_len", "batch_size", "seed", "param_count",
     "time_warmup", "time_repeats", "loss_first_step", "time_threads", "time_interop_threads",
     "time_cpus", "time_load_before", "time_load_after",  # load averages: runnable tasks
+    "world_size",  # ranks
 }  # fmt: skip
 UNIT_NAME = re.compile(
     r".*(_bytes|_ms_median|_ms_min|_ms_max|_ms_iqr|_pct|_s|_per_s_median)$|^flops_.*"
@@ -67,6 +68,7 @@ def test_record_names_the_job(record: dict) -> None:
     }
     assert (record["device"], record["precision"], record["optimizer"]) == ("cpu", "fp32", "adam")
     assert (record["seed"], record["job_num"]) == (0, 0)
+    assert (record["parallel"], record["world_size"]) == ("none", 1)
     assert "strategy=none" in record["overrides"]
     assert Path(record["job_dir"]) == Path(record["sweep_dir"]) / "0"
     assert record["schema_version"] == results.SCHEMA_VERSION
@@ -117,8 +119,9 @@ def test_figures_of_the_baseline_job(
 
 
 def test_tracker_breakdown_adds_up_to_the_peak(record: dict) -> None:
-    categories = set(CATEGORY_FIELDS.values())
+    categories = set(CATEGORY_FIELDS.values()) - set(SHARDED_FIELDS)
     assert sum(record[field] for field in categories) == record["peak_bytes"]
+    assert [record[field] for field in SHARDED_FIELDS] == [None] * 3  # one device: no shards
     assert record["peak_bytes"] == max(
         v for k, v in record["phase_bytes"].items() if k.endswith("_peak")
     )
@@ -165,11 +168,12 @@ def test_records_are_written_atomically(
 def test_invalid_config_is_recorded_not_raised(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny_cfg("model.heads=5")
+    cfg = tiny_cfg("model.heads=5", "parallel=fsdp")
     caplog.set_level(logging.INFO, logger="memexp")
     result = run_job(cfg, tmp_path, {"overrides": ["model.heads=5"]})
     assert (result.status, result.error_type) == ("error", "ConfigError")
     assert (result.model, result.strategy) == ("tiny", "none")  # what the job was asked to be
+    assert (result.parallel, result.world_size) == ("fsdp", 8)
     assert (result.seq_len, result.batch_size) == (16, 2)
     assert result.message is not None and result.message.startswith("model.heads=5 ")
     assert read_result(tmp_path) == result

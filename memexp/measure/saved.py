@@ -13,11 +13,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memexp.storage import SavedTensorStorage
 
 SAVED_SOURCE = "saved_tensors_hooks"
+
+
+def parameter_storages(model: nn.Module) -> set[StorageWeakRef]:
+    """The storages of the parameters `model` holds now. Read at every save, not once: a model
+    sharded by `fully_shard` registers a layer's gathered, unsharded parameters only while the
+    layer computes, and those are parameters too (its sharded DTensors hold no storage here)."""
+    return {
+        StorageWeakRef(p.untyped_storage())
+        for p in model.parameters()
+        if not isinstance(p, DTensor)
+    }
 
 
 @contextlib.contextmanager
@@ -31,7 +43,6 @@ def counting_saved_bytes(
     holds is counted: compressed data and scales, as stored. Offloading is left out (the caller
     runs the forward without its hooks): offloaded tensors are counted where they are made.
     """
-    parameter_storages = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     seen: dict[StorageWeakRef, int] = {}
 
     def pack(tensor: torch.Tensor) -> Any:
@@ -40,7 +51,7 @@ def counting_saved_bytes(
         for kept in held:
             kept_storage = kept.untyped_storage()
             ref = StorageWeakRef(kept_storage)
-            if ref not in parameter_storages:
+            if ref not in parameter_storages(model):
                 seen[ref] = kept_storage.nbytes()
         return packed
 

@@ -23,6 +23,7 @@ from memexp.plots.comparison import comparison_panels, plot_comparison
 from memexp.plots.scaling import plot_scaling, scaling_panels
 from memexp.plots.timeline import Selection, parse_selection, plot_timeline, read_timeline
 from memexp.plots.tradeoff import plot_tradeoff
+from memexp.plots.world_size import plot_world_size
 
 __all__ = [
     "PlotOutcome",
@@ -37,6 +38,7 @@ __all__ = [
     "plot_scaling",
     "plot_timeline",
     "plot_tradeoff",
+    "plot_world_size",
     "read_timeline",
     "scaling_panels",
 ]
@@ -57,6 +59,7 @@ def figures(
         ("memory breakdown", plot_breakdown),
         (TIMELINE_FIGURE, functools.partial(plot_timeline, select=timelines)),
         ("largest batch that fits", plot_auto_batch),
+        ("per-rank peak against world size", plot_world_size),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memexp.aggregate import BASELINE_STRATEGY
+from memexp.aggregate import BASELINE_STRATEGY, as_float
 from memexp.analysis import (
     AUTO_BATCH_KEYS,
     FIT_POINTS,
@@ -305,6 +305,8 @@ def _saved_vs_closed_form_section(frame: pd.DataFrame) -> Section:
     for kind, rows, heading in kinds:
         if rows.empty:
             continue
+        # A sweep with no closed form anywhere (bf16 only) holds None there, not NaN.
+        rows = rows.assign(**{ANALYTIC_SAVED: as_float(rows[ANALYTIC_SAVED])})
         sources = "; ".join(
             MEMORY_SOURCE_LABELS.get(s, s) for s in sorted(rows.memory_source.dropna().unique())
         )

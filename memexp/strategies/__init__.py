@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 
 from memexp.strategies import (
     adaptive,
+    compile_budget,
     compress,
     every_n,
     full,
     none,
     offload,
     op,
+    sac_milp,
     selective,
     sqrt,
 )
@@ -27,7 +29,19 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, Strategy] = {
     module.STRATEGY.name: module.STRATEGY
-    for module in (none, full, sqrt, selective, every_n, op, offload, compress, adaptive)
+    for module in (
+        none,
+        full,
+        sqrt,
+        selective,
+        every_n,
+        op,
+        offload,
+        compress,
+        adaptive,
+        sac_milp,
+        compile_budget,
+    )
 }
 
 

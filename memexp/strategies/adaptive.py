@@ -72,7 +72,9 @@ class AdaptiveConfig:
     max_grad_rel_error: float | None = None
 
 
-def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
+def validate_budget(cfg: Any) -> None:
+    """The budget fields every budget-held strategy shares (adaptive, sac_milp, compile_budget):
+    `budget_mb`, `budget_ratio`, `budget_scope`."""
     if cfg.budget_mb is not None and cfg.budget_ratio is not None:
         raise ConfigError(
             "strategy.budget_mb",
@@ -87,6 +89,10 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         raise ConfigError(
             "strategy.budget_scope", cfg.budget_scope, f"one of {', '.join(PEAK_FIELDS)}"
         )
+
+
+def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
+    validate_budget(cfg)
     if cfg.max_rounds < 1:
         raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
     for kind in cfg.storage:
@@ -123,7 +129,7 @@ class Budget:
     rule: str  # how it was set, in words, with its figures
 
 
-def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None = None) -> Budget:
+def budget_for(cfg: Any, profile: StepProfile, job_budget: int | None = None) -> Budget:
     """An explicit budget wins; then the job's own (`job_budget`, given under batch=auto or
     batch=dynamic);
     then midway between `none` and the leanest plan, over the budget's scope."""
@@ -151,6 +157,16 @@ def budget_for(cfg: AdaptiveConfig, profile: StepProfile, job_budget: int | None
         f"midway between the {scope} peaks of `none`, {nothing / MIB:.1f} MiB, and of the "
         f"leanest plan, {lowest / MIB:.1f} MiB (predicted)",
     )
+
+
+def peer_budget(cfg: Any, spec: ExperimentSpec) -> tuple[Budget, StepProfile]:
+    """The budget a peer planner (sac_milp, compile_budget) is held to: set from the same fields
+    as adaptive's, by `budget_for`, from the recomputation-only profile it returns too."""
+    from memexp.planner import profile_step
+
+    profile = profile_step(spec)
+    job_budget = spec.memory_budget_bytes if spec.auto_batch else None
+    return budget_for(cfg, profile, job_budget), profile
 
 
 @dataclass(frozen=True)

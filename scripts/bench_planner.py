@@ -1,0 +1,260 @@
+"""Benchmark the budget-held planners side by side: adaptive, op, sac_milp and compile_budget.
+
+    .venv/bin/python scripts/bench_planner.py                        # small (cpu), medium (fake)
+    .venv/bin/python scripts/bench_planner.py --models small --budgets 3 --repeat 2
+
+For each model a budget ladder is laid between the leanest plan's and `none`'s predicted
+forward+backward peaks (memexp.planner, fake tensors): `--budgets` budgets evenly inside that
+range. At each budget `adaptive`, `sac_milp` and `compile_budget` run as ordinary memexp jobs
+(`memexp.runner.run_job`, fp32, Adam) with `strategy.budget_mb` set to it; `op` (a fixed plan)
+and `none` run once and are compared with every budget. Every figure is a job's own record
+(kept under outputs/bench_planner/):
+
+- peak: the forward+backward peak (tensor tracker on the CPU, fake tensors on `fake`); for
+  compile_budget the estimate its record carries (the tracker cannot watch a compiled step,
+  see memexp/strategies/compile_budget.py), marked ≈;
+- over budget: how far that peak is above the budget (0 when within);
+- recompute FLOPs: % of the step without checkpointing (FlopCounterMode, matmuls only; for
+  compile_budget the eager step's, so "-");
+- recompute time: the job's median backward time less `none`'s (measured, so noisy on a shared
+  machine; "-" on the fake device, where nothing runs);
+- planning: the strategy's own planning time from its record (profile, solve), 0 for `op`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from memexp import CONF_DIR, planner  # noqa: E402
+from memexp.configure import register_configs, validate  # noqa: E402
+from memexp.results import SCOPE_FORWARD_BACKWARD, RunResult, read_result  # noqa: E402
+from memexp.runner import run_job  # noqa: E402
+from memexp.sweepdir import RESULT_FILE  # noqa: E402
+from memexp.text import MIB, markdown_table  # noqa: E402
+
+# Where each model runs: small measured on the CPU, medium predicted on fake tensors.
+DEVICES = {"small": "cpu", "medium": "fake"}
+# The budget-held planners; each records its own figures under `extra[<its name>]`.
+BUDGETED = ("adaptive", "sac_milp", "compile_budget")
+
+
+def compose_overrides(*overrides: str) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def ladder(model: str, device: str, count: int) -> list[int]:
+    """`count` budgets evenly between the leanest plan's and `none`'s predicted peaks."""
+    spec = validate(compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive"))
+    profile = planner.profile_step(spec)
+    nothing = planner.predict(profile, ((),) * profile.layers).peak_in(SCOPE_FORWARD_BACKWARD)
+    lowest = planner.leanest(profile, SCOPE_FORWARD_BACKWARD).peak_bytes
+    return [round(lowest + (nothing - lowest) * k / (count + 1)) for k in range(1, count + 1)]
+
+
+@dataclass
+class Job:
+    label: str
+    budget: int | None
+    record: RunResult | None  # None: not run (a stopped benchmark finished with --recorded-only)
+
+
+def run(
+    model: str, device: str, repeat: int, job_dir: Path, recorded_only: bool, *overrides: str
+) -> RunResult | None:
+    """The job's record: read where the folder already holds one (`--resume`), else run, unless
+    `recorded_only` (None then: the job was not run)."""
+    if (job_dir / RESULT_FILE).exists():
+        return read_result(job_dir)
+    if recorded_only:
+        return None
+    cfg = compose_overrides(
+        f"model={model}",
+        f"device={device}",
+        *overrides,
+        "logger=none",
+        f"measure.repeat={repeat}",
+        "measure.max_time_s=1",
+    )
+    started = time.monotonic()
+    run_job(cfg, job_dir, {"overrides": [f"model={model}", *overrides]})
+    record = read_result(job_dir)
+    print(
+        f"[bench] {model} {' '.join(overrides)}: {record.status} in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    return record
+
+
+def peak_of(job: Job) -> tuple[int | None, str]:
+    """The forward+backward peak the planner is judged by, and how it was obtained."""
+    extra = job.record.extra.get("compile_budget")
+    if extra is not None:
+        return extra.get("estimated_peak_bytes"), "≈"
+    return job.record.forward_backward_peak_bytes, ""
+
+
+def mib(value: int | None, mark: str = "") -> str:
+    return "-" if value is None else f"{mark}{value / MIB:,.1f}"
+
+
+def recompute_time(job: Job, none: RunResult) -> str:
+    ours, theirs = job.record.backward_ms_median, none.backward_ms_median
+    if ours is None or theirs is None:
+        return "-"
+    return f"{ours - theirs:+,.0f}"
+
+
+def planning_time(job: Job) -> str:
+    if job.record.strategy not in BUDGETED:
+        return "0"
+    value = job.record.extra.get(job.record.strategy, {}).get("planning_s")
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def row(job: Job, budget: int, none: RunResult) -> list[str]:
+    record = job.record
+    if record is None:
+        return [mib(budget), job.label, "not run", "", "", "", "", ""]
+    peak, mark = peak_of(job)
+    over = None if peak is None else max(0, peak - budget)
+    flops = (
+        "-"
+        if record.recompute_flops_pct is None or "compile_budget" in record.extra
+        else f"{record.recompute_flops_pct:.2f}"
+    )
+    return [
+        mib(budget),
+        job.label,
+        record.status,
+        mib(peak, mark),
+        mib(over, mark),
+        flops,
+        recompute_time(job, none),
+        planning_time(job),
+    ]
+
+
+HEADERS = (
+    "budget MiB",
+    "planner",
+    "status",
+    "fwd+bwd peak MiB",
+    "over budget MiB",
+    "recompute FLOPs %",
+    "recompute time ms (bwd − none's)",
+    "planning s",
+)
+
+
+def model_section(model: str, device: str, budgets: list[int], jobs: list[Job]) -> list[str]:
+    none = next(job.record for job in jobs if job.label == "none")
+    op = next(job for job in jobs if job.label == "op")
+    if none is None:
+        return [f"## {model} (device={device}): not run", ""]
+    rows = [row(Job("none", None, none), budgets[-1], none)]
+    for budget in budgets:
+        rows.append(row(op, budget, none))
+        rows += [row(job, budget, none) for job in jobs if job.budget == budget]
+    notes = [
+        f"- {job.label} at {mib(job.budget)} MiB: {job.record.status} — {job.record.message}"
+        for job in jobs
+        if job.record is not None and job.record.status != "ok"
+    ]
+    return [
+        f"## {model} (device={device}): seq {none.seq_len} × batch {none.batch_size}",
+        "",
+        f"none's predicted forward+backward peak ends the ladder; `op` and `none` are measured "
+        f"once and set against each budget. Load average at the end of this model's jobs: "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.",
+        "",
+        markdown_table(HEADERS, rows),
+        "",
+        *notes,
+        "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEVICES))
+    parser.add_argument("--budgets", type=int, default=5, help="budgets on each ladder")
+    parser.add_argument("--repeat", type=int, default=2, help="timed steps per measured job")
+    parser.add_argument("--out", type=Path, default=ROOT / "scripts/results/bench_planner.md")
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's folder: its recorded jobs are read, not rerun"
+    )
+    parser.add_argument(
+        "--recorded-only",
+        action="store_true",
+        help="with --resume: run nothing, table what is there",
+    )
+    args = parser.parse_args()
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    root = args.resume or ROOT / "outputs" / "bench_planner" / started.replace(":", "-")
+    if args.resume:
+        started = f"{root.name} (jobs run then; tabled {started})"
+    lines = [
+        "# Budget-held planners side by side",
+        "",
+        f"Started {started} on {os.cpu_count()} CPU(s) shared with other work; load average "
+        f"at start {', '.join(f'{v:.2f}' for v in os.getloadavg())}. Produced by "
+        f"`scripts/bench_planner.py --models {' '.join(args.models)} --budgets {args.budgets} "
+        f"--repeat {args.repeat}` (the script's docstring defines every column). Bytes and "
+        f"FLOPs are exact; times are noisy ({args.repeat} timed steps per job).",
+        "",
+    ]
+    for model in args.models:
+        device = DEVICES[model]
+        budgets = ladder(model, device, args.budgets)
+        folder = root / model
+        jobs = [
+            Job(
+                label,
+                None,
+                run(
+                    model,
+                    device,
+                    args.repeat,
+                    folder / label,
+                    args.recorded_only,
+                    f"strategy={label}",
+                ),
+            )
+            for label in ("none", "op")
+        ]
+        for budget in budgets:
+            for name in BUDGETED:
+                record = run(
+                    model,
+                    device,
+                    args.repeat,
+                    folder / f"{name}_{budget}",
+                    args.recorded_only,
+                    f"strategy={name}",
+                    f"strategy.budget_mb={budget / MIB}",
+                )
+                jobs.append(Job(name, budget, record))
+        lines += model_section(model, device, budgets, jobs)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")  # what is done so far survives a stop
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
