@@ -17,7 +17,12 @@ Plan units map onto a decoder layer as on the seed's:
   after the rotary embedding. memexp registers its own implementation names, `memexp_eager`
   and `memexp_sdpa`, which build the same masks as `eager` and `sdpa` and run the library's own
   function, under a checkpoint where the plan says so;
-* segments and op-level policies run whole layers, as on the seed's model.
+* `layer`: the whole decoder layer.
+
+Each unit is recomputed whole or element-wise under its own op-level policy (a plan's
+`selective`), as memexp.model.layer_units says; segments (with their policy or saved-operator
+list), a layer's own storage (`stored`), the plan-wide storage and a compiled forward are
+PlannedLayers' and the training step's, the same for every architecture.
 
 As in the seed there is no dropout (GPT-2's published 0.1 is set to 0: a dropout mask changes
 which tensors are kept and makes no step repeatable) and no KV cache. The parameters are fp32
