@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from memexp import analytic
-from memexp.config import FAKE_DEVICE, ExperimentSpec
+from memexp.config import FAKE_DEVICE, PARALLEL_NONE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
     Prediction,
@@ -35,13 +35,12 @@ from memexp.estimate import (
 )
 from memexp.measure.flops import step_flops
 from memexp.measure.machine import MachineLoad
-from memexp.measure.memory import MemoryMeasurement, measure_memory
-from memexp.measure.timing import StoppingRule, time_steps, time_units
-from memexp.model import parameter_count
+from memexp.measure.memory import MemoryMeasurement
+from memexp.measure.step import measure_on_ranks, measure_step
+from memexp.measure.timing import time_units
 from memexp.plan import CheckpointPlan
-from memexp.results import InfeasibleError
+from memexp.results import InfeasibleError, NotApplicableError
 from memexp.text import format_bytes
-from memexp.training import build_workload
 
 
 @dataclass(frozen=True)
@@ -95,28 +94,40 @@ def flops_without_checkpointing(spec: ExperimentSpec, plan: CheckpointPlan, with
 
 @dataclass(frozen=True)
 class MeasuredBackend:
-    """Runs the step on the job's device: timed steps, then one tracked memory step.
+    """Runs the step on the job's device: timed steps, then one tracked memory step; under a
+    `parallel` mode on every rank of a `process_group` of `parallel.world_size` processes
+    (memexp.ranks: started here, or by the cluster), each rank on its own device.
 
     `host_memory`: the step allocates in host memory, where running out does not fail cleanly
     (the process swaps or the kernel kills it), so a step whose closed-form floor exceeds the
-    memory available is refused before anything is allocated.
+    memory available is refused before anything is allocated. It also means there is no other
+    memory to offload the sharded state to.
     """
 
     time_source: str
     multi_tensor_optimizer: bool  # PyTorch's default optimizer path for this device's tensors
+    process_group: str  # torch.distributed's backend between ranks on this device
     host_memory: bool = False
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
+            if spec.parallel.cpu_offload:
+                raise NotApplicableError(
+                    "parallel.cpu_offload moves the sharded state to host memory, where a "
+                    f"device={spec.device} step already keeps it"
+                )
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
-        work = build_workload(spec, plan, spec.device)
-        timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
+        if spec.parallel.name == PARALLEL_NONE:
+            step = measure_step(spec, plan, torch.device(spec.device))
+        else:
+            step = measure_on_ranks(spec, plan, self.process_group)
+        timings = step.timings
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
-            param_count=parameter_count(work.model),
+            param_count=step.param_count,
             time_source=self.time_source,
             times=StepTimes(
                 warmup=spec.measure.warmup,
@@ -127,7 +138,7 @@ class MeasuredBackend:
             ),
             loss_first_step=timings.first_loss,
             saved_activation_bytes=timings.saved_activation_bytes,
-            memory=measure_memory(work),
+            memory=step.memory,
         )
 
     def time_units(self, spec: ExperimentSpec) -> dict[str, float]:
@@ -190,8 +201,12 @@ def prediction_extras(spec: ExperimentSpec, prediction: Prediction) -> tuple[str
 # Keyed by `spec.device` (validation resolves `auto`); the fake device looks its imagined
 # device up here too, for the optimizer path it follows.
 BACKENDS: dict[str, Backend] = {
-    "cpu": MeasuredBackend("perf_counter", multi_tensor_optimizer=False, host_memory=True),
-    "cuda": MeasuredBackend("cuda_synchronized_perf_counter", multi_tensor_optimizer=True),
+    "cpu": MeasuredBackend(
+        "perf_counter", multi_tensor_optimizer=False, process_group="gloo", host_memory=True
+    ),
+    "cuda": MeasuredBackend(
+        "cuda_synchronized_perf_counter", multi_tensor_optimizer=True, process_group="nccl"
+    ),
     FAKE_DEVICE: PredictedBackend(),
 }
 

@@ -141,6 +141,8 @@ def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -
     for field_name, value in memory.breakdown.items():
         setattr(result, field_name, value)
     result.phase_bytes = memory.phase_bytes
+    result.rank_memory = memory.ranks or None
+    result.peak_rank = memory.peak_rank
     result.extra.update(memory.notes)
     timeline = {"source": memory.timeline_source, "unit": "bytes", "events": memory.timeline}
     write_json_atomic(job_dir / TIMELINE_FILE, timeline)

@@ -32,7 +32,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "resume",
         "cli_help",
         "objective",
+        "ranks",
     ),
+    ("sharding",),  # the model and optimizer one rank trains under a `parallel` mode
     ("training",),  # one training step in phases
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search

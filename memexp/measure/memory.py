@@ -7,7 +7,7 @@ rounding and caching included); the tracker then runs once more to say where tho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from memexp.results import (
     SOURCE_CUDA_ALLOCATOR,
     SOURCE_TENSOR_TRACKER,
 )
+from memexp.sharding import local_optimizer
 from memexp.training import Workload, backward, forward_loss, optimizer_step
 
 # The phases whose peaks make the forward+backward peak (the forward phase includes the loss).
@@ -35,6 +36,12 @@ class MemoryMeasurement:
     peak_reserved_bytes: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     other_device_peaks: dict[str, int] = field(default_factory=dict)  # e.g. offloaded to host
+    # Under a process group, every rank's own figures (`rank_figures`), in rank order; the
+    # fields above are then those of the rank with the highest step peak (`peak_rank`).
+    ranks: list[dict[str, int]] = field(default_factory=list)
+    peak_rank: int | None = None
+    # What the device keeps from one step to the next (`held_between_steps`).
+    held: dict[str, int] = field(default_factory=dict)
 
     @property
     def forward_backward_peak_bytes(self) -> int:
@@ -53,13 +60,52 @@ class MemoryMeasurement:
         return peaks[scope]
 
 
+def held_between_steps(work: Workload) -> dict[str, int]:
+    """Bytes of the parameters and optimizer state the device keeps between steps: under a
+    `parallel` mode one rank's share (its padded shards under fully_shard, its partition of the
+    state under zero1), which the breakdown at the peak mixes with gathered parameters."""
+    from memexp.measure.tracker import optimizer_state_tensors, storage_bytes
+
+    return {
+        "held_params_bytes": storage_bytes(work.model.parameters()),
+        "held_optimizer_state_bytes": storage_bytes(
+            optimizer_state_tensors([local_optimizer(work.optimizer)])
+        ),
+    }
+
+
+def rank_figures(measurement: MemoryMeasurement) -> dict[str, int]:
+    """One rank's peaks, the breakdown at its peak and what it holds between steps: what a
+    record keeps of every rank."""
+    return {
+        "peak_bytes": measurement.peak_bytes,
+        "forward_backward_peak_bytes": measurement.forward_backward_peak_bytes,
+        **measurement.breakdown,
+        **measurement.held,
+    }
+
+
+def across_ranks(measurements: list[MemoryMeasurement]) -> MemoryMeasurement:
+    """The step as a job reports it when it ran on several ranks: the rank whose step peak is
+    highest (the lowest such rank on a tie) stands for the job, since the device that must hold
+    the step is the fullest one; every rank's own figures ride along in `ranks`."""
+    peak_rank = max(
+        range(len(measurements)), key=lambda rank: (measurements[rank].peak_bytes, -rank)
+    )
+    return replace(
+        measurements[peak_rank],
+        ranks=[rank_figures(measurement) for measurement in measurements],
+        peak_rank=peak_rank,
+    )
+
+
 def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:
     """One step under the tensor tracker: exact bytes of every live tensor, op by op."""
     # Imported here: the tracker's module pulls in torch's compiler stack (~2 s per process).
     from memexp.measure.tracker import TensorTracker
 
     tracker = TensorTracker(
-        work.tokens.device, work.model, work.optimizer, work.tokens, work.targets
+        work.tokens.device, work.model, local_optimizer(work.optimizer), work.tokens, work.targets
     )
     with tracker:
         tracker.set_phase("forward")
@@ -146,6 +192,10 @@ def cuda_allocator_step(work: Workload) -> MemoryMeasurement:
 
 
 def measure_memory(work: Workload) -> MemoryMeasurement:
+    """The memory step on the workload's device, and what the device holds after it."""
     if work.tokens.device.type == "cuda":
-        return cuda_allocator_step(work)
-    return tracked_step(work)
+        measurement = cuda_allocator_step(work)
+    else:
+        measurement = tracked_step(work)
+    measurement.held = held_between_steps(work)
+    return measurement

@@ -9,10 +9,12 @@ its private names lives here, so an upstream rename breaks one file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.mem_tracker import MemTracker
 
 # MemTracker's category names → this project's record fields.
@@ -70,6 +72,27 @@ class _TimelineTracker(MemTracker):
         return result
 
 
+def optimizer_state_tensors(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    return [
+        value
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    ]
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`, each counted once: a DTensor's are its
+    local shard's, padding included, so a rank's sharded parameters count what the rank holds."""
+    sizes = {
+        storage.data_ptr(): storage.nbytes()
+        for tensor in tensors
+        for storage in get_untyped_storages(tensor)
+    }
+    return sum(sizes.values())
+
+
 class TensorTracker:
     """Track one training step phase by phase: `with tracker.phase("forward"): ...`."""
 
@@ -94,13 +117,12 @@ class TensorTracker:
         """Bytes of the tracked optimizers' state tensors on the tracked device, as tracked."""
         tracker = self._tracker
         sizes: dict[int, int] = {}
-        for optimizer in self._optimizers:
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.device == tracker.device:
-                        storage = value.untyped_storage()
-                        info, _ = tracker._WINFO.get(storage, (None, None))
-                        sizes[id(storage)] = info.mem_consumed if info is not None else 0
+        for value in optimizer_state_tensors(self._optimizers):
+            if value.device != tracker.device:
+                continue
+            for storage in get_untyped_storages(value):  # a DTensor's: its local shard's
+                info, _ = tracker._WINFO.get(storage, (None, None))
+                sizes[id(storage)] = info.mem_consumed if info is not None else 0
         return sum(sizes.values())
 
     def _breakdown(self, peak_snapshot: dict[Any, int]) -> dict[str, int]:

@@ -1,0 +1,75 @@
+"""The measured step of a job: timed steps, then one tracked memory step, on one device or on
+every rank of a process group.
+
+On one device the step runs here. Under a `parallel` mode each rank builds its share of the
+workload (memexp.training, memexp.sharding), times it and tracks its memory step with the same
+tracker as one device, and sends its figures back (memexp.ranks); the job reports rank 0's times
+(every rank waits for the others at each collective, so their steps take the same time) and the
+memory of every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from memexp.config import ExperimentSpec
+from memexp.measure.machine import available_cpus, intra_op_threads
+from memexp.measure.memory import MemoryMeasurement, across_ranks, measure_memory
+from memexp.measure.timing import StoppingRule, Timings, time_steps
+from memexp.model import parameter_count
+from memexp.plan import CheckpointPlan
+from memexp.ranks import Rank, run_ranks
+from memexp.training import build_workload
+
+
+@dataclass
+class MeasuredStep:
+    """What one device, or one rank, measured of the step; plain data a rank can send back."""
+
+    param_count: int  # the whole model's, however it is sharded
+    timings: Timings
+    memory: MemoryMeasurement
+
+
+def measure_step(spec: ExperimentSpec, plan: CheckpointPlan, device: torch.device) -> MeasuredStep:
+    """Warm-up and timed steps, then one tracked memory step, on `device`."""
+    work = build_workload(spec, plan, device)
+    timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
+    return MeasuredStep(parameter_count(work.model), timings, measure_memory(work))
+
+
+def rank_threads(spec: ExperimentSpec, device_type: str, world_size: int) -> int | None:
+    """Intra-op threads for one rank: `measure.threads` when set; on the CPU otherwise the CPUs
+    shared out among the ranks (as torchrun does), so the ranks do not contend for every core."""
+    if spec.measure.threads is not None or device_type != "cpu":
+        return spec.measure.threads
+    return max(1, available_cpus() // world_size)
+
+
+def measure_rank(spec: ExperimentSpec, plan: CheckpointPlan, rank: Rank) -> MeasuredStep:
+    """The step as one rank of the group runs it, on its own device (its GPU by local rank)."""
+    device_type = torch.device(spec.device).type
+    device = torch.device(device_type)
+    if device_type == "cuda":
+        device = torch.device(device_type, rank.local_rank)
+        torch.cuda.set_device(device)
+    with intra_op_threads(rank_threads(spec, device_type, rank.world_size)):
+        return measure_step(spec, plan, device)
+
+
+def measure_on_ranks(
+    spec: ExperimentSpec, plan: CheckpointPlan, process_group: str
+) -> MeasuredStep:
+    """The step on `spec.parallel.world_size` ranks joined by a `process_group` backend: rank 0's
+    times and parameter count, the memory of the fullest rank with every rank's beside it."""
+    steps = run_ranks(
+        functools.partial(measure_rank, spec, plan),
+        spec.parallel.world_size,
+        spec.measure.rank_timeout_s,
+        process_group,
+    )
+    first = steps[0]
+    return MeasuredStep(first.param_count, first.timings, across_ranks([s.memory for s in steps]))
