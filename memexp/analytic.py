@@ -51,6 +51,7 @@ parameters) with the multi-tensor `foreach` implementation PyTorch uses by defau
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from memexp.config import ConfigError, ExperimentSpec, ModelConfig
@@ -163,23 +164,41 @@ def saved_activation_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
 # --- parameters, gradients, optimizer state ------------------------------------------------
 
 
+def layer_parameter_shapes(model: ModelConfig) -> list[tuple[int, ...]]:
+    """Shapes of one layer's parameter tensors, in the order it registers them: a LayerNorm
+    (weight, bias), the qkv and output projections, a LayerNorm, the FFN's up and down
+    projections (each projection a weight, out × in, and a bias only when `model.bias`)."""
+    h, f = model.hidden, model.ffn_hidden
+
+    def projection(outputs: int, inputs: int) -> list[tuple[int, ...]]:
+        return [(outputs, inputs), (outputs,)] if model.bias else [(outputs, inputs)]
+
+    attention = [(h,), (h,), *projection(3 * h, h), *projection(h, h)]
+    return [*attention, (h,), (h,), *projection(f, h), *projection(h, f)]
+
+
+def outer_parameter_shapes(model: ModelConfig) -> list[tuple[int, ...]]:
+    """Shapes of the parameters outside the layers: the embeddings (tokens; positions, one row
+    per `max_seq_len`, the resolved table), the final LayerNorm, the untied bias-free head."""
+    h, v = model.hidden, model.vocab_size
+    positions = model.max_seq_len
+    assert positions is not None, "validate() resolves max_seq_len"
+    return [(v, h), (positions, h), (h,), (h,), (v, h)]
+
+
+def parameter_shapes(model: ModelConfig) -> list[tuple[int, ...]]:
+    """Every parameter tensor's shape, in the order the model registers them."""
+    outer = outer_parameter_shapes(model)
+    return [*outer[:2], *layer_parameter_shapes(model) * model.layers, *outer[2:]]
+
+
+def elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
 def parameter_sizes(model: ModelConfig) -> list[int]:
-    """Elements of every parameter tensor, in the order the model registers them.
-
-    Embeddings (tokens; positions, one row per `max_seq_len`, the resolved table); per layer a
-    LayerNorm (weight, bias), the qkv and output projections, a LayerNorm, the FFN's up and down
-    projections (each projection a weight, and a bias only when `model.bias`); the final
-    LayerNorm; the untied head, never with a bias.
-    """
-    h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-
-    def projection(outputs: int, inputs: int) -> list[int]:
-        return [outputs * inputs, outputs] if model.bias else [outputs * inputs]
-
-    attention = [h, h, *projection(3 * h, h), *projection(h, h)]
-    feed_forward = [h, h, *projection(f, h), *projection(h, f)]
-    positions = model.max_seq_len * h  # type: ignore[operator]  # resolved by validate
-    return [v * h, positions, *(attention + feed_forward) * model.layers, h, h, v * h]
+    """Elements of every parameter tensor, in the order the model registers them."""
+    return [elements(shape) for shape in parameter_shapes(model)]
 
 
 def parameter_count(model: ModelConfig) -> int:

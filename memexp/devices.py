@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from memexp import analytic
+from memexp import analytic, sharded_states
 from memexp.config import FAKE_DEVICE, PARALLEL_NONE, ExperimentSpec
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
@@ -145,7 +145,9 @@ class MeasuredBackend:
         return time_units(spec)
 
     def theory(self, spec: ExperimentSpec, plan: CheckpointPlan) -> dict[str, Any]:
-        return analytic.figures(spec, plan, self.multi_tensor_optimizer)
+        return analytic.figures(spec, plan, self.multi_tensor_optimizer) | sharded_states.figures(
+            spec
+        )
 
 
 class PredictedBackend:

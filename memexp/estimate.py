@@ -28,14 +28,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
-from memexp.config import ExperimentSpec
+from memexp.config import PARALLEL_NONE, ExperimentSpec, ParallelConfig
+from memexp.measure.fake_world import fake_ranks
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
 from memexp.measure.timing import first_step
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
+from memexp.sharded_states import gradient_bucket_bytes
+from memexp.sharding import shard_workload
 from memexp.text import format_bytes
 from memexp.training import Workload, optimizer_step
 
@@ -109,10 +113,30 @@ def predict(
     `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
     warm-up step also counts saved bytes and FLOPs.
     """
+    with ranks_of(spec.parallel) as mesh:
+        prediction = _predict_rank(spec, plan, imagine, counts, mesh)
+    return with_gradient_buckets(prediction, gradient_bucket_bytes(spec))
+
+
+def ranks_of(parallel: ParallelConfig) -> contextlib.AbstractContextManager[DeviceMesh | None]:
+    """Fake ranks for a parallel job (this process plays rank 0); nothing for one device."""
+    if parallel.name == PARALLEL_NONE:
+        return contextlib.nullcontext()
+    return fake_ranks(parallel.world_size)
+
+
+def _predict_rank(
+    spec: ExperimentSpec,
+    plan: CheckpointPlan,
+    imagine: str,
+    counts: bool,
+    mesh: DeviceMesh | None,
+) -> Prediction:
     mode, work = fake_workload(spec, plan)
     offload_to_host = plan.offload and imagine == "cuda"
     saved = flops = None
     with mode:
+        shard_workload(work, mesh)
         if imagine == "cuda":
             use_multi_tensor_optimizer(work.optimizer)
         if counts:
@@ -133,6 +157,25 @@ def predict(
         saved_activation_bytes=saved,
         flops_step=flops,
     )
+
+
+def with_gradient_buckets(prediction: Prediction, bucket_bytes: int) -> Prediction:
+    """The rank's step with DDP's gradient buckets, which live from wrapping to the end: their
+    bytes are added at every moment and filed as communication buffers (memexp.sharded_states)."""
+    if not bucket_bytes:
+        return prediction
+    memory = prediction.memory
+    breakdown = dict(memory.breakdown)
+    breakdown["communication_bytes"] = breakdown.get("communication_bytes", 0) + bucket_bytes
+    shifted = replace(
+        memory,
+        peak_bytes=memory.peak_bytes + bucket_bytes,
+        breakdown=breakdown,
+        phase_bytes={phase: value + bucket_bytes for phase, value in memory.phase_bytes.items()},
+        timeline=[(op, value + bucket_bytes, phase) for op, value, phase in memory.timeline],
+        notes={**memory.notes, "gradient_bucket_source": "closed_form"},
+    )
+    return replace(prediction, memory=shifted)
 
 
 def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:

@@ -114,6 +114,12 @@ class RunResult:
     activations_bytes: int | None = None
     temporaries_bytes: int | None = None
     other_bytes: int | None = None
+    # Under parallel=zero2|fsdp (params_bytes and grads_bytes are then the rank's shards): the
+    # parameters and gradients gathered whole for compute, and the all-gather and reduce-scatter
+    # buffers; under ddp|zero1 communication_bytes holds DDP's gradient buckets. None: one device.
+    unsharded_params_bytes: int | None = None
+    unsharded_grads_bytes: int | None = None
+    communication_bytes: int | None = None
     # allocated bytes at phase boundaries: after_setup, forward_peak, backward_peak,
     # optimizer_peak, after_step
     phase_bytes: dict[str, int] | None = None

@@ -1,89 +1,80 @@
-"""The model and optimizer one rank trains under a `parallel` mode: PyTorch's own wrappers.
+"""One rank's share of a workload: the model and optimizer as `parallel.name` spreads them.
 
-    ddp     DistributedDataParallel: every rank holds everything, gradients all-reduced in buckets
-    zero1   DDP + ZeroRedundancyOptimizer: each rank keeps and updates 1/N of the optimizer state
-    zero2   fully_shard on every layer and the root, parameters kept gathered from forward to
-            backward (reshard_after_forward=False): gradients and optimizer state sharded
-    fsdp    fully_shard, parameters resharded after each forward (ZeRO-3) unless told otherwise
+Each mode is PyTorch's own implementation where one exists, so that the bytes a tracker sees on
+a rank are the bytes that implementation holds:
 
-The wrappers need a process group: gloo between local processes, NCCL between GPUs, or PyTorch's
-fake backend when nothing runs. Building the same wrappers in all three is what lets a measured
-rank and a predicted one be compared tensor by tensor.
+* `fsdp`: FSDP2's `fully_shard` on every layer and on the whole model (the root unit holds the
+  embeddings, the final LayerNorm and the head), resharding after forward as asked;
+* `zero2`: the same with `reshard_after_forward=False`: parameters are gathered once a step and
+  kept to the backward, gradients are reduce-scattered, optimizer state is sharded;
+* `zero1`: `ZeroRedundancyOptimizer` (whole parameters assigned to ranks, each rank keeping the
+  optimizer state of its own) over an unsharded model;
+* `ddp` and `none`: the model and optimizer are every rank's whole. DDP's gradient buckets are
+  not built here: they are persistent buffers, composed in closed form (memexp.sharded_states).
+
+The process group (the fake one on the fake device, gloo or NCCL when ranks run) and the mesh
+are the caller's: this module only decides what each rank holds.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from memexp.config import FULLY_SHARDED_MODES, RESHARDING_MODE, ParallelConfig
-from memexp.model import Transformer
+from memexp.sharded_states import BUCKETED_MODES
+from memexp.training import OPTIMIZER_CLASSES, Workload, build_optimizer
 
-DDP_MODES = ("ddp", "zero1")  # the modes that keep every parameter and gradient on every rank
-OPTIMIZER_SHARDING_MODE = "zero1"  # ZeroRedundancyOptimizer over DDP
+ZERO1 = "zero1"
+# `parallel.param_dtype` / `reduce_dtype` → torch dtypes (None: the parameters' own).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def shard_model(model: Transformer, parallel: ParallelConfig, device: torch.device) -> nn.Module:
-    """`model` wrapped for `parallel.name` on a one-dimensional mesh of every rank in the group."""
-    if parallel.name in DDP_MODES:
-        return DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
+def reshards_after_forward(parallel: ParallelConfig) -> bool:
+    """Whether gathered parameters are freed after each unit's forward: fsdp's knob; zero2 never."""
+    return parallel.name == RESHARDING_MODE and parallel.reshard_after_forward
+
+
+def mixed_precision(parallel: ParallelConfig) -> MixedPrecisionPolicy:
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES.get(parallel.param_dtype or ""),
+        reduce_dtype=DTYPES.get(parallel.reduce_dtype or ""),
+    )
+
+
+def shard_workload(work: Workload, mesh: DeviceMesh | None) -> None:
+    """Spread `work`'s model and optimizer over the ranks of `mesh` (its process group) in place,
+    as `work.spec.parallel` says; the optimizer is built afresh over what the rank holds."""
+    parallel = work.spec.parallel
+    if parallel.name in FULLY_SHARDED_MODES:
+        assert mesh is not None, "fully_shard needs the ranks' device mesh"
+        options = {
+            "mesh": mesh,
+            "reshard_after_forward": reshards_after_forward(parallel),
+            "mp_policy": mixed_precision(parallel),
+        }
+        for layer in work.model.layers:
+            fully_shard(layer, **options)
+        fully_shard(work.model, **options)
+        work.optimizer = build_optimizer(work.spec, work.model)
+    elif parallel.name == ZERO1:
+        work.optimizer = ZeroRedundancyOptimizer(
+            work.model.parameters(),
+            optimizer_class=OPTIMIZER_CLASSES[work.spec.optimizer.name],
+            lr=work.spec.optimizer.lr,
         )
-    if parallel.name not in FULLY_SHARDED_MODES:
-        raise ValueError(f"no wrapper for parallel={parallel.name}")
-    # Imported here: FSDP's and ZeRO's modules take seconds to import, and one device needs neither.
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
+
+
+def synchronize_gradients(work: Workload) -> None:
+    """Where ranks really run: wrap the model of ddp and zero1 in DistributedDataParallel, which
+    all-reduces every gradient in backward as their training does. Not on the fake device: DDP's
+    reducer cannot run on fake tensors, so its buckets are composed in closed form there."""
+    if work.spec.parallel.name not in BUCKETED_MODES:
+        return
+    device = work.tokens.device
+    work.model = DistributedDataParallel(  # type: ignore[assignment]
+        work.model, device_ids=[device] if device.type == "cuda" else None
     )
-
-    mesh = init_device_mesh(device.type, (parallel.world_size,))
-    reshard = parallel.reshard_after_forward and parallel.name == RESHARDING_MODE
-    policy = MixedPrecisionPolicy(
-        param_dtype=DTYPES[parallel.param_dtype] if parallel.param_dtype else None,
-        reduce_dtype=DTYPES[parallel.reduce_dtype] if parallel.reduce_dtype else None,
-    )
-    offload = CPUOffloadPolicy() if parallel.cpu_offload else OffloadPolicy()
-    for layer in model.layers:
-        fully_shard(
-            layer,
-            mesh=mesh,
-            reshard_after_forward=reshard,
-            mp_policy=policy,
-            offload_policy=offload,
-        )
-    # The root (embeddings, final norm, head): FSDP2 keeps it gathered from forward to backward
-    # whatever it is told, since the head's backward would gather it again at once.
-    fully_shard(
-        model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload
-    )
-    return model
-
-
-def shard_optimizer(
-    optimizer_class: type[torch.optim.Optimizer], model: nn.Module, lr: float, mode: str
-) -> torch.optim.Optimizer:
-    """The optimizer over the wrapped model's parameters (sharded ones under fully_shard);
-    under zero1, ZeroRedundancyOptimizer keeping 1/N of its state per rank."""
-    if mode == OPTIMIZER_SHARDING_MODE:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, lr=lr)
-    return optimizer_class(model.parameters(), lr=lr)
-
-
-def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds this rank's state: ZeroRedundancyOptimizer keeps its partition's
-    state in the optimizer it wraps (`optim`) and none of its own. Its module is looked up, not
-    imported: where it was never imported, no optimizer can be one."""
-    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    if zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer):
-        return optimizer.optim
-    return optimizer

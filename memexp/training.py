@@ -14,16 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memexp.config import PARALLEL_NONE, ExperimentSpec
+from memexp.config import ExperimentSpec
 from memexp.model import Transformer
 from memexp.plan import CheckpointPlan
-from memexp.sharding import shard_model, shard_optimizer
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-}
 
 
 @dataclass
@@ -31,18 +24,22 @@ class Workload:
     """Everything one step needs: the model under its plan, the optimizer and a fixed batch."""
 
     spec: ExperimentSpec
-    model: nn.Module  # the Transformer, or its wrapper under a `parallel` mode
+    model: Transformer
     optimizer: torch.optim.Optimizer
     tokens: torch.Tensor
     targets: torch.Tensor
     plan: CheckpointPlan
 
 
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
 def build_optimizer(spec: ExperimentSpec, model: nn.Module) -> torch.optim.Optimizer:
-    """The job's optimizer over `model`'s parameters, each rank's share of it under `parallel`."""
-    return shard_optimizer(
-        OPTIMIZERS[spec.optimizer.name], model, spec.optimizer.lr, spec.parallel.name
-    )
+    return OPTIMIZER_CLASSES[spec.optimizer.name](model.parameters(), lr=spec.optimizer.lr)
 
 
 def make_batch(
@@ -61,18 +58,11 @@ def build_workload(
     plan: CheckpointPlan,
     device: torch.device | str,
 ) -> Workload:
-    """Same seed ⇒ same initial weights and batch, whatever the plan: losses are comparable.
-
-    Under a `parallel` mode (inside a process group: memexp.ranks) the model is wrapped for it
-    after the plan is applied, and the optimizer built over what the wrapper leaves this rank.
-    """
+    """Same seed ⇒ same initial weights and batch, whatever the plan: losses are comparable."""
     torch.manual_seed(spec.seed)
     with torch.device(device):  # built in place: no host copy of a large model first
-        transformer = Transformer(spec.model)
-    transformer.apply_plan(plan)
-    model: nn.Module = transformer
-    if spec.parallel.name != PARALLEL_NONE:
-        model = shard_model(transformer, spec.parallel, torch.device(device))
+        model = Transformer(spec.model)
+    model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)
     return Workload(spec, model, optimizer, tokens, targets, plan)

@@ -34,8 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "objective",
         "ranks",
     ),
-    ("sharding",),  # the model and optimizer one rank trains under a `parallel` mode
-    ("training",),  # one training step in phases
+    ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
+    ("sharding",),  # one rank's share of a workload (fully_shard, ZeRO-1)
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
     ("estimate",),  # the fake device: prediction on fake tensors, batch search
     ("devices",),  # one measurement backend per device kind

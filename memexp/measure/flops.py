@@ -7,13 +7,12 @@ counted. Recomputation inside checkpoints is counted because the backward really
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
-from memexp.config import ExperimentSpec, ParallelConfig
+from memexp.config import ExperimentSpec
 from memexp.plan import CheckpointPlan
 from memexp.training import Workload, backward, build_workload, forward_loss
 
@@ -46,13 +45,8 @@ def fake_workload(spec: ExperimentSpec, plan: CheckpointPlan) -> tuple[FakeTenso
 
 
 def step_flops(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
-    """FLOPs of forward, loss and backward (recomputation included) under `plan`.
-
-    Under a `parallel` mode, one rank's: each rank runs the whole model on its own batch, and
-    gathering or reducing over ranks does no matrix product, so the count is one device's (the
-    wrappers need a process group, which counting on fake tensors does not have).
-    """
-    mode, work = fake_workload(replace(spec, parallel=ParallelConfig()), plan)
+    """FLOPs of forward, loss and backward (recomputation included) under `plan`."""
+    mode, work = fake_workload(spec, plan)
     with mode:
         counter = count_flops(lambda: backward(forward_loss(work)))
     return int(counter.get_total_flops())

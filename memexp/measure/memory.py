@@ -18,7 +18,6 @@ from memexp.results import (
     SOURCE_CUDA_ALLOCATOR,
     SOURCE_TENSOR_TRACKER,
 )
-from memexp.sharding import local_optimizer
 from memexp.training import Workload, backward, forward_loss, optimizer_step
 
 # The phases whose peaks make the forward+backward peak (the forward phase includes the loss).
@@ -40,8 +39,6 @@ class MemoryMeasurement:
     # fields above are then those of the rank with the highest step peak (`peak_rank`).
     ranks: list[dict[str, int]] = field(default_factory=list)
     peak_rank: int | None = None
-    # What the device keeps from one step to the next (`held_between_steps`).
-    held: dict[str, int] = field(default_factory=dict)
 
     @property
     def forward_backward_peak_bytes(self) -> int:
@@ -60,28 +57,12 @@ class MemoryMeasurement:
         return peaks[scope]
 
 
-def held_between_steps(work: Workload) -> dict[str, int]:
-    """Bytes of the parameters and optimizer state the device keeps between steps: under a
-    `parallel` mode one rank's share (its padded shards under fully_shard, its partition of the
-    state under zero1), which the breakdown at the peak mixes with gathered parameters."""
-    from memexp.measure.tracker import optimizer_state_tensors, storage_bytes
-
-    return {
-        "held_params_bytes": storage_bytes(work.model.parameters()),
-        "held_optimizer_state_bytes": storage_bytes(
-            optimizer_state_tensors([local_optimizer(work.optimizer)])
-        ),
-    }
-
-
 def rank_figures(measurement: MemoryMeasurement) -> dict[str, int]:
-    """One rank's peaks, the breakdown at its peak and what it holds between steps: what a
-    record keeps of every rank."""
+    """One rank's peaks and the breakdown at its peak: what a record keeps of every rank."""
     return {
         "peak_bytes": measurement.peak_bytes,
         "forward_backward_peak_bytes": measurement.forward_backward_peak_bytes,
         **measurement.breakdown,
-        **measurement.held,
     }
 
 
@@ -105,7 +86,7 @@ def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryM
     from memexp.measure.tracker import TensorTracker
 
     tracker = TensorTracker(
-        work.tokens.device, work.model, local_optimizer(work.optimizer), work.tokens, work.targets
+        work.tokens.device, work.model, work.optimizer, work.tokens, work.targets
     )
     with tracker:
         tracker.set_phase("forward")
@@ -192,10 +173,6 @@ def cuda_allocator_step(work: Workload) -> MemoryMeasurement:
 
 
 def measure_memory(work: Workload) -> MemoryMeasurement:
-    """The memory step on the workload's device, and what the device holds after it."""
     if work.tokens.device.type == "cuda":
-        measurement = cuda_allocator_step(work)
-    else:
-        measurement = tracked_step(work)
-    measurement.held = held_between_steps(work)
-    return measurement
+        return cuda_allocator_step(work)
+    return tracked_step(work)

@@ -12,9 +12,21 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 SAVED_SOURCE = "saved_tensors_hooks"
+
+
+def parameter_storages(model: nn.Module) -> set[StorageWeakRef]:
+    """The storages of the parameters `model` holds now. Read at every save, not once: a model
+    sharded by `fully_shard` registers a layer's gathered, unsharded parameters only while the
+    layer computes, and those are parameters too (its sharded DTensors hold no storage here)."""
+    return {
+        StorageWeakRef(p.untyped_storage())
+        for p in model.parameters()
+        if not isinstance(p, DTensor)
+    }
 
 
 @contextlib.contextmanager
@@ -24,13 +36,12 @@ def counting_saved_bytes(model: nn.Module) -> Iterator[Callable[[], int]]:
     Yields a function returning the total so far. Nested saved-tensor hooks (offloading) take
     precedence over this one, so offloading plans are counted with their tensors kept in place.
     """
-    parameter_storages = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     seen: dict[StorageWeakRef, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         ref = StorageWeakRef(storage)
-        if ref not in parameter_storages:
+        if ref not in parameter_storages(model):
             seen[ref] = storage.nbytes()
         return tensor
 

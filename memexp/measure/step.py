@@ -2,7 +2,8 @@
 every rank of a process group.
 
 On one device the step runs here. Under a `parallel` mode each rank builds its share of the
-workload (memexp.training, memexp.sharding), times it and tracks its memory step with the same
+workload (memexp.sharding, as the fake device predicts it, plus DDP's real gradient all-reduce
+under ddp and zero1), times it and tracks its memory step with the same
 tracker as one device, and sends its figures back (memexp.ranks); the job reports rank 0's times
 (every rank waits for the others at each collective, so their steps take the same time) and the
 memory of every rank.
@@ -14,15 +15,17 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
-from memexp.config import ExperimentSpec
+from memexp.config import FULLY_SHARDED_MODES, ExperimentSpec
 from memexp.measure.machine import available_cpus, intra_op_threads
 from memexp.measure.memory import MemoryMeasurement, across_ranks, measure_memory
 from memexp.measure.timing import StoppingRule, Timings, time_steps
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.ranks import Rank, run_ranks
-from memexp.training import build_workload
+from memexp.sharding import shard_workload, synchronize_gradients
+from memexp.training import Workload, build_workload
 
 
 @dataclass
@@ -36,7 +39,11 @@ class MeasuredStep:
 
 def measure_step(spec: ExperimentSpec, plan: CheckpointPlan, device: torch.device) -> MeasuredStep:
     """Warm-up and timed steps, then one tracked memory step, on `device`."""
-    work = build_workload(spec, plan, device)
+    return measure_work(build_workload(spec, plan, device), spec)
+
+
+def measure_work(work: Workload, spec: ExperimentSpec) -> MeasuredStep:
+    """Warm-up and timed steps, then one tracked memory step, of a workload built (and sharded)."""
     timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
     return MeasuredStep(parameter_count(work.model), timings, measure_memory(work))
 
@@ -57,7 +64,13 @@ def measure_rank(spec: ExperimentSpec, plan: CheckpointPlan, rank: Rank) -> Meas
         device = torch.device(device_type, rank.local_rank)
         torch.cuda.set_device(device)
     with intra_op_threads(rank_threads(spec, device_type, rank.world_size)):
-        return measure_step(spec, plan, device)
+        work = build_workload(spec, plan, device)
+        mesh = None
+        if spec.parallel.name in FULLY_SHARDED_MODES:
+            mesh = init_device_mesh(device_type, (rank.world_size,))
+        shard_workload(work, mesh)
+        synchronize_gradients(work)
+        return measure_work(work, spec)
 
 
 def measure_on_ranks(

@@ -1,32 +1,48 @@
-"""The one adapter over PyTorch's tensor-level memory tracker (a private module).
+"""The one adapter over PyTorch's tensor-level memory trackers (private modules).
 
 `torch.distributed._tools.mem_tracker.MemTracker` counts the bytes of every tensor storage
 alive under a dispatch mode and files them as parameters, gradients, optimizer state,
 activations or temporaries. It works the same on real CPU tensors and under FakeTensorMode,
-which is why the CPU and fake devices report exactly the same bytes. Everything that touches
-its private names lives here, so an upstream rename breaks one file.
+which is why the CPU and fake devices report exactly the same bytes. Its FSDP2 flavour,
+`fsdp2_mem_tracker.FSDPMemTracker`, tells one rank's sharded parameters and gradients from the
+unsharded ones a layer gathers, and counts the all-gather and reduce-scatter buffers; it is
+used whenever the model is sharded with `fully_shard`. Everything that touches their private
+names lives here, so an upstream rename breaks one file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
-# MemTracker's category names → this project's record fields.
+# The trackers' category names → this project's record fields. Under sharding, `params_bytes`
+# and `grads_bytes` are the rank's own shards; what is gathered for compute is apart.
 CATEGORY_FIELDS = {
     "Parameter": "params_bytes",
+    "Sharded Param": "params_bytes",
+    "Unsharded Param": "unsharded_params_bytes",
     "Buffer": "other_bytes",
     "Gradient": "grads_bytes",
+    "Sharded Grad": "grads_bytes",
+    "Unsharded Grad": "unsharded_grads_bytes",
     "Optstate": "optimizer_state_bytes",
+    "OptState": "optimizer_state_bytes",
     "Activation": "activations_bytes",
     "Temp": "temporaries_bytes",
+    "All Gather": "communication_bytes",
+    "Reduce Scatter": "communication_bytes",
+    "Inputs": "other_bytes",
     "Other": "other_bytes",
 }
+# The fields only a sharded step has: absent (None in the record) from a one-device step.
+SHARDED_FIELDS = ("unsharded_params_bytes", "unsharded_grads_bytes", "communication_bytes")
 TOTAL_KEY = "Total"
 
 
@@ -42,11 +58,15 @@ class TrackedStep:
     other_device_peaks: dict[str, int] = field(default_factory=dict)
 
 
-class _TimelineTracker(MemTracker):
-    """MemTracker that also writes down the total after every operator: the step's timeline."""
+class _Timeline:
+    """Mixed into a tracker: it also writes down the total after every operator (the step's
+    timeline) and keeps only the per-device peak."""
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
+    _curr_mem_snap: dict[Any, dict[str, int]]
+    _peak_mem: dict[Any, int]
+    _peak_mem_snap: dict[Any, dict[str, int]]
+
+    def _start_timeline(self, device: torch.device) -> None:
         self.device = device
         self.phase = "setup"
         self.timeline: list[tuple[int, int, str]] = []
@@ -67,39 +87,61 @@ class _TimelineTracker(MemTracker):
                 self._peak_mem_snap[device] = dict(snapshot)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        result = super().__torch_dispatch__(func, types, args, kwargs)
-        self.timeline.append((len(self.timeline), self.current_bytes(), self.phase))
+        result = super().__torch_dispatch__(func, types, args, kwargs)  # type: ignore[misc]
+        if result is not NotImplemented:  # DTensor ops come back desugared into local ones
+            self.timeline.append((len(self.timeline), self.current_bytes(), self.phase))
         return result
 
 
-def optimizer_state_tensors(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
-    return [
-        value
-        for optimizer in optimizers
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    ]
+class _TimelineTracker(_Timeline, MemTracker):
+    """MemTracker with the timeline: a step on one device, or one replicated rank's."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self._start_timeline(device)
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors`, each counted once: a DTensor's are its
-    local shard's, padding included, so a rank's sharded parameters count what the rank holds."""
-    sizes = {
-        storage.data_ptr(): storage.nbytes()
-        for tensor in tensors
-        for storage in get_untyped_storages(tensor)
-    }
-    return sum(sizes.values())
+class _ShardedTimelineTracker(_Timeline, FSDPMemTracker):
+    """FSDPMemTracker with the timeline: one rank's step of a model sharded by `fully_shard`."""
+
+    def __init__(
+        self, device: torch.device, model: FSDPModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        super().__init__(model, optimizer)  # type: ignore[call-arg]
+        self._start_timeline(device)
+
+
+def _stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds the state: ZeRO-1's wrapper steps a local one over its shard."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A rank's own part of a sharded tensor (a DTensor's local shard); any other as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class TensorTracker:
-    """Track one training step phase by phase: `with tracker.phase("forward"): ...`."""
+    """Track one training step phase by phase: `tracker.set_phase("forward")` and so on.
+
+    `tracked` are the step's model, optimizer and input tensors; a model sharded by
+    `fully_shard` is tracked by FSDP2's tracker, everything else by the plain one.
+    """
 
     def __init__(self, device: torch.device, *tracked: Any) -> None:
-        self._tracker = _TimelineTracker(device)
-        self._tracker.track_external(*tracked)
-        self._optimizers = [t for t in tracked if isinstance(t, torch.optim.Optimizer)]
+        optimizers = [
+            _stepping_optimizer(t) for t in tracked if isinstance(t, torch.optim.Optimizer)
+        ]
+        others = [t for t in tracked if not isinstance(t, torch.optim.Optimizer)]
+        sharded = [t for t in others if isinstance(t, FSDPModule)]
+        self._tracker: _TimelineTracker | _ShardedTimelineTracker
+        if sharded:
+            self._tracker = _ShardedTimelineTracker(device, sharded[0], *optimizers)
+            self._tracker.track_inputs(tuple(t for t in others if isinstance(t, torch.Tensor)))
+        else:
+            self._tracker = _TimelineTracker(device)
+            self._tracker.track_external(*optimizers, *others)
+        self._optimizers = optimizers
         self._phase_peaks: dict[str, int] = {}
 
     def __enter__(self) -> TensorTracker:
@@ -117,12 +159,13 @@ class TensorTracker:
         """Bytes of the tracked optimizers' state tensors on the tracked device, as tracked."""
         tracker = self._tracker
         sizes: dict[int, int] = {}
-        for value in optimizer_state_tensors(self._optimizers):
-            if value.device != tracker.device:
-                continue
-            for storage in get_untyped_storages(value):  # a DTensor's: its local shard's
-                info, _ = tracker._WINFO.get(storage, (None, None))
-                sizes[id(storage)] = info.mem_consumed if info is not None else 0
+        for optimizer in self._optimizers:
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.device == tracker.device:
+                        storage = _local(value).untyped_storage()
+                        info, _ = tracker._WINFO.get(storage, (None, None))
+                        sizes[id(storage)] = info.mem_consumed if info is not None else 0
         return sum(sizes.values())
 
     def _breakdown(self, peak_snapshot: dict[Any, int]) -> dict[str, int]:
@@ -133,7 +176,10 @@ class TensorTracker:
         inflate the state; whatever exceeds the state tensors' own bytes is scratch.
         """
         breakdown: dict[str, int] = {}
+        sharded = isinstance(self._tracker, _ShardedTimelineTracker)
         for category, field_name in CATEGORY_FIELDS.items():
+            if field_name in SHARDED_FIELDS and not sharded:
+                continue
             breakdown[field_name] = breakdown.get(field_name, 0) + int(
                 peak_snapshot.get(category, 0)
             )
