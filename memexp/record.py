@@ -166,9 +166,12 @@ def describe_outcome(result: RunResult) -> str:
         return f"[memexp] {result.status}: {result.message}"
     if result.memory_source == SOURCE_FAKE_TENSORS:
         return describe_prediction(result)
+    ranks = ""
+    if result.rank_memory:
+        ranks = f" on the fullest of {len(result.rank_memory)} ranks (rank {result.peak_rank})"
     return (
         f"[memexp] step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
-        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
+        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}){ranks}, "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
         f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}]"
