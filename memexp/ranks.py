@@ -147,7 +147,11 @@ def _rank_main(
     backend: str,
     answers: Any,
 ) -> None:
-    """One local rank: join the group, run `work`, put (rank, ok, answer or error) on the queue."""
+    """One local rank: join the group, run `work`, put (rank, ok, answer or error) on the queue.
+
+    A failure is put on the queue before the rank leaves the group: leaving is what makes the
+    other ranks fail too, and the parent should hear the first failure first.
+    """
     try:
         dist.init_process_group(
             backend,
@@ -156,12 +160,12 @@ def _rank_main(
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        try:
-            answers.put((index, True, work(Rank(index, world_size, index))))
-        finally:
-            dist.destroy_process_group()
+        answers.put((index, True, work(Rank(index, world_size, index))))
     except BaseException as error:
         answers.put((index, False, (type(error).__name__, str(error), traceback.format_exc())))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
