@@ -10,15 +10,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from memexp import CONF_DIR
+from memexp import CONF_DIR, cli_help
 from memexp.configure import register_configs
 from memexp.interrupts import INTERRUPTED_EXIT_CODE, stop_on_sigterm
 
 register_configs()
 
 
+CONFIG_NAME = "config"
+
+
 # Absolute, so the `memexp` console script (whose module is not `__main__`) finds it too.
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | None:
     """One job; returns its objective (memexp.objective) to the sweeper, None when resume skips it."""
     # Here, not at the top: `--help` and `--cfg` never import the runner, W&B or pandas.
@@ -46,6 +49,10 @@ def cli() -> None:
     Ctrl-C or SIGTERM: the running job has recorded `interrupted`; what finished is summarized
     and aggregated, and the exit status is 130, with no traceback.
     """
+    help_text = cli_help.app_help(sys.argv[1:], CONF_DIR, CONFIG_NAME)
+    if help_text is not None:  # seconds faster than Hydra's help builder (memexp.cli_help)
+        print(help_text)
+        sys.exit(0)
     stop_on_sigterm()
     try:
         main()

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +310,29 @@ def build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     # One block per dtype (`copy` consolidates): every later selection of rows takes a few
     # blocks instead of each of some hundred columns on its own.
     return _ordered(add_busy_column(add_pareto_column(add_baseline_columns(frame)))).copy()
+
+
+@dataclass
+class SweepTable:
+    """A sweep's records read once: the rows (for the tidy tables), the table built from them
+    (`build_frame`), and what the reading noticed."""
+
+    rows: list[dict]
+    frame: pd.DataFrame
+    notes: list[str]
+
+
+def read_sweep(sweep_dir: Path) -> SweepTable:
+    """The records whose aggregate belongs in `sweep_dir` (`sweepdir.sweep_of`), as one table.
+
+    Built once per sweep: the end-of-sweep table (memexp.callbacks) and the outputs
+    (memexp.summarize.write_outputs) share it.
+    """
+    sweep_dir = Path(sweep_dir)
+    found = find_result_files([sweep_dir])
+    mine = [path for path in found if sweep_of(path) == sweep_dir.resolve()]
+    rows, read_notes = read_rows(mine)
+    return SweepTable(rows, build_frame(rows), read_notes)
 
 
 def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:

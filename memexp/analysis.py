@@ -9,11 +9,14 @@ and below `memexp.plots` and `memexp.report`, so a figure and the page say the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from memexp.aggregate import BASELINE_STRATEGY, TIME_COLUMN, as_float, ran_auto_batch
 from memexp.results import SOURCE_FAKE_TENSORS, STATUS_OK
 from memexp.scaling import scaling_exponents
+from memexp.text import format_seconds
 
 MEMORY_SOURCE_LABELS = {
     "cuda_allocator": "CUDA caching allocator (allocated bytes, GPU)",
@@ -38,6 +41,55 @@ SCALING_KEYS = ("model", "strategy_label", "attention", "batch_size", "precision
 SCALING_VALUES = {"peak_bytes": "peak", "saved_activation_bytes": "kept for backward"}
 MIN_SEQ_LENS = 3
 FIT_POINTS = 3
+
+
+# --- the sweep's time against its training steps ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepTime:
+    """How long the sweep's jobs ran and how much of it the training steps took.
+
+    `wall_s`: from the first job's start to the last job's finish (records keep whole seconds;
+    the command's start-up before its first job and the aggregate after the last are left out; a
+    resumed sweep's span includes the pause). `steps_s`: every timed job's warm-up, timed and
+    memory steps at its median step time, the work the jobs cannot avoid.
+    """
+
+    wall_s: float
+    steps_s: float
+
+    @property
+    def steps_share(self) -> float | None:
+        return self.steps_s / self.wall_s if self.wall_s > 0 else None
+
+    def describe(self) -> str:
+        if not self.steps_s:
+            return (
+                f"wall time {format_seconds(self.wall_s)} from the first job's start to the last "
+                "job's finish; no step was timed"
+            )
+        share = self.steps_share
+        share_text = f" ({share:.0%} of the wall time)" if share is not None else ""
+        return (
+            f"wall time {format_seconds(self.wall_s)} from the first job's start to the last "
+            f"job's finish; training steps {format_seconds(self.steps_s)}{share_text}: warm-up, "
+            "timed and memory steps of every job at its median step time"
+        )
+
+
+def sweep_time(frame: pd.DataFrame) -> SweepTime | None:
+    """The sweep's `SweepTime`, None when no record says when it started and finished."""
+    if frame.empty or "started_at" not in frame:
+        return None
+    started = pd.to_datetime(frame.started_at, utc=True, errors="coerce")
+    finished = pd.to_datetime(frame.finished_at, utc=True, errors="coerce")
+    if started.isna().all() or finished.isna().all():
+        return None
+    step_ms = as_float(frame[TIME_COLUMN])
+    steps = as_float(frame.time_warmup).fillna(0) + as_float(frame.time_repeats).fillna(0) + 1
+    steps_s = float((steps * step_ms).sum(min_count=1) / 1000.0) if step_ms.notna().any() else 0.0
+    return SweepTime((finished.max() - started.min()).total_seconds(), steps_s)
 
 
 # --- reading order and how the figures were taken -----------------------------------------------

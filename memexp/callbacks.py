@@ -9,8 +9,9 @@ any state shared with the entry point.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -26,6 +27,13 @@ from memexp.sweepdir import RESULT_FILE, RESULTS_CSV, result_files_in
 from memexp.text import aligned_table, format_mib
 from memexp.wandb_sink import log_aggregate, sweep_group
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from memexp.aggregate import SweepTable
+
+log = logging.getLogger(__name__)
+
 # The process's exit status when some job ended in `error` (OOM and infeasible are answers).
 ERROR_EXIT_CODE = 1
 # The sweep (or run) config and whether it is a multirun, kept when it starts: Hydra's end hooks
@@ -40,7 +48,7 @@ def collect_results(sweep_dir: Path) -> list[RunResult]:
         try:
             results.append(read_result(path))
         except DamagedRecord as damaged:
-            print(f"[memexp] left out: {damaged}", flush=True)
+            log.warning("left out: %s", damaged)
     return results
 
 
@@ -52,20 +60,28 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:+.1f}"  # NaN: no baseline
 
 
-def relative_figures(
-    results: list[RunResult],
-) -> dict[str, tuple[float | None, float | None, float | None]]:
-    """Job folder → (step peak saved %, fwd+bwd peak saved %, step overhead %) against its
-    workload's `none` job, as results.csv has them (memexp.aggregate: `peak_saved_pct`,
-    `forward_backward_peak_saved_pct`, `time_overhead_pct`)."""
+def read_table(sweep_dir: Path) -> SweepTable | None:
+    """The sweep's table, built once for the end table and the outputs; None (and why, logged)
+    when it cannot be built: the records are safe on disk, the end table is printed without
+    the relative columns."""
     # Imported here: pandas is needed once per sweep, not in every job process.
-    from memexp.aggregate import build_frame, read_rows
+    from memexp.aggregate import read_sweep
 
-    files = [Path(r.job_dir) / RESULT_FILE for r in results if r.job_dir]
-    rows, _ = read_rows([path for path in files if path.is_file()])
-    if not rows:
+    try:
+        return read_sweep(sweep_dir)
+    except Exception as error:
+        log.error("aggregation failed (%s: %s); records are intact", type(error).__name__, error)
+        return None
+
+
+def relative_figures(
+    frame: pd.DataFrame | None,
+) -> dict[str, tuple[float | None, float | None, float | None]]:
+    """Job folder (resolved) → (step peak saved %, fwd+bwd peak saved %, step overhead %)
+    against its workload's `none` job, as results.csv has them (memexp.aggregate:
+    `peak_saved_pct`, `forward_backward_peak_saved_pct`, `time_overhead_pct`)."""
+    if frame is None or frame.empty:
         return {}
-    frame = build_frame(rows)
     return {
         str(Path(row.result_file).parent): (
             row.peak_saved_pct,
@@ -76,11 +92,12 @@ def relative_figures(
     }
 
 
-def format_table(results: list[RunResult]) -> str:
+def format_table(results: list[RunResult], frame: pd.DataFrame | None = None) -> str:
     """The one table printed at the end of a sweep; units and sources are in the header.
 
     Beside the peak and the step time: % of peak saved and % of step time added against the
-    `none` job of the same workload (blank without one).
+    `none` job of the same workload (blank without one), read off the sweep's table `frame`,
+    and below it the sweep's wall time against its training steps.
     """
     header = (
         "job",
@@ -96,10 +113,10 @@ def format_table(results: list[RunResult]) -> str:
         "overhead %",
         "status",
     )
-    relative = relative_figures(results)
+    relative = relative_figures(frame)
     rows = []
     for r in results:
-        key = str(Path(r.job_dir)) if r.job_dir else ""
+        key = str(Path(r.job_dir).resolve()) if r.job_dir else ""
         saved, fb_saved, overhead = relative.get(key, (None, None, None))
         rows.append(
             (
@@ -132,6 +149,11 @@ def format_table(results: list[RunResult]) -> str:
         "saved % (of each peak) and overhead % (of step time) against the `none` job of the "
         "same workload"
     )
+    from memexp.analysis import sweep_time  # here: pandas only once the sweep has ended
+
+    timing = sweep_time(frame) if frame is not None else None
+    if timing is not None:
+        lines.append(f"time: {timing.describe()}")
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
         label = f"job {r.job_num}" if r.job_num is not None else "run"
@@ -139,25 +161,27 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def report(results: list[RunResult], where: Path) -> None:
+def report(results: list[RunResult], where: Path, frame: pd.DataFrame | None) -> None:
+    """The table on stdout: it is the command's result, not a log line of one job."""
     print(f"\n[memexp] {len(results)} job(s) in {where}")
-    print(format_table(results), flush=True)
+    print(format_table(results, frame), flush=True)
 
 
-def aggregate_and_log(config: DictConfig, sweep_dir: Path) -> None:
-    """results.csv, plots and summary.md for the sweep, mirrored to W&B; problems become notes."""
+def aggregate_and_log(config: DictConfig, sweep_dir: Path, table: SweepTable) -> None:
+    """results.csv, plots and summary.md of the sweep's table, mirrored to W&B; problems
+    become notes."""
     # Imported here: plotting libraries are only needed once per sweep, not in every job process.
-    from memexp.summarize import summarize_sweep
+    from memexp.summarize import write_outputs
 
     try:
-        output = summarize_sweep(sweep_dir)
+        output = write_outputs(sweep_dir, table)
     except Exception as error:  # the jobs' records are safe on disk; say why and move on
-        print(f"[memexp] aggregation failed ({type(error).__name__}: {error}); records are intact")
+        log.error("aggregation failed (%s: %s); records are intact", type(error).__name__, error)
         return
     for note in output.notes:
-        print(f"[memexp] note: {note}")
-    print(
-        f"[memexp] wrote {len(output.written)} file(s): results.csv, summary.md, plots/ in {sweep_dir}"
+        log.warning("note: %s", note)
+    log.info(
+        "wrote %d file(s): results.csv, summary.md, plots/ in %s", len(output.written), sweep_dir
     )
     plots = [path for path in output.written if path.suffix == ".png"]
     log_aggregate(config.logger, sweep_dir, sweep_group(sweep_dir), sweep_dir / RESULTS_CSV, plots)
@@ -173,8 +197,10 @@ def finish_sweep(config: DictConfig) -> list[RunResult]:
     """The end table, the aggregate and its W&B mirror of the sweep `config` ran."""
     sweep_dir = Path(config.hydra.sweep.dir)
     results = collect_results(sweep_dir)
-    report(results, sweep_dir)
-    aggregate_and_log(config, sweep_dir)
+    table = read_table(sweep_dir)
+    report(results, sweep_dir, table.frame if table is not None else None)
+    if table is not None:
+        aggregate_and_log(config, sweep_dir, table)
     return results
 
 
@@ -186,15 +212,16 @@ def finish_run(config: DictConfig) -> list[RunResult]:
     try:
         results = [read_result(run_dir)]
     except DamagedRecord as damaged:
-        print(f"[memexp] left out: {damaged}", flush=True)
+        log.warning("left out: %s", damaged)
         return []
-    report(results, run_dir)
+    table = read_table(run_dir)
+    report(results, run_dir, table.frame if table is not None else None)
     return results
 
 
 def finish_interrupted() -> None:
     """After Ctrl-C or SIGTERM: the table and the aggregate of what finished."""
-    print("\n[memexp] interrupted; summarizing what finished", flush=True)
+    log.warning("interrupted; summarizing what finished")
     if "config" not in _STARTED:
         return
     config, multirun = _STARTED["config"]

@@ -5,17 +5,33 @@ description the group listing shows, the whole comment is what the strategy sect
 Options come from Hydra's config search path, so a user's own presets (`--config-dir`) are
 listed too; the schemas the presets extend live in `SCHEMA_GROUP`, which is never listed.
 The help template (`memexp/conf/hydra/help/memexp.yaml`) calls the resolvers registered here.
+
+`app_help` answers `--help` before Hydra's own app is built: Hydra's help builder lists every
+group of the search path for `$APP_CONFIG_GROUPS` and `$HYDRA_CONFIG_GROUPS` whether the template
+uses them or not, deep-copying the config store once per option (seconds); memexp's template uses
+neither, so they are never built.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import string
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
 
+# What memexp's help template may fill in (Hydra's `$FLAGS_HELP` and `$CONFIG`); a template that
+# asks for more (Hydra's group listings) is left to Hydra's own help builder.
+CHEAP_TEMPLATE_FIELDS = frozenset({"FLAGS_HELP", "CONFIG"})
 # The ConfigStore group of the structured schemas (`schema/model`, `schema/strategy/sqrt`, ...).
 SCHEMA_GROUP = "schema"
 # Hydra's own groups stay in `--hydra-help`, except the one that says how jobs run.
@@ -104,3 +120,46 @@ def register_resolvers() -> None:
     """`${memexp_help_groups:}` and `${memexp_help_strategies:}`, used by the help template."""
     OmegaConf.register_new_resolver("memexp_help_groups", format_groups, replace=True)
     OmegaConf.register_new_resolver("memexp_help_strategies", format_strategies, replace=True)
+
+
+def app_help(argv: Sequence[str], conf_dir: Path, config_name: str) -> str | None:
+    """The text `memexp --help` prints, as Hydra's `app_help` renders it, for the command line
+    `argv`; None where Hydra must answer itself (no `--help`, `--hydra-help`, a template that
+    lists Hydra's groups, a command line that does not compose: Hydra reports its error)."""
+    parser = get_args_parser()
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit:  # argparse's own error: Hydra says it again, with its usage
+        return None
+    if not args.help or args.hydra_help:
+        return None
+    search_path = create_config_search_path(f"file://{conf_dir}")
+    if args.config_dir is not None:
+        search_path.prepend(
+            provider="command-line",
+            path=f"file://{os.path.abspath(args.config_dir)}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    try:
+        hydra = Hydra.create_main_hydra2(task_name="memexp", config_search_path=search_path)
+        cfg = hydra.compose_config(
+            config_name=args.config_name or config_name,
+            overrides=args.overrides,
+            run_mode=RunMode.RUN,
+            with_log_configuration=False,
+        )
+    except Exception:
+        GlobalHydra.instance().clear()
+        return None
+    HydraConfig.instance().set_config(cfg)  # the listing marks this command line's choices
+    template = string.Template(cfg.hydra.help.template)
+    if not set(template.get_identifiers()) <= CHEAP_TEMPLATE_FIELDS:
+        GlobalHydra.instance().clear()
+        return None
+    job_cfg = copy.deepcopy(cfg)
+    with open_dict(job_cfg):
+        del job_cfg["hydra"]
+    return template.substitute(
+        FLAGS_HELP=hydra.format_args_help(parser),
+        CONFIG=OmegaConf.to_yaml(job_cfg, resolve=args.resolve),
+    )

@@ -38,6 +38,7 @@ from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement
 from memexp.measure.step import measure_on_ranks, measure_step
 from memexp.measure.timing import time_units
+from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.results import InfeasibleError, NotApplicableError
 from memexp.text import format_bytes
@@ -117,11 +118,13 @@ class MeasuredBackend:
                     "parallel.cpu_offload moves the sharded state to host memory, where a "
                     f"device={spec.device} step already keeps it"
                 )
+        enter_phase("count FLOPs")
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
         if spec.parallel.name == PARALLEL_NONE:
             step = measure_step(spec, plan, torch.device(spec.device))
         else:
+            enter_phase(f"{spec.parallel.world_size} ranks")
             step = measure_on_ranks(spec, plan, self.process_group)
         timings = step.timings
         return Figures(
@@ -154,6 +157,7 @@ class PredictedBackend:
     """Predicts the step on fake tensors, following the code paths of the device it imagines."""
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
+        enter_phase("predict")
         prediction = predict_job(spec, plan)
         time_source, extras = prediction_extras(spec, prediction)
         return Figures(

@@ -35,6 +35,7 @@ from memexp.measure.fake_world import fake_ranks
 from memexp.measure.flops import fake_workload, flop_counter, step_flops
 from memexp.measure.memory import MemoryMeasurement, tracked_step
 from memexp.measure.timing import first_step
+from memexp.memo import cached
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
 from memexp.results import SOURCE_FAKE_TENSORS, InfeasibleError
@@ -159,6 +160,9 @@ def _predict_rank(
     )
 
 
+NO_CHECKPOINT_FLOPS = "flops_no_checkpoint"  # its name in a sweep's cache (memexp.memo)
+
+
 def with_gradient_buckets(prediction: Prediction, bucket_bytes: int) -> Prediction:
     """The rank's step with DDP's gradient buckets, which live from wrapping to the end: their
     bytes are added at every moment and filed as communication buffers (memexp.sharded_states)."""
@@ -179,11 +183,16 @@ def with_gradient_buckets(prediction: Prediction, bucket_bytes: int) -> Predicti
 
 
 def step_flops_without_checkpointing(spec: ExperimentSpec) -> int:
-    """The step's FLOPs with nothing recomputed, from models of one and two layers.
+    """The step's FLOPs with nothing recomputed, from models of one and two layers; counted once
+    per workload in a sweep (memexp.memo), whatever the strategy.
 
     Every layer does the same FLOPs, so FLOPs are exactly affine in depth: counting two shallow
     models costs a fraction of counting the deep one.
     """
+    return cached(NO_CHECKPOINT_FLOPS, spec, lambda: _count_without_checkpointing(spec))
+
+
+def _count_without_checkpointing(spec: ExperimentSpec) -> int:
 
     def flops_at(layers: int) -> int:
         shallow = replace(spec, model=replace(spec.model, layers=layers))

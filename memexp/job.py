@@ -1,7 +1,8 @@
 """One job of a sweep under one guard, from config resolution to the W&B mirror.
 
-The job's W&B run opens before the job starts and listens to it (`memexp.observe`): the
-runner and the measurement never import W&B.
+The job's W&B run opens before the job starts and listens to it (`memexp.observe`), beside its
+progress display (`memexp.progress`): the runner and the measurement never import W&B. Within a
+sweep, the job's log lines carry its number (`memexp.logs`).
 
 Whatever a job meets (a config that does not resolve, a damaged record in its folder, a failing
 W&B mirror, Ctrl-C), it leaves a record and never raises into Hydra, so every launcher goes on
@@ -11,6 +12,7 @@ travels on, after its record is written: it is meant to stop the sweep.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import traceback
 from pathlib import Path
@@ -22,13 +24,18 @@ from memexp import resume, sweepindex
 from memexp.config import ConfigError
 from memexp.configure import require_values
 from memexp.interrupts import describe_interrupt, stop_on_sigterm
-from memexp.observe import NO_OBSERVER, JobObserver, observing
+from memexp.logs import job_lines
+from memexp.memo import caching_in
+from memexp.observe import JobObserver, Observers, observing
+from memexp.progress import showing_progress
 from memexp.ranks import cluster_rank
 from memexp.record import describe_outcome, write_identity_from_config
 from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, read_result, write_result
 from memexp.runner import run_job
 from memexp.sweepdir import RESULT_FILE
 from memexp.wandb_sink import open_job_run, sweep_group
+
+log = logging.getLogger(__name__)
 
 
 def record_failure(
@@ -45,7 +52,7 @@ def record_failure(
         if not isinstance(failure, ConfigError):  # a config error is its own explanation
             result.extra["traceback"] = "".join(traceback.format_exception(failure))
     write_result(job_dir, result)
-    print(describe_outcome(result), flush=True)
+    log.info(describe_outcome(result))
     return result
 
 
@@ -81,8 +88,22 @@ def run_guarded(
     """Run one job and mirror it; returns its record, or None when resume skipped it or this
     process is a rank other than 0 of a cluster-started job (`follow_as_rank`)."""
     stop_on_sigterm()
+    job_num = identity.get("job_num")
+    sweep_dir = identity.get("sweep_dir")
+    with job_lines(job_num), caching_in(sweep_dir), showing_progress(job_num) as progress:
+        return _run_observed(cfg, job_dir, identity, group_dir, progress)
+
+
+def _run_observed(
+    cfg: DictConfig,
+    job_dir: Path,
+    identity: dict[str, Any],
+    group_dir: Path,
+    progress: JobObserver,
+) -> RunResult | None:
+    """The job heard by its progress display and, once it opens, its W&B run."""
     sweep_dir = Path(identity["sweep_dir"]) if identity.get("sweep_dir") else None
-    observer = NO_OBSERVER
+    observer: JobObserver = progress
     try:
         if resume.already_measured(cfg, job_dir, sweep_dir):
             return None
@@ -90,7 +111,9 @@ def run_guarded(
         if rank is not None and rank.rank != 0:
             follow_as_rank(cfg, identity)
             return None
-        observer = watch(cfg, group_dir, " ".join(identity["overrides"]) or "defaults")
+        observer = Observers(
+            progress, watch(cfg, group_dir, " ".join(identity["overrides"]) or "defaults")
+        )
         require_values(cfg)  # `model=schema`: the schema, not a preset
         OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails fails here
         with observing(observer):
@@ -113,4 +136,4 @@ def index_record(job_dir: Path) -> None:
     try:
         sweepindex.append_row(Path(job_dir) / RESULT_FILE)
     except (OSError, ValueError, TypeError) as error:
-        print(f"[memexp] index row skipped ({type(error).__name__}: {error})", flush=True)
+        log.warning("index row skipped (%s: %s)", type(error).__name__, error)

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -79,6 +79,7 @@ from memexp import analytic
 from memexp.config import ExperimentSpec
 from memexp.measure.flops import fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
+from memexp.memo import cached
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
@@ -368,8 +369,31 @@ def _flops_at_marks(work: Workload) -> dict[str, int]:
     return flops
 
 
+STEP_PROFILE = "step_profile"  # its name in a sweep's cache (memexp.memo)
+
+
+def profile_to_data(profile: StepProfile) -> dict[str, Any]:
+    """The profile as JSON data: options keyed by their names (`attention_core+ffn`, `nothing`)."""
+    data = asdict(profile)
+    data["options"] = {option_name(o): asdict(p) for o, p in profile.options.items()}
+    return data
+
+
+def profile_from_data(data: dict[str, Any]) -> StepProfile:
+    by_name = {option_name(option): option for option in OPTIONS}
+    options = {by_name[name]: OptionProfile(**fields) for name, fields in data["options"].items()}
+    return StepProfile(**{**data, "options": options})
+
+
 def profile_step(spec: ExperimentSpec) -> StepProfile:
-    """Profile the job's layer under every option on fake tensors (no compute, any model size)."""
+    """Profile the job's layer under every option on fake tensors (no compute, any model size);
+    profiled once per workload in a sweep (memexp.memo), whatever the strategy's settings."""
+    return cached(
+        STEP_PROFILE, spec, lambda: _profile_step(spec), profile_to_data, profile_from_data
+    )
+
+
+def _profile_step(spec: ExperimentSpec) -> StepProfile:
     shallow = replace(spec, model=replace(spec.model, layers=len(OPTIONS)))
     plan = plan_of(OPTIONS)
     mode, work = fake_workload(shallow, plan)

@@ -154,23 +154,23 @@ def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -
 
 def describe_job(spec: ExperimentSpec, plan: CheckpointPlan) -> str:
     return (
-        f"[memexp] {spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
-        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}\n"
-        f"[memexp] plan: {plan.describe()}"
+        f"{spec.model.name} strategy={spec.strategy.name} seq={spec.seq_len} "
+        f"batch={spec.batch_size} device={spec.device} precision={spec.precision}; "
+        f"plan: {plan.describe()}"
     )
 
 
 def describe_outcome(result: RunResult) -> str:
     """A failure's message; a prediction said as one (fake tensors); else the measured figures."""
     if result.status != STATUS_OK:
-        return f"[memexp] {result.status}: {result.message}"
+        return f"{result.status}: {result.message}"
     if result.memory_source == SOURCE_FAKE_TENSORS:
         return describe_prediction(result)
     ranks = ""
     if result.rank_memory:
         ranks = f" on the fullest of {len(result.rank_memory)} ranks (rank {result.peak_rank})"
     return (
-        f"[memexp] step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
         f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}){ranks}, "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
@@ -185,7 +185,7 @@ def describe_prediction(result: RunResult) -> str:
     """The one line a fake-device job prints: predicted, with its sources, never 'measured'."""
     extra = result.extra
     text = (
-        f"[memexp] predicted step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
+        f"predicted step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
         f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
         f"saved activations {format_bytes(result.saved_activation_bytes)}, "
         f"recompute {result.recompute_flops_pct:.1f}% FLOPs"

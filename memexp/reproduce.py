@@ -33,6 +33,7 @@ damaged record, a job that cannot be replayed, a missing --compare-with folder).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import shlex
@@ -48,6 +49,7 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from memexp.logs import log_to_stderr
 from memexp.results import (
     SOURCE_FAKE_TENSORS,
     SOURCE_TENSOR_TRACKER,
@@ -66,6 +68,8 @@ from memexp.sweepdir import (
     read_sweep_overrides,
 )
 from memexp.text import markdown_table
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "reproduction.md"
 UNREADABLE_EXIT_CODE = 2  # input that cannot be read (a figure that differs is 1)
@@ -579,9 +583,9 @@ def report(comparison: Comparison, report_file: Path | None) -> int:
     if report_file is not None:
         report_file.write_text(text)
     for problem in comparison.unreadable:
-        print(f"[memexp] unreadable: {problem}", file=sys.stderr)
+        log.error("unreadable: %s", problem)
     for difference in comparison.differences:
-        print(f"[memexp] not reproduced: {difference}", file=sys.stderr)
+        log.error("not reproduced: %s", difference)
     if comparison.unreadable:
         return UNREADABLE_EXIT_CODE
     return 1 if comparison.differences else 0
@@ -606,25 +610,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compare-with", type=Path, help="compare with this existing sweep instead of rerunning"
     )
     args = parser.parse_args(argv)
+    log_to_stderr()
 
     sweep_dir = args.sweep_dir.resolve()
     jobs = read_saved_jobs(sweep_dir)
     if not jobs:
-        print(f"[memexp] no job folders (*/{HYDRA_DIR}/ or */{RESULT_FILE}) in {sweep_dir}")
+        log.error("no job folders (*/%s/ or */%s) in %s", HYDRA_DIR, RESULT_FILE, sweep_dir)
         return UNREADABLE_EXIT_CODE
     if args.compare_with is not None:
         other = args.compare_with.resolve()
         if not other.is_dir():
-            print(f"[memexp] --compare-with {other}: no such folder")
+            log.error("--compare-with %s: no such folder", other)
             return UNREADABLE_EXIT_CODE
         return report(compare_sweeps(sweep_dir, other), report_file=None)
     replayable = [job for job in jobs if job.config is not None]
     if not replayable:
-        print(f"[memexp] no job of {sweep_dir} can be replayed (none has its {HYDRA_DIR}/)")
+        log.error("no job of %s can be replayed (none has its %s/)", sweep_dir, HYDRA_DIR)
         return UNREADABLE_EXIT_CODE
     out_dir = (args.out or default_out_dir(sweep_dir)).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
-        print(f"[memexp] {out_dir} is not empty; choose another --out")
+        log.error("%s is not empty; choose another --out", out_dir)
         return UNREADABLE_EXIT_CODE
     command, command_exit = replay(replayable, sweep_dir, out_dir, args.launcher)
     comparison = compare_sweeps(sweep_dir, out_dir, replayed=True)

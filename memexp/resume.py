@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ from memexp.sweepdir import (
     read_sweep_overrides,
     result_files_in,
 )
+
+log = logging.getLogger(__name__)
 
 # Where the hash lives in a record (`RunResult.extra`), and what it leaves out.
 CONFIG_HASH_KEY = "config_hash"
@@ -108,7 +110,7 @@ def read_own_record(job_dir: Path) -> RunResult | None:
         return read_result(path)
     except DamagedRecord as damaged:
         kept = set_aside_damaged(path)
-        print(f"[memexp] {damaged}; kept as {kept.name}, the job runs again", flush=True)
+        log.warning("%s; kept as %s, the job runs again", damaged, kept.name)
         return None
 
 
@@ -161,10 +163,7 @@ def _move_records(job_dir: Path, sweep_dir: Path) -> Path:
     snapshot = job_dir / RECORD_HYDRA_DIR
     if snapshot.is_dir():
         snapshot.rename(target / HYDRA_DIR)
-    print(
-        f"[memexp] {job_dir} held a record of another config: moved with its config to {target}",
-        flush=True,
-    )
+    log.warning("%s held a record of another config: moved with its config to %s", job_dir, target)
     return target
 
 
@@ -193,7 +192,7 @@ def already_measured(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None = No
         shutil.rmtree(job_dir / RECORD_HYDRA_DIR, ignore_errors=True)
     if measured is None:
         return False
-    print(f"[memexp] already measured with this config: {measured} (kept, job skipped)", flush=True)
+    log.info("already measured with this config: %s (kept, job skipped)", measured)
     return True
 
 
@@ -220,7 +219,7 @@ def keep_previous_record(job_dir: Path) -> Path | None:
     kept = _previous_name(record_path, index)
     write_json_atomic(kept, record)
     record_path.unlink()
-    print(f"[memexp] {record_path} is measured again; the old record is kept as {kept}", flush=True)
+    log.info("%s is measured again; the old record is kept as %s", record_path, kept)
     return kept
 
 
@@ -273,7 +272,7 @@ def describe_override_change(sweep_dir: Path, overrides: list[str]) -> str | Non
     if before is None or _without_resume(before[0]) == _without_resume(overrides):
         return None
     return (
-        f"[memexp] warning: the sweep in {sweep_dir} was made with overrides "
+        f"the sweep in {sweep_dir} was made with overrides "
         f"{' '.join(_without_resume(before[0]))!r}, now {' '.join(_without_resume(overrides))!r}; "
         "jobs are matched by config: one measured ok anywhere in the sweep is skipped"
     )
@@ -286,7 +285,7 @@ def _stop_on_refusal(folder: Path, resume: str | None, multirun: bool) -> None:
     except ConfigError as error:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway;
         # SystemExit is what stops it before the first job.
-        print(f"[memexp] refused: {error}", file=sys.stderr, flush=True)
+        log.error("refused: %s", error)
         raise SystemExit(REFUSED_EXIT_CODE) from error
 
 
@@ -301,7 +300,7 @@ class SweepFolderGuard(Callback):
             overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
             warning = describe_override_change(sweep_dir, list(overrides))  # type: ignore[arg-type]
             if warning:
-                print(warning, flush=True)
+                log.warning(warning)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _stop_on_refusal(Path(config.hydra.run.dir), config.get("resume"), multirun=False)

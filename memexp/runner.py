@@ -10,6 +10,7 @@ The runner names no strategy and no device: the job's strategy executes itself
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from dataclasses import replace
@@ -26,6 +27,7 @@ from memexp.environment import describe_environment
 from memexp.estimate import at_chosen_batch, choose_batch
 from memexp.interrupts import describe_interrupt
 from memexp.measure.machine import intra_op_threads
+from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.record import (
     describe_job,
@@ -52,6 +54,8 @@ from memexp.results import (
 from memexp.resume import CONFIG_HASH_KEY, config_hash, keep_previous_record
 from memexp.strategies import make_plan, strategy_for
 
+log = logging.getLogger(__name__)
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -64,11 +68,12 @@ def execute_strategy(result: RunResult, spec: ExperimentSpec, job_dir: Path) -> 
 
     def measure(plan: CheckpointPlan) -> Figures:
         write_plan(result, plan, backend.theory(spec, plan))
-        print(describe_job(spec, plan), flush=True)
+        log.info(describe_job(spec, plan))
         figures = backend.measure(spec, plan)
         write_figures(result, plan, figures, job_dir)
         return figures
 
+    enter_phase("plan")
     with intra_op_threads(spec.measure.threads):
         outcome = strategy_for(spec).execute(spec, measure)
     write_outcome(result, outcome)
@@ -89,6 +94,7 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
         write_identity(result, spec)
         result.environment = describe_environment(spec.device)
         if spec.auto_batch:
+            enter_phase("batch search")
             search = choose_batch(spec, make_plan)
             write_batch_search(result, search)
             spec = at_chosen_batch(spec, search)
@@ -122,9 +128,10 @@ def run_job(cfg: DictConfig, job_dir: Path, identity: dict[str, Any]) -> RunResu
         result.status, result.message = STATUS_INTERRUPTED, describe_interrupt(interrupt)
         raise
     finally:
+        enter_phase("record")
         result.finished_at = _now()
         result.duration_s = round(time.monotonic() - started, 3)
         write_result(job_dir, result)
         release_memory()
-    print(describe_outcome(result), flush=True)
+    log.info(describe_outcome(result))
     return result

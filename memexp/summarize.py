@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +34,15 @@ import pandas as pd
 
 from memexp import plots
 from memexp.aggregate import (
-    build_frame,
+    SweepTable,
     data_notes,
     failure_notes,
     load_results,
     missing_result_notes,
-    read_rows,
+    read_sweep,
 )
 from memexp.figures import PlotOutcome
+from memexp.logs import log_to_stderr
 from memexp.plots.timeline import DEFAULT_TIMELINES
 from memexp.report import write_summary
 from memexp.results import STATUS_OK
@@ -54,6 +56,8 @@ from memexp.sweepdir import (
     table_csv,
 )
 from memexp.tidy import list_tables
+
+log = logging.getLogger(__name__)
 
 # Draws every figure the table supports into a folder and says what it drew or why not.
 Drawer = Callable[[pd.DataFrame, Path], list[PlotOutcome]]
@@ -96,19 +100,21 @@ def write_tables(sweep_dir: Path, frame: pd.DataFrame, rows: list[dict]) -> list
 
 
 def summarize_sweep(sweep_dir: Path, draw: Drawer = plots.draw_all) -> SweepOutput:
-    """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md`.
+    """Read the sweep, then write `results.csv`, the figures `draw` makes into `plots/`, and
+    `summary.md` (`write_outputs`)."""
+    return write_outputs(sweep_dir, read_sweep(sweep_dir), draw)
+
+
+def write_outputs(sweep_dir: Path, table: SweepTable, draw: Drawer = plots.draw_all) -> SweepOutput:
+    """Write `results.csv`, the figures `draw` makes into `plots/`, and `summary.md` of `table`.
 
     Meant for the end of a Hydra multirun, so odd data (no baseline, failed jobs, one job, no job)
     becomes notes in the output rather than an exception that would hide the sweep's results.
-    Only records whose aggregate belongs in `sweep_dir` are read (`sweepdir.sweep_of`).
     """
     sweep_dir = Path(sweep_dir)
-    found = find_result_files([sweep_dir])
-    mine = [path for path in found if sweep_of(path) == sweep_dir.resolve()]
-    rows, read_notes = read_rows(mine)
-    frame = build_frame(rows)
+    frame, rows = table.frame, table.rows
     # Failed jobs get their own table in the summary; these notes are everything else.
-    notes = read_notes + missing_result_notes(sweep_dir) + data_notes(frame)
+    notes = table.notes + missing_result_notes(sweep_dir) + data_notes(frame)
     tables = write_tables(sweep_dir, frame, rows)
     figures = draw(frame, sweep_dir / PLOTS_DIR)
     summary = write_summary(sweep_dir, frame, notes, figures)
@@ -135,18 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"default: {DEFAULT_TIMELINES} configs evenly spaced from smallest to largest",
     )
     args = parser.parse_args(argv)
+    log_to_stderr()
     draw = functools.partial(plots.draw_all, timelines=args.timeline)
 
     files = find_result_files(args.paths)
     if not files:
-        print(f"no {RESULT_FILE} under {' '.join(args.paths)}", file=sys.stderr)
+        log.error("no %s under %s", RESULT_FILE, " ".join(args.paths))
         return 1
     for sweep in sorted({sweep_of(f) for f in files}):
         output = summarize_sweep(sweep, draw)
         ok = int(output.frame.status.eq(STATUS_OK).sum())
         print(f"{sweep}: {len(output.frame)} jobs ({ok} ok), wrote {len(output.written)} files")
         for note in output.notes:
-            print(f"  note: {note}")
+            log.warning("note: %s", note)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         load_results(files).to_csv(args.out, index=False)

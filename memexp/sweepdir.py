@@ -8,6 +8,7 @@
     <sweep>/results.csv, summary.md, plots/   memexp: the aggregate
     <sweep>/results.parquet            memexp: the same table, typed (when pyarrow is installed)
     <sweep>/plans.csv, <list>.csv      memexp: the records' lists as tidy tables (memexp.tidy)
+    <sweep>/cache/<figure>-<key>.json  memexp: a workload's strategy-independent figures (memexp.memo)
 
 Everything that looks for records or reads Hydra's files in a sweep folder goes through here,
 so the layout can change in one place.
@@ -28,6 +29,7 @@ INDEX_FILE = "index.jsonl"  # memexp.sweepindex: a row per job, appended as each
 RESULTS_PARQUET = "results.parquet"
 SUMMARY_MD = "summary.md"
 PLOTS_DIR = "plots"
+CACHE_DIR = "cache"
 MULTIRUN_YAML = "multirun.yaml"
 HYDRA_DIR = ".hydra"
 JOB_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
@@ -43,6 +45,11 @@ RECORD_FILE_PATTERNS = ("result*.json", "timeline*.json")
 def table_csv(name: str) -> str:
     """The file of a tidy table beside `results.csv`: `plans` -> `plans.csv`."""
     return f"{name}.csv"
+
+
+def cache_file(sweep_dir: Path, figure: str, key: str) -> Path:
+    """Where a sweep keeps `figure` of the workload whose key is `key` (memexp.memo)."""
+    return Path(sweep_dir) / CACHE_DIR / f"{figure}-{key}.json"
 
 
 def job_order(folder: Path) -> tuple[int, str]:

@@ -34,6 +34,16 @@ def format_mib(count: int | None) -> str:
     return f"{mib:,.1f}" if abs(mib) >= 10 else f"{mib:.3f}"
 
 
+def format_seconds(seconds: float) -> str:
+    """`4.2 s` below a minute, `5 min 11 s` from one, `1 h 02 min` from an hour."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub-flavoured table; pipes and line breaks inside cells are escaped, not lost."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import wandb_workspaces.reports.v2 as wr
 from wandb_workspaces import expr
 
+from memexp.logs import log_to_stderr
 from memexp.results import DamagedRecord, read_result
 from memexp.sweepdir import PLOTS_DIR, result_files_in
 from memexp.wandb_sink import (
@@ -40,6 +42,8 @@ from memexp.wandb_sink import (
     TIMELINE_TABLE_KEY,
     sweep_group,
 )
+
+log = logging.getLogger(__name__)
 
 # Where the resolved job config keeps what a report facets by and groups lines by.
 STRATEGY_CONFIG_KEY = "strategy.name"
@@ -297,17 +301,15 @@ def _save(args: argparse.Namespace) -> int:
         entity = args.entity or api.default_entity
         report = build_report(args.sweep_dir, entity, args.project, args.group).save()
     except wandb.errors.UsageError:
-        print(
-            "cannot save the report: no W&B API key (run `wandb login` or set WANDB_API_KEY)",
-            file=sys.stderr,
-        )
+        log.error("cannot save the report: no W&B API key (run `wandb login` or set WANDB_API_KEY)")
         return 1
     except Exception as exc:
         reason = next(iter(str(exc).strip().splitlines()), "")
-        print(
-            f"cannot save the report ({type(exc).__name__}: {reason}); check the network and "
-            "that the sweep's runs were uploaded with `wandb sync`",
-            file=sys.stderr,
+        log.error(
+            "cannot save the report (%s: %s); check the network and that the sweep's runs were "
+            "uploaded with `wandb sync`",
+            type(exc).__name__,
+            reason,
         )
         return 1
     print(report.url)
@@ -316,8 +318,9 @@ def _save(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    log_to_stderr()
     if not args.sweep_dir.is_dir():
-        print(f"not a sweep folder: {args.sweep_dir}", file=sys.stderr)
+        log.error("not a sweep folder: %s", args.sweep_dir)
         return 2
     if args.save:
         return _save(args)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         return 0
     print(_describe(report))
-    print("(built offline; pass --save to upload it, which needs a W&B API key and network)")
+    log.info("built offline; pass --save to upload it, which needs a W&B API key and network")
     return 0
 
 

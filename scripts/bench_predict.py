@@ -32,7 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GIB = 2**30
+from memexp.text import GIB, markdown_table  # noqa: E402
+
 COST_STRATEGIES = ("none", "full", "sqrt")
 CLI = ("model=llama7b", "strategy=full", "device=fake", "device.memory_gb=141", "logger=none")
 
@@ -157,15 +158,21 @@ def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]
         "whole process. Predicted peak: fake tensors imagining CUDA's default code paths "
         "(multi-tensor Adam), fp32, Adam.",
         "",
-        "| strategy | prediction s | process peak RSS GiB | ops tracked | predicted peak GiB | saved activations GiB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in cost:
-        lines.append(
-            f"| {row['strategy']} | {row['seconds']:.1f} | {row['max_rss_bytes'] / GIB:.2f} | "
-            f"{row['tracked_ops']:,} | {row['peak_bytes'] / GIB:.2f} | "
-            f"{row['saved_activation_bytes'] / GIB:.2f} |"
-        )
+        markdown_table(
+            (
+                "strategy", "prediction s", "process peak RSS GiB", "ops tracked",
+                "predicted peak GiB", "saved activations GiB",
+            ),
+            [
+                (
+                    row["strategy"], f"{row['seconds']:.1f}", f"{row['max_rss_bytes'] / GIB:.2f}",
+                    f"{row['tracked_ops']:,}", f"{row['peak_bytes'] / GIB:.2f}",
+                    f"{row['saved_activation_bytes'] / GIB:.2f}",
+                )
+                for row in cost
+            ],
+        ),
+    ]  # fmt: skip
     lines += [
         "",
         f"Command line end to end (`python -m memexp {' '.join(CLI)}`, start-up, imports and "
@@ -176,16 +183,22 @@ def markdown(cost: list[dict[str, Any]], cli: float, errors: list[dict[str, Any]
         "Bytes. `peak error` = predicted − measured; `breakdown` says whether every category "
         "at the peak (params, grads, optimizer state, activations, temporaries) is equal too.",
         "",
-        "| model | strategy | seq×batch | measured peak | predicted peak | peak error | breakdown | saved: measured | saved: predicted | saved: closed form |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    for row in errors:
-        lines.append(
-            f"| {row['model']} | {row['strategy']} | {row['workload']} | "
-            f"{row['measured_peak']:,} | {row['predicted_peak']:,} | {row['peak_error']:,} | "
-            f"{'equal' if row['breakdown_equal'] else 'differs'} | {row['measured_saved']:,} | "
-            f"{row['predicted_saved']:,} | {row['closed_form_saved']:,} |"
-        )
+        markdown_table(
+            (
+                "model", "strategy", "seq×batch", "measured peak", "predicted peak", "peak error",
+                "breakdown", "saved: measured", "saved: predicted", "saved: closed form",
+            ),
+            [
+                (
+                    row["model"], row["strategy"], row["workload"], f"{row['measured_peak']:,}",
+                    f"{row['predicted_peak']:,}", f"{row['peak_error']:,}",
+                    "equal" if row["breakdown_equal"] else "differs", f"{row['measured_saved']:,}",
+                    f"{row['predicted_saved']:,}", f"{row['closed_form_saved']:,}",
+                )
+                for row in errors
+            ],
+        ),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,7 @@ from memexp.configure import register_configs  # noqa: E402
 from memexp.plan import CheckpointPlan, Part  # noqa: E402
 from memexp.results import STATUS_OK, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
-from memexp.text import MIB  # noqa: E402
+from memexp.text import MIB, markdown_table  # noqa: E402
 
 # (label, overrides): every strategy, and the variants of those that have them.
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -142,29 +142,33 @@ def overhead(job: RunResult, baseline: RunResult) -> str:
 
 def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConfig) -> list[str]:
     baseline = next(record for label, record in rows if label == "none")
-    lines = [
-        f"## {model}: hidden {config.hidden}, {config.layers} layers, {config.heads} heads, "
-        f"vocabulary {config.vocab_size}, seq {baseline.seq_len} × batch {baseline.batch_size}",
-        "",
-        "| strategy | saved act MiB | analytic saved MiB | peak MiB | recompute FLOPs % | "
-        "reference recompute % | reference, early stop % | step ms median [min–max] | "
-        "time overhead % vs none [range] |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    headers = (
+        "strategy", "saved act MiB", "analytic saved MiB", "peak MiB", "recompute FLOPs %",
+        "reference recompute %", "reference, early stop %", "step ms median [min–max]",
+        "time overhead % vs none [range]",
+    )  # fmt: skip
+    table: list[tuple[object, ...]] = []
     notes = []
     for label, record in rows:
         if record.status != STATUS_OK:
-            lines.append(f"| {label} | {record.status} | | | | | | | |")
+            table.append((label, record.status, *[""] * (len(headers) - 2)))
             notes.append(f"- {label}: {record.status} — {record.message}")
             continue
         plan = record.plan
         shape = shape_of(record, config)
         step = f"{record.step_ms_median:,.0f} [{record.step_ms_min:,.0f}–{record.step_ms_max:,.0f}]"
-        lines.append(
-            f"| {label} | {mib(record.saved_activation_bytes)} | "
-            f"{mib(record.extra.get('analytic_saved_activation_bytes'))} | {mib(record.peak_bytes)} | "
-            f"{record.recompute_flops_pct:.1f} | {reference_recompute_pct(shape, plan, False):.1f} | "
-            f"{reference_recompute_pct(shape, plan, True):.1f} | {step} | {overhead(record, baseline)} |"
+        table.append(
+            (
+                label,
+                mib(record.saved_activation_bytes),
+                mib(record.extra.get("analytic_saved_activation_bytes")),
+                mib(record.peak_bytes),
+                f"{record.recompute_flops_pct:.1f}",
+                f"{reference_recompute_pct(shape, plan, False):.1f}",
+                f"{reference_recompute_pct(shape, plan, True):.1f}",
+                step,
+                overhead(record, baseline),
+            )
         )
         if "adaptive" in record.extra:
             adaptive = record.extra["adaptive"]
@@ -181,7 +185,11 @@ def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConf
                 "the policy keeps are cached by the selective-checkpoint context, not saved "
                 "through the hooks, so the figure leaves them out (the peak includes them)"
             )
-    return [*lines, "", *notes, ""]
+    title = (
+        f"## {model}: hidden {config.hidden}, {config.layers} layers, {config.heads} heads, "
+        f"vocabulary {config.vocab_size}, seq {baseline.seq_len} × batch {baseline.batch_size}"
+    )
+    return [title, "", markdown_table(headers, table), "", *notes, ""]
 
 
 def machine_lines(repeat: int, started: str, load: tuple[float, ...]) -> list[str]:

@@ -153,7 +153,7 @@ def _run_cli(
 
     fail_strategies(monkeypatch, failures)
     # The sweep's tables and plots have their own tests and take seconds to draw.
-    monkeypatch.setattr(callbacks, "aggregate_and_log", lambda config, sweep_dir: None)
+    monkeypatch.setattr(callbacks, "aggregate_and_log", lambda config, sweep_dir, table: None)
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["memexp", "-m", *TINY, *QUIET_HYDRA, *overrides])
     out = io.StringIO()

@@ -218,9 +218,9 @@ def test_cli_expands_a_quoted_glob(two_sweeps: Path) -> None:
     assert not (two_sweeps / "sweep_a" / "summary.md").exists()
 
 
-def test_cli_fails_when_nothing_is_found(tmp_path: Path, capsys) -> None:
+def test_cli_fails_when_nothing_is_found(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert summarize.main([str(tmp_path)]) == 1
-    assert "no result.json" in capsys.readouterr().err
+    assert caplog.messages == [f"no result.json under {tmp_path}"]
 
 
 @pytest.fixture

@@ -20,9 +20,16 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first. A name stands for a module (`memexp.<name>`) or a package and all it holds.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("text", "sweepdir", "plan", "figures", "interrupts"),  # units, folder layout, data, signals
+    (
+        "text",
+        "sweepdir",
+        "plan",
+        "figures",
+        "interrupts",
+        "logs",
+    ),  # units, folder layout, data, signals, log lines
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
-    ("observe",),  # what a running job reports, to a listener or to no one
+    ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
     (
         "model",
         "analytic",
@@ -33,6 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cli_help",
         "objective",
         "ranks",
+        "progress",
     ),
     ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
     ("sharding",),  # one rank's share of a workload (fully_shard, ZeRO-1)

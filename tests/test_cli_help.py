@@ -1,7 +1,9 @@
 """`memexp --help`: named memexp, every option described by its YAML, no schema anywhere.
 
-The command line runs in this process (`memexp.__main__.main` with its own argv), as the
-console script would run it; the schemas are only reachable where the presets extend them.
+The command line runs in this process (`memexp.__main__.cli` with its own argv), as the
+console script runs it; the schemas are only reachable where the presets extend them. `--help`
+is answered by `memexp.cli_help.app_help` before Hydra builds its app; Hydra's own help builder
+(`memexp.__main__.main`) must print the same text.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
 from memexp import CONF_DIR
-from memexp.cli_help import leading_comment
+from memexp.cli_help import app_help, leading_comment
 
 ComposeFn = Callable[..., DictConfig]
 APP_GROUPS = ("batch", "device", "logger", "model", "seq", "strategy")
@@ -41,13 +43,17 @@ batch_size: 4
 """
 
 
-def run_cli(*flags: str, overrides: Sequence[str] = ()) -> tuple[int, str]:
+def run_cli(
+    *flags: str, overrides: Sequence[str] = (), entry: Callable[[], object] | None = None
+) -> tuple[int, str]:
     """`memexp *flags *overrides` in this process: its exit status and what it printed.
 
-    Hydra's logging stays off; the overrides come last, together, as argparse wants them.
+    `entry` is the console script's `cli` unless given (`main`: Hydra's app alone). Hydra's
+    logging stays off; the overrides come last, together, as argparse wants them.
     """
-    from memexp.__main__ import main
+    from memexp.__main__ import cli
 
+    main = entry or cli
     argv = sys.argv
     sys.argv = ["memexp", *flags, *overrides, *QUIET_HYDRA]
     out = io.StringIO()
@@ -91,6 +97,25 @@ def test_help_names_memexp_and_hides_hydra_and_schemas(default_help: str) -> Non
     assert "powered by Hydra" not in text
     assert "schema" not in text
     assert "memexp --hydra-help" in text
+
+
+@pytest.mark.slow
+def test_help_is_the_text_hydras_own_help_builder_prints(tmp_path: Path) -> None:
+    from memexp.__main__ import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mymodel.yaml").write_text(USER_PRESET)
+    command = ("--help", "--config-dir", str(tmp_path))
+    overrides = ["model=mymodel", "strategy=sqrt"]
+    fast = run_cli(*command, overrides=overrides)
+    assert fast == run_cli(*command, overrides=overrides, entry=main)
+    assert "  * mymodel " in fast[1]
+
+
+def test_a_command_line_that_does_not_compose_is_left_to_hydra() -> None:
+    assert app_help(["--help", "model=nosuchmodel"], CONF_DIR, "config") is None
+    assert app_help(["model=tiny"], CONF_DIR, "config") is None  # no --help: a job
+    assert app_help(["--hydra-help"], CONF_DIR, "config") is None
 
 
 @pytest.mark.parametrize("group", APP_GROUPS)

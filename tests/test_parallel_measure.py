@@ -243,6 +243,6 @@ def test_the_job_line_names_the_fullest_rank() -> None:
         **timed,
     )
     assert describe_outcome(result).startswith(
-        "[memexp] step peak 3.00 MiB, fwd+bwd peak 2.00 MiB (tensor_tracker) on the fullest of "
+        "step peak 3.00 MiB, fwd+bwd peak 2.00 MiB (tensor_tracker) on the fullest of "
         "2 ranks (rank 0), saved activations 1.00 MiB"
     )

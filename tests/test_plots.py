@@ -347,22 +347,62 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_a_figure_of_many_configs_draws_at_most_the_cap_and_says_so(
+def test_a_comparison_of_many_configs_draws_at_most_the_cap_and_says_so(
     many: pd.DataFrame, tmp_path: Path
 ) -> None:
     cap = plots.style.MAX_PANELS
     # Evenly spaced over the 20 configs in reading order, first and last included.
-    expected = [f"tiny {16 * (i + 1)}\u00d72" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19)]
+    expected = [f"{16 * (i + 1)}\u00d72" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19)]
     assert cap == len(expected)
-    for draw in (plots.plot_breakdown, plots.plot_tradeoff, plots.plot_comparison):
-        outcome = draw(many, tmp_path)
-        assert outcome.path is not None
-        shown = outcome.data.config if "config" in outcome.data else "tiny " + outcome.data.workload
-        assert list(dict.fromkeys(shown)) == expected
-        assert outcome.note == (
-            f"{cap} of 20 configs drawn, evenly spaced from the smallest to the largest "
-            "workload; every config is in results.csv and summary.md"
-        )
+    outcome = plots.plot_comparison(many, tmp_path)
+    assert outcome.path is not None
+    assert list(dict.fromkeys(outcome.data.workload)) == expected
+    assert outcome.note == (
+        f"{cap} of 20 configs drawn, evenly spaced from the smallest to the largest "
+        "workload; every config is in results.csv and summary.md"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", [plots.plot_breakdown, plots.plot_tradeoff])
+def test_lengths_of_one_model_share_one_panel_capped_and_said(
+    many: pd.DataFrame, tmp_path: Path, draw
+) -> None:
+    """20 lengths of one model and batch: one panel, lengths beside each other, 5 of them."""
+    outcome = draw(many, tmp_path)
+    assert outcome.path is not None
+    lengths = [16, 96, 176, 240, 320]  # indices 0, 5, 10, 14, 19 of 16, 32, ... 320
+    assert list(dict.fromkeys(outcome.data.config)) == [f"tiny {n}\u00d72" for n in lengths]
+    assert outcome.note == (
+        f"5 of 20 values of seq ({', '.join(map(str, lengths))}), evenly spaced; every job is in "
+        "results.csv and summary.md"
+    )
+
+
+def test_panels_are_what_varies_and_the_rest_is_said_once(frame: pd.DataFrame) -> None:
+    layout = plots.style.facets(frame)
+    assert layout.panel_keys == ["model", "batch_size"]
+    assert list(layout.panels) == [
+        "model tiny, batch 4",
+        "model tiny, batch 8",
+        "model small, batch 4",
+    ]
+    assert layout.inner_values == [256, 512, 1024]  # 1024: small's job that ran out of memory
+    assert sorted(layout.panels["model tiny, batch 4"].seq_len.unique()) == [256, 512]
+    assert sorted(layout.panels["model small, batch 4"].seq_len.unique()) == [256, 1024]
+    assert layout.shared == "device cpu, precision fp32, attention naive"
+    assert layout.note is None
+
+
+def test_too_many_panels_keep_an_evenly_spaced_subset_and_name_the_rest(
+    frame: pd.DataFrame,
+) -> None:
+    layout = plots.style.facets(frame, cap=2)
+    assert list(layout.panels) == ["model tiny, batch 4", "model small, batch 4"]
+    assert layout.note == (
+        "2 of 3 panels (model × batch), evenly spaced from the smallest to the largest; left "
+        "out: model tiny, batch 8; every job is in results.csv and summary.md"
+    )
 
 
 @pytest.mark.slow

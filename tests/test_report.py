@@ -51,7 +51,14 @@ def sweep(tmp_path: Path) -> Path:
     for num, (strategy, status, fields) in enumerate(jobs):
         overrides = ["model=small", f"strategy={strategy}", "seq.len=256"]
         result = RunResult(
-            status=status, job_num=num, strategy=strategy, overrides=overrides, **WORKLOAD, **fields
+            status=status,
+            job_num=num,
+            strategy=strategy,
+            overrides=overrides,
+            started_at=f"2026-01-01T00:0{num}:00+00:00",
+            finished_at=f"2026-01-01T00:0{num}:30+00:00",
+            **WORKLOAD,
+            **fields,
         )
         write_result(tmp_path / str(num), result)
     (tmp_path / "multirun.yaml").write_text(MULTIRUN_YAML)
@@ -74,6 +81,15 @@ def test_summary_shows_the_reconstructed_command_and_each_job(sweep: Path) -> No
     assert "python -m memexp -m model=small strategy=none,full seq.len=256" in text
     assert "Hydra overrides: `hydra.sweep.dir=multirun/x`" in text
     assert "| 2 | oom | `model=small strategy=sqrt seq.len=256` |" in text
+
+
+def test_summary_states_the_wall_time_and_the_share_of_training_steps(sweep: Path) -> None:
+    # 2 min 30 s from job 0's start to job 2's finish; none and full ran 5 timed steps and one
+    # memory step each (no warm-up recorded: none counted) at 100 and 125 ms: 1.35 s.
+    assert (
+        "\nTime: wall time 2 min 30 s from the first job's start to the last job's finish; "
+        "training steps 1.4 s (1% of the wall time)"
+    ) in summary_of(sweep)
 
 
 def test_summary_survives_a_missing_multirun_yaml(sweep: Path) -> None:

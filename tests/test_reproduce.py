@@ -129,7 +129,7 @@ def test_an_identical_sweep_compares_clean(
 
 
 def test_a_doctored_figure_in_the_original_fails_and_is_named(
-    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     original, rerun = pair
     saved = read_result(original / "0").saved_activation_bytes
@@ -140,9 +140,8 @@ def test_a_doctored_figure_in_the_original_fails_and_is_named(
     expected = (
         f"job 0 ({overrides}): saved_activation_bytes: original {saved + 4}, reproduction {saved}"
     )
-    printed = capsys.readouterr()
-    assert expected in printed.err
-    assert expected in printed.out
+    assert expected in capsys.readouterr().out
+    assert f"not reproduced: {expected}" in caplog.messages
 
 
 def test_the_loss_is_compared_within_its_stated_tolerance(tiny_sweep: SweepRun) -> None:
@@ -182,15 +181,17 @@ def test_jobs_pair_by_config_whatever_their_folder_numbers(
 
 @pytest.mark.parametrize("side", ["original", "rerun"])
 def test_a_damaged_record_is_named_and_exits_2(
-    pair: tuple[Path, Path], side: str, capsys: pytest.CaptureFixture[str]
+    pair: tuple[Path, Path],
+    side: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     original, rerun = pair
     damaged = dict(zip(("original", "rerun"), pair, strict=True))[side] / "1" / RESULT_FILE
     damaged.write_text('{"status": "ok", "peak_')
     assert reproduce.main([str(original), "--compare-with", str(rerun)]) == 2
-    printed = capsys.readouterr()
-    assert f"{damaged} is not a readable record" in printed.err
-    assert "could not be read" in printed.out
+    assert any(f"{damaged} is not a readable record" in line for line in caplog.messages)
+    assert "could not be read" in capsys.readouterr().out
 
 
 def test_a_folder_without_its_config_is_named_never_dropped(
@@ -211,11 +212,12 @@ def test_a_folder_without_its_config_is_named_never_dropped(
 
 
 def test_compare_with_a_missing_folder_exits_2_before_any_report(
-    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pair: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     original, _ = pair
     assert reproduce.main([str(original), "--compare-with", str(tmp_path / "nowhere")]) == 2
-    assert (
-        capsys.readouterr().out.strip()
-        == f"[memexp] --compare-with {tmp_path / 'nowhere'}: no such folder"
-    )
+    assert capsys.readouterr().out == ""
+    assert caplog.messages == [f"--compare-with {tmp_path / 'nowhere'}: no such folder"]

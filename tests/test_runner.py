@@ -7,6 +7,7 @@ command line drives it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -165,9 +166,10 @@ def test_records_are_written_atomically(
 
 
 def test_invalid_config_is_recorded_not_raised(
-    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = tiny_cfg("model.heads=5", "parallel=fsdp")
+    caplog.set_level(logging.INFO, logger="memexp")
     result = run_job(cfg, tmp_path, {"overrides": ["model.heads=5"]})
     assert (result.status, result.error_type) == ("error", "ConfigError")
     assert (result.model, result.strategy) == ("tiny", "none")  # what the job was asked to be
@@ -177,7 +179,7 @@ def test_invalid_config_is_recorded_not_raised(
     assert read_result(tmp_path) == result
     assert not (tmp_path / TIMELINE_FILE).exists()
     assert "traceback" not in result.extra  # the message says it all
-    assert f"[memexp] error: {result.message}" in capsys.readouterr().out
+    assert ("memexp.runner", logging.INFO, f"error: {result.message}") in caplog.record_tuples
 
 
 def test_every_device_a_job_runs_on_has_a_measurement_backend() -> None:

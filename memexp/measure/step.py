@@ -22,6 +22,7 @@ from memexp.measure.machine import available_cpus, intra_op_threads
 from memexp.measure.memory import MemoryMeasurement, across_ranks, measure_memory
 from memexp.measure.timing import StoppingRule, Timings, time_steps
 from memexp.model import parameter_count
+from memexp.observe import enter_phase
 from memexp.plan import CheckpointPlan
 from memexp.ranks import Rank, run_ranks
 from memexp.sharding import shard_workload, synchronize_gradients
@@ -39,12 +40,14 @@ class MeasuredStep:
 
 def measure_step(spec: ExperimentSpec, plan: CheckpointPlan, device: torch.device) -> MeasuredStep:
     """Warm-up and timed steps, then one tracked memory step, on `device`."""
+    enter_phase("build")
     return measure_work(build_workload(spec, plan, device), spec)
 
 
 def measure_work(work: Workload, spec: ExperimentSpec) -> MeasuredStep:
     """Warm-up and timed steps, then one tracked memory step, of a workload built (and sharded)."""
     timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
+    enter_phase("memory step")
     return MeasuredStep(parameter_count(work.model), timings, measure_memory(work))
 
 

@@ -21,7 +21,7 @@ from memexp.config import ExperimentSpec, MeasureConfig
 from memexp.measure.machine import MachineLoad, load_average, machine_load
 from memexp.measure.saved import counting_saved_bytes
 from memexp.model import ATTENTION_CORES, TransformerLayer
-from memexp.observe import current_observer
+from memexp.observe import current_observer, enter_phase
 from memexp.plan import LAYER, Part
 from memexp.training import (
     Workload,
@@ -154,6 +154,7 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
     """`warmup` untimed steps (the first also counts saved bytes), then timed ones until `rule`
     is done, with the load average read before and after them."""
     now = _clock(work.tokens.device)
+    enter_phase("warm-up")
     first_loss, saved = first_step(work)
     for _ in range(warmup - 1):
         train_step(work)
@@ -164,6 +165,7 @@ def time_steps(work: Workload, warmup: int, rule: StoppingRule) -> Timings:
         observer.on_step(phases, allocated_bytes(work.tokens.device))
         return phases
 
+    enter_phase("timed steps")
     load_before = load_average()
     samples, stable = repeat_until_done(timed_step, rule)
     return Timings(

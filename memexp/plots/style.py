@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
+from memexp.aggregate import GROUP_KEYS, as_float
 from memexp.analysis import (
     describe_memory_sources,
     describe_times,
@@ -35,6 +37,10 @@ PANEL_COLUMNS = 3
 # The most panels one figure draws: beyond it a panel is too small to read, and drawing takes
 # seconds per dozen. A sweep with more configs gets an evenly spaced subset, and says so.
 MAX_PANELS = 9
+# The most values of a figure's inner axis (e.g. sequence lengths beside each other in a panel).
+MAX_INNER_VALUES = 5
+# How a workload key reads in a panel title or a footer.
+KEY_NAMES = {"seq_len": "seq", "batch_size": "batch"}
 FAILED_LEGEND = "A status written instead of a bar: that job did not finish ok."
 
 
@@ -87,6 +93,83 @@ def capped_panels(configs: Sequence[str], cap: int = MAX_PANELS) -> tuple[list[s
         "largest workload; every config is in results.csv and summary.md"
     )
     return [configs[i] for i in picks], note
+
+
+def _spread(values: Sequence[Any], cap: int) -> list[Any]:
+    """At most `cap` of `values`, evenly spaced, first and last included."""
+    if len(values) <= cap:
+        return list(values)
+    picks = np.unique(np.linspace(0, len(values) - 1, cap).round().astype(int))
+    return [values[i] for i in picks]
+
+
+def _key_text(key: str, value: Any) -> str:
+    return f"{KEY_NAMES.get(key, key)} {value}"
+
+
+@dataclass(frozen=True)
+class Facets:
+    """How a figure lays out a sweep: a panel per combination of the workload keys that vary
+    (`panel_keys`), the `inner` key's values beside each other inside every panel, and the keys
+    every job shares said once (`shared`), so a sweep over sequence lengths is one panel with
+    lengths on an axis, not a panel per length. `panels`: title → the rows of that panel."""
+
+    panel_keys: list[str]
+    panels: dict[str, pd.DataFrame]
+    inner: str
+    inner_values: list[Any]
+    shared: str
+    note: str | None
+
+    def footer_lines(self) -> list[str]:
+        lines = [f"Every panel: {self.shared}."] if self.shared else []
+        return [*lines, *([f"Shown: {self.note}."] if self.note else [])]
+
+
+def facets(
+    frame: pd.DataFrame,
+    inner: str = "seq_len",
+    cap: int = MAX_PANELS,
+    inner_cap: int = MAX_INNER_VALUES,
+) -> Facets:
+    """Panels from what varies in `frame` (beside `inner`), at most `cap` of them and at most
+    `inner_cap` values of `inner`, both evenly spaced from smallest to largest; the note names
+    what was left out (every job stays in results.csv and summary.md)."""
+    varying = [k for k in GROUP_KEYS if k != inner and frame[k].nunique() > 1]
+    shared = ", ".join(
+        _key_text(k, frame[k].iloc[0]) for k in GROUP_KEYS if k != inner and k not in varying
+    )
+    if frame[inner].nunique() == 1:
+        shared = ", ".join(filter(None, [_key_text(inner, frame[inner].iloc[0]), shared]))
+    size = as_float(frame.param_count).groupby(frame.model, dropna=False).transform("max")
+    ordered = frame.assign(_size=size).sort_values(["_size", *varying], kind="stable")
+    groups = ordered.groupby(varying, sort=False, dropna=False) if varying else [((), ordered)]
+    panels: dict[str, pd.DataFrame] = {}
+    for values, rows in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        title = ", ".join(_key_text(k, v) for k, v in zip(varying, values, strict=True))
+        panels[title or "every job"] = rows.drop(columns="_size")
+    titles = list(panels)
+    kept = _spread(titles, cap)
+    all_inner = sorted(frame[inner].dropna().unique())
+    inner_values = _spread(all_inner, inner_cap)
+    notes = []
+    if len(kept) < len(titles):
+        left_out = [t for t in titles if t not in kept]
+        named = "; ".join(left_out[:6]) + ("; ..." if len(left_out) > 6 else "")
+        notes.append(
+            f"{len(kept)} of {len(titles)} panels ({' × '.join(KEY_NAMES.get(k, k) for k in varying)}), "
+            f"evenly spaced from the smallest to the largest; left out: {named}"
+        )
+    if len(inner_values) < len(all_inner):
+        notes.append(
+            f"{len(inner_values)} of {len(all_inner)} values of {KEY_NAMES.get(inner, inner)} "
+            f"({', '.join(map(str, inner_values))}), evenly spaced"
+        )
+    if notes:
+        notes.append("every job is in results.csv and summary.md")
+    kept_panels = {t: p[p[inner].isin(inner_values)] for t, p in panels.items() if t in kept}
+    return Facets(varying, kept_panels, inner, inner_values, shared, "; ".join(notes) or None)
 
 
 def panel_grid(fig: Figure, count: int, xlabel: str, ylabel: str) -> list[Axes]:

@@ -1,4 +1,5 @@
-"""The memory-time trade-off: step time against peak memory per config, the Pareto frontier."""
+"""The memory-time trade-off: step time against peak memory, a Pareto frontier per workload;
+sequence lengths share a panel (one marker each), a panel per combination of what else varies."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from memexp.analysis import (
     config_order,
@@ -17,7 +18,9 @@ from memexp.analysis import (
 )
 from memexp.figures import TRADEOFF_PNG, PlotOutcome
 from memexp.plots.style import (
-    capped_panels,
+    KEY_NAMES,
+    Facets,
+    facets,
     footer,
     grid_shape,
     memory_footer,
@@ -30,8 +33,15 @@ from memexp.plots.style import (
     time_footer,
 )
 
+MARKERS = ("o", "s", "^", "D", "v")
+# Log axes read 2, 5, 10, 20, ..., not 2×10⁰: decades and their 2s and 5s, the rest unlabelled.
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+SPARSE = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else "")
 
-def _tradeoff_point(ax: Axes, row: Any, color: Any, right_half: bool) -> None:
+
+def _tradeoff_point(
+    ax: Axes, row: Any, color: Any, right_half: bool, marker: str, named: bool
+) -> None:
     """One strategy: median time with min-max whiskers; its name beside the whisker, inward."""
     low = row.step_ms_min if pd.notna(row.step_ms_min) else row.step_ms_median
     high = row.step_ms_max if pd.notna(row.step_ms_max) else row.step_ms_median
@@ -40,13 +50,15 @@ def _tradeoff_point(ax: Axes, row: Any, color: Any, right_half: bool) -> None:
         row.step_ms_median,
         row.peak_mib,
         xerr=[[max(row.step_ms_median - low, 0)], [max(high - row.step_ms_median, 0)]],
-        fmt="o",
+        fmt=marker,
         color=color,
         markersize=8 if optimal else 6,
         markeredgecolor="black" if optimal else "none",
         capsize=2,
         zorder=2,
     )
+    if not named:
+        return
     ax.annotate(
         row.strategy_label,
         (low if right_half else high, row.peak_mib),
@@ -58,22 +70,40 @@ def _tradeoff_point(ax: Axes, row: Any, color: Any, right_half: bool) -> None:
     )
 
 
-def _tradeoff_axis(ax: Axes, rows: pd.DataFrame, colors: dict[str, Any]) -> None:
-    """Points per strategy, the Pareto frontier dashed through the points no other one beats."""
+def _tradeoff_axis(ax: Axes, rows: pd.DataFrame, colors: dict[str, Any], layout: Facets) -> None:
+    """Points per strategy, one marker per inner value (sequence length), each workload's
+    Pareto frontier dashed through the points no other one beats; strategies are named beside
+    their points when the panel holds one workload, and both axes are logarithmic when it holds
+    several (they lie decades apart)."""
     rows = rows.sort_values("step_ms_median")
-    frontier = rows[rows.pareto_optimal.astype(bool)]
-    ax.plot(frontier.step_ms_median, frontier.peak_mib, "--", color="0.5", zorder=1)
+    values = [v for v in layout.inner_values if rows[layout.inner].eq(v).any()]
     middle = (rows.step_ms_median.min() + rows.step_ms_median.max()) / 2
-    for row in rows.itertuples(index=False):
-        _tradeoff_point(ax, row, colors[row.strategy_label], row.step_ms_median > middle)
+    for value in values:
+        workload = rows[rows[layout.inner].eq(value)]
+        frontier = workload[workload.pareto_optimal.astype(bool)]
+        ax.plot(frontier.step_ms_median, frontier.peak_mib, "--", color="0.5", zorder=1)
+        marker = MARKERS[layout.inner_values.index(value) % len(MARKERS)]
+        for row in workload.itertuples(index=False):
+            right = row.step_ms_median > middle
+            color = colors[row.strategy_label]
+            _tradeoff_point(ax, row, color, right, marker, named=len(values) == 1)
+    if len(values) > 1:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(PLAIN)
+            axis.set_minor_formatter(SPARSE)
     ax.margins(x=0.2, y=0.12)
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    if len(values) == 1:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
 
 
 @styled
 def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
-    """Step time vs peak memory per config (at most `MAX_PANELS` panels, the cut named in the
-    figure and the note); strategies on the frontier have a black edge.
+    """Step time vs peak memory, sequence lengths as markers in a panel per combination of the
+    other workload keys that vary (`style.facets`: at most `MAX_PANELS` panels and
+    `MAX_INNER_VALUES` lengths, what was left out named in the figure and the note); strategies
+    on their workload's frontier have a black edge.
 
     Data: a row per point (config, strategy label), its times, peak MiB and `pareto_optimal`.
     """
@@ -85,14 +115,15 @@ def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         return PlotOutcome(
             title, note="trade-off skipped: no config has two strategies with memory and time"
         )
-    configs, cut = capped_panels(configs)
+    data = data[data.config.isin(configs)]
+    layout = facets(data)
     colors = palette(strategy_order(data))
-    rows, columns = grid_shape(len(configs))
+    rows, columns = grid_shape(len(layout.panels))
     fig = Figure(figsize=(4.3 * columns + 2.5, 3.6 * rows + 1), layout="constrained")
-    axes = panel_grid(fig, len(configs), "step time (ms, median)", "peak memory (MiB)")
-    for ax, config in zip(axes, configs, strict=True):
-        _tradeoff_axis(ax, data[data.config.eq(config)], colors)
-        ax.set_title(config)
+    axes = panel_grid(fig, len(layout.panels), "step time (ms, median)", "peak memory (MiB)")
+    for ax, (panel, panel_rows) in zip(axes, layout.panels.items(), strict=True):
+        _tradeoff_axis(ax, panel_rows, colors, layout)
+        ax.set_title(panel)
     frontier = Line2D(
         [],
         [],
@@ -103,22 +134,35 @@ def plot_tradeoff(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         markerfacecolor="white",
         label="Pareto frontier\n(black edge: on it)",
     )
+    inner_name = KEY_NAMES.get(layout.inner, layout.inner)
+    markers = [
+        Line2D(
+            [],
+            [],
+            color="0.3",
+            marker=MARKERS[i % len(MARKERS)],
+            linestyle="",
+            label=f"{inner_name} {v}",
+        )
+        for i, v in enumerate(layout.inner_values)
+    ]
     fig.legend(
-        handles=[*strategy_handles(colors), frontier],
+        handles=[*strategy_handles(colors), frontier, *(markers if len(markers) > 1 else [])],
         loc="outside right upper",
         title="strategy",
         frameon=False,
     )
     fig.suptitle(f"{title} (lower left is better)", fontweight="bold")
-    shown = [f"Shown: {cut}."] if cut else []
     footer(
         fig,
         memory_footer(data),
         time_footer(data),
         "Whiskers: min\u2013max step time; overlapping whiskers tie on time for the frontier.",
-        *shown,
+        *layout.footer_lines(),
     )
-    drawn = data[data.config.isin(configs)][
+    shown = pd.concat(layout.panels.values()).config
+    drawn = data[data.config.isin(shown)][
         ["config", "strategy_label", "step_ms_median", "step_ms_min", "step_ms_max", "peak_mib"]
     ].assign(pareto_optimal=data.pareto_optimal.astype(bool))
-    return PlotOutcome(title, save(fig, out_dir, TRADEOFF_PNG), cut, drawn.reset_index(drop=True))
+    path = save(fig, out_dir, TRADEOFF_PNG)
+    return PlotOutcome(title, path, layout.note, drawn.reset_index(drop=True))

@@ -21,6 +21,7 @@ from memexp.analysis import (
     describe_times,
     predicted_memory,
     strategy_order,
+    sweep_time,
 )
 from memexp.figures import PlotOutcome
 from memexp.report.cells import (
@@ -91,6 +92,7 @@ def header(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:
         f"# Sweep summary: {sweep_dir.name}",
         "",
         f"Folder: `{sweep_dir}`. {len(frame)} job(s) with a result: {by_status or 'none'}.",
+        *_time_line(frame),
         *_busy_headline(frame),
     ]
     pending = len(folders_without_record(sweep_dir))
@@ -102,6 +104,12 @@ def header(sweep_dir: Path, frame: pd.DataFrame) -> list[str]:
             "the sweep has ended: records already read are taken from the sweep's index.",
         ]
     return lines
+
+
+def _time_line(frame: pd.DataFrame) -> list[str]:
+    """The sweep's wall time and the share of it its training steps took (`analysis.SweepTime`)."""
+    timing = sweep_time(frame)
+    return [] if timing is None else ["", f"Time: {timing.describe()}."]
 
 
 def _busy_headline(frame: pd.DataFrame) -> list[str]:
