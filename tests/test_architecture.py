@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "resume",
         "cli_help",
         "objective",
+        "ranks",
         "progress",
     ),
     ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
