@@ -202,6 +202,10 @@ class MeasureConfig:
     # PyTorch's intra-op threads for the job (restored after it); None: PyTorch's default. On a
     # shared machine fewer threads than cores avoid waiting on a descheduled one at every op.
     threads: int | None = None
+    # Under a `parallel` mode: seconds every rank together may take for the whole measured step
+    # before the job is recorded as failed and its ranks are stopped (a hung rank never hangs a
+    # sweep).
+    rank_timeout_s: float = 600.0
 
 
 class WandbMode(Enum):

@@ -369,6 +369,10 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> ExperimentS
         )
     if measure.threads is not None:
         _require_positive("measure.threads", measure.threads)
+    if measure.rank_timeout_s <= 0:
+        raise ConfigError(
+            "measure.rank_timeout_s", measure.rank_timeout_s, "a positive number of seconds"
+        )
 
     strategy_name = cfg.strategy.get("name")
     _require_choice("strategy.name", strategy_name, tuple(STRATEGIES))

@@ -44,8 +44,8 @@ from memexp.measure.flops import step_flops
 from memexp.measure.link import HOST_LINK_SOURCE, measure_host_link_gbps, offload_transfer
 from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
-from memexp.measure.timing import StoppingRule, first_step, time_steps, time_units
-from memexp.model import parameter_count
+from memexp.measure.step import measure_on_ranks, measure_step
+from memexp.measure.timing import first_step, time_units
 from memexp.observe import enter_phase
 from memexp.plan import COMPRESSED_KINDS, OFFLOAD_KINDS, CheckpointPlan
 from memexp.results import InfeasibleError, NotApplicableError
@@ -110,41 +110,46 @@ def flops_without_checkpointing(spec: ExperimentSpec, plan: CheckpointPlan, with
 
 @dataclass(frozen=True)
 class MeasuredBackend:
-    """Runs the step on the job's device: timed steps, then one tracked memory step.
+    """Runs the step on the job's device: timed steps, then one tracked memory step; under a
+    `parallel` mode on every rank of a `process_group` of `parallel.world_size` processes
+    (memexp.ranks: started here, or by the cluster), each rank on its own device.
 
     `host_memory`: the step allocates in host memory, where running out does not fail cleanly
     (the process swaps or the kernel kills it), so a step whose closed-form floor exceeds the
-    memory available is refused before anything is allocated.
+    memory available is refused before anything is allocated. It also means there is no other
+    memory to offload the sharded state to.
     """
 
     time_source: str
     multi_tensor_optimizer: bool  # PyTorch's default optimizer path for this device's tensors
+    process_group: str  # torch.distributed's backend between ranks on this device
     host_memory: bool = False
     # Measures the host link's GB/s when a plan offloads to host memory (a GPU's backend).
     host_link_gbps: Callable[[torch.device], float] | None = None
 
     def measure(self, spec: ExperimentSpec, plan: CheckpointPlan) -> Figures:
-        if spec.parallel.name != PARALLEL_NONE:
-            raise NotApplicableError(
-                f"parallel={spec.parallel.name} is predicted, not measured, here: this device "
-                "runs one process; predict its ranks with device=fake"
-            )
         if self.host_memory:
             refuse_beyond_host_memory(spec, plan, self.multi_tensor_optimizer)
+            if spec.parallel.cpu_offload:
+                raise NotApplicableError(
+                    "parallel.cpu_offload moves the sharded state to host memory, where a "
+                    f"device={spec.device} step already keeps it"
+                )
         enter_phase("count FLOPs")
         flops = step_flops(spec, plan)  # on fake tensors, before the real model exists
         without = flops_without_checkpointing(spec, plan, flops)
         fidelity = measured_fidelity(spec, plan)  # before the job's own model exists
-        enter_phase("build")
-        work = build_workload(spec, plan, spec.device)
-        timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
-        storage = {**fidelity, **self._storage_figures(spec, plan, work.storage_ledger)}
-        enter_phase("memory step")
-        memory = measure_memory(work)
+        if spec.parallel.name == PARALLEL_NONE:
+            step = measure_step(spec, plan, torch.device(spec.device))
+        else:
+            enter_phase(f"{spec.parallel.world_size} ranks")
+            step = measure_on_ranks(spec, plan, self.process_group)
+        timings = step.timings
+        storage = {**fidelity, **self._storage_figures(spec, plan, step.storage_ledger)}
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
-            param_count=parameter_count(work.model),
+            param_count=step.param_count,
             time_source=self.time_source,
             times=StepTimes(
                 warmup=spec.measure.warmup,
@@ -156,7 +161,7 @@ class MeasuredBackend:
             loss_first_step=timings.first_loss,
             saved_activation_bytes=timings.saved_activation_bytes,
             storage=storage,
-            memory=memory,
+            memory=step.memory,
         )
 
     def _storage_figures(
@@ -342,10 +347,13 @@ def predicted_storage(
 # Keyed by `spec.device` (validation resolves `auto`); the fake device looks its imagined
 # device up here too, for the optimizer path it follows.
 BACKENDS: dict[str, Backend] = {
-    "cpu": MeasuredBackend("perf_counter", multi_tensor_optimizer=False, host_memory=True),
+    "cpu": MeasuredBackend(
+        "perf_counter", multi_tensor_optimizer=False, process_group="gloo", host_memory=True
+    ),
     "cuda": MeasuredBackend(
         "cuda_synchronized_perf_counter",
         multi_tensor_optimizer=True,
+        process_group="nccl",
         host_link_gbps=measure_host_link_gbps,
     ),
     FAKE_DEVICE: PredictedBackend(),

@@ -13,6 +13,7 @@ travels on, after its record is written: it is meant to stop the sweep.
 from __future__ import annotations
 
 import logging
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from memexp.logs import job_lines
 from memexp.memo import caching_in
 from memexp.observe import JobObserver, Observers, observing
 from memexp.progress import showing_progress
+from memexp.ranks import cluster_rank
 from memexp.record import describe_outcome, write_identity_from_config
 from memexp.results import STATUS_ERROR, STATUS_INTERRUPTED, RunResult, read_result, write_result
 from memexp.runner import run_job
@@ -71,10 +73,20 @@ def watch(cfg: DictConfig, group_dir: Path, name: str) -> JobObserver:
     return open_job_run(cfg.logger, _resolved(cfg), group_dir, sweep_group(group_dir), name, tags)
 
 
+def follow_as_rank(cfg: DictConfig, identity: dict[str, Any]) -> None:
+    """A rank other than 0 of a job the cluster started as several (SLURM's srun starts the
+    whole job in every task): it runs the job beside rank 0, since every collective needs every
+    rank, in a folder of its own that is deleted after; rank 0 writes the job's record, its
+    index row and its W&B run."""
+    with tempfile.TemporaryDirectory(prefix="memexp-rank-") as folder:
+        run_job(cfg, Path(folder), identity)
+
+
 def run_guarded(
     cfg: DictConfig, job_dir: Path, identity: dict[str, Any], group_dir: Path
 ) -> RunResult | None:
-    """Run one job and mirror it; returns its record, or None when resume skipped it."""
+    """Run one job and mirror it; returns its record, or None when resume skipped it or this
+    process is a rank other than 0 of a cluster-started job (`follow_as_rank`)."""
     stop_on_sigterm()
     job_num = identity.get("job_num")
     sweep_dir = identity.get("sweep_dir")
@@ -94,6 +106,10 @@ def _run_observed(
     observer: JobObserver = progress
     try:
         if resume.already_measured(cfg, job_dir, sweep_dir):
+            return None
+        rank = cluster_rank()
+        if rank is not None and rank.rank != 0:
+            follow_as_rank(cfg, identity)
             return None
         observer = Observers(
             progress, watch(cfg, group_dir, " ".join(identity["overrides"]) or "defaults")

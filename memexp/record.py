@@ -194,6 +194,8 @@ def _write_memory(result: RunResult, memory: MemoryMeasurement, job_dir: Path) -
     for field_name, value in memory.breakdown.items():
         setattr(result, field_name, value)
     result.phase_bytes = memory.phase_bytes
+    result.rank_memory = memory.ranks or None
+    result.peak_rank = memory.peak_rank
     result.extra.update(memory.notes)
     timeline = {"source": memory.timeline_source, "unit": "bytes", "events": memory.timeline}
     write_json_atomic(job_dir / TIMELINE_FILE, timeline)
@@ -271,9 +273,12 @@ def describe_outcome(result: RunResult) -> str:
         return f"{result.status}: {result.message}"
     if result.memory_source == SOURCE_FAKE_TENSORS:
         return describe_prediction(result)
+    ranks = ""
+    if result.rank_memory:
+        ranks = f" on the fullest of {len(result.rank_memory)} ranks (rank {result.peak_rank})"
     return (
         f"step peak {format_bytes(result.peak_bytes)}, fwd+bwd peak "
-        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}), "
+        f"{format_bytes(result.forward_backward_peak_bytes)} ({result.memory_source}){ranks}, "
         f"saved activations {format_bytes(result.saved_activation_bytes)} ({result.saved_source}), "
         f"step {result.step_ms_median:.1f} ms median of {result.time_repeats} "
         f"[{result.step_ms_min:.1f}-{result.step_ms_max:.1f}]"

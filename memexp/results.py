@@ -124,6 +124,10 @@ class RunResult:
     # optimizer_peak, after_step
     phase_bytes: dict[str, int] | None = None
     timeline_file: str | None = None  # memory over the step, next to result.json
+    # Under a `parallel` mode: every rank's peak_bytes, forward_backward_peak_bytes and
+    # breakdown, in rank order; the fields above are those of `peak_rank`, the fullest rank.
+    rank_memory: list[dict[str, int]] | None = None
+    peak_rank: int | None = None
 
     # --- device-independent figures ---------------------------------------------------------
     saved_activation_bytes: int | None = None  # bytes autograd keeps for backward (no params)

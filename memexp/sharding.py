@@ -22,8 +22,14 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
 
-from memexp.config import FULLY_SHARDED_MODES, OPTIMIZER_SHARDED_MODE, ParallelConfig
+from memexp.config import (
+    FULLY_SHARDED_MODES,
+    OPTIMIZER_SHARDED_MODE,
+    ParallelConfig,
+)
+from memexp.sharded_states import BUCKETED_MODES
 from memexp.training import OPTIMIZER_CLASSES, Workload, build_optimizer
 
 # `parallel.param_dtype` / `reduce_dtype` → torch dtypes (None: the parameters' own).
@@ -58,3 +64,15 @@ def shard_workload(work: Workload, mesh: DeviceMesh | None) -> None:
             optimizer_class=OPTIMIZER_CLASSES[work.spec.optimizer.name],
             lr=work.spec.optimizer.lr,
         )
+
+
+def synchronize_gradients(work: Workload) -> None:
+    """Where ranks really run: wrap the model of ddp and zero1 in DistributedDataParallel, which
+    all-reduces every gradient in backward as their training does. Not on the fake device: DDP's
+    reducer cannot run on fake tensors, so its buckets are composed in closed form there."""
+    if work.spec.parallel.name not in BUCKETED_MODES:
+        return
+    device = work.tokens.device
+    work.model = DistributedDataParallel(  # type: ignore[assignment]
+        work.model, device_ids=[device] if device.type == "cuda" else None
+    )

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "resume",
         "cli_help",
         "objective",
+        "ranks",
         "progress",
     ),
     ("hf_model",),  # real architectures built by transformers, behind the seed model's interface

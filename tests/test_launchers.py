@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import SweepRun, compose_config
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from memexp import launchers, reproduce
+from memexp.job import run_guarded
 from memexp.results import read_result
+from memexp.sweepdir import RESULT_FILE
 
 
 def hydra_config(*overrides: str) -> DictConfig:
@@ -76,3 +79,84 @@ def test_a_basic_sweep_rerun_with_a_process_per_job_gives_the_same_figures(
     submitted = [p for p in (rerun / ".submitit").iterdir() if p.name.isdigit()]
     assert len(submitted) == 2  # one submitit job, so one process, per sweep job
     assert (rerun / "results.csv").is_file()  # the rerun is a sweep of its own, aggregated
+
+
+def sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> str:
+    """The job script hydra/launcher=slurm would submit for a job of `overrides`: the launcher
+    built from the composed config, its parameters handed to submitit's SLURM executor as the
+    plugin hands them. A stand-in `srun` on PATH is all the executor asks of the machine."""
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from submitit import AutoExecutor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    launchers.register_resolvers()
+    cfg = compose_config(
+        "model=tiny", "logger=none", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}",
+        *overrides, hydra_config=True,
+    )  # fmt: skip
+    params = instantiate(cfg.hydra.launcher).params
+    executor = AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    params.pop("max_num_timeout")
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    return executor._executor._make_submission_file_text("python -m memexp", "uid")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus_per_node", "nodes", "tasks_per_node"),
+    [
+        ((), None, 1, 1),  # one device: one task, one GPU
+        (("parallel=ddp", "parallel.world_size=4"), None, 1, 4),
+        (("parallel=fsdp", "parallel.world_size=16"), None, 2, 8),  # nodes of 8 GPUs by default
+        (("parallel=fsdp", "parallel.world_size=16"), "4", 4, 4),
+    ],
+)
+def test_slurm_asks_for_a_task_and_a_gpu_per_rank_on_whole_nodes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: tuple[str, ...],
+    gpus_per_node: str | None,
+    nodes: int,
+    tasks_per_node: int,
+) -> None:
+    if gpus_per_node is None:
+        monkeypatch.delenv("MEMEXP_GPUS_PER_NODE", raising=False)
+    else:
+        monkeypatch.setenv("MEMEXP_GPUS_PER_NODE", gpus_per_node)
+    script = sbatch_script(tmp_path, monkeypatch, *overrides).splitlines()
+    assert f"#SBATCH --nodes={nodes}" in script
+    assert f"#SBATCH --ntasks-per-node={tasks_per_node}" in script
+    assert f"#SBATCH --gpus-per-node={tasks_per_node}" in script
+    # srun starts every task, each running the job as one rank (memexp.ranks reads SLURM's ids).
+    (command,) = [line for line in script if line.startswith("srun ")]
+    assert command.endswith("python -m memexp")
+
+
+def test_slurm_refuses_a_world_that_does_not_fill_whole_nodes() -> None:
+    with pytest.raises(ValueError, match=r"world_size=12 does not fill nodes of 8 GPUs"):
+        launchers.nodes_for(12, "8")
+    assert (launchers.nodes_for(24, "8"), launchers.ranks_per_node(24, "8")) == (3, 8)
+
+
+def test_only_rank_zero_of_a_cluster_started_job_writes_its_record(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under srun every task runs the job; the others run it beside rank 0 and write nothing
+    into the job's folder. The job fails its validation here, before any rank needs another."""
+    cfg = tiny_cfg("model.heads=5")
+    ids = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu01"}
+    for name, value in ids.items():
+        monkeypatch.setenv(name, value)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        monkeypatch.setenv("SLURM_LOCALID", rank)
+        folder = tmp_path / rank
+        folder.mkdir()
+        returned = run_guarded(cfg, folder, {"overrides": [], "sweep_dir": None}, folder)
+        assert (folder / RESULT_FILE).is_file() == (rank == "0")
+        assert (returned is None) == (rank == "1")

@@ -36,7 +36,7 @@ COUNTS = {
     "schema_version", "job_num", "seq_len", "batch_size", "seed", "param_count",
     "time_warmup", "time_repeats", "loss_first_step", "time_threads", "time_interop_threads",
     "time_cpus", "time_load_before", "time_load_after",  # load averages: runnable tasks
-    "world_size",  # ranks
+    "world_size", "peak_rank",  # ranks: how many, and which one the memory figures are
 }  # fmt: skip
 UNIT_NAME = re.compile(
     r".*(_bytes|_ms_median|_ms_min|_ms_max|_ms_iqr|_pct|_s|_per_s_median)$|^flops_.*"

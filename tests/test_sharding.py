@@ -234,7 +234,7 @@ def test_adaptive_fits_one_gpus_budget_under_the_chosen_sharding(
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (("device=cpu", "parallel=fsdp"), "predict its ranks with device=fake"),
+        (("device=cpu", "parallel=fsdp", "parallel.cpu_offload=true"), "step already keeps it"),
         ((*FAKE, "parallel=fsdp", "parallel.cpu_offload=true"), "host and the device are one CPU"),
     ],
 )

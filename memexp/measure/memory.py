@@ -7,7 +7,7 @@ rounding and caching included); the tracker then runs once more to say where tho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,10 @@ class MemoryMeasurement:
     peak_reserved_bytes: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     other_device_peaks: dict[str, int] = field(default_factory=dict)  # e.g. offloaded to host
+    # Under a process group, every rank's own figures (`rank_figures`), in rank order; the
+    # fields above are then those of the rank with the highest step peak (`peak_rank`).
+    ranks: list[dict[str, int]] = field(default_factory=list)
+    peak_rank: int | None = None
 
     @property
     def forward_backward_peak_bytes(self) -> int:
@@ -51,6 +55,29 @@ class MemoryMeasurement:
             SCOPE_FORWARD_BACKWARD: self.forward_backward_peak_bytes,
         }
         return peaks[scope]
+
+
+def rank_figures(measurement: MemoryMeasurement) -> dict[str, int]:
+    """One rank's peaks and the breakdown at its peak: what a record keeps of every rank."""
+    return {
+        "peak_bytes": measurement.peak_bytes,
+        "forward_backward_peak_bytes": measurement.forward_backward_peak_bytes,
+        **measurement.breakdown,
+    }
+
+
+def across_ranks(measurements: list[MemoryMeasurement]) -> MemoryMeasurement:
+    """The step as a job reports it when it ran on several ranks: the rank whose step peak is
+    highest (the lowest such rank on a tie) stands for the job, since the device that must hold
+    the step is the fullest one; every rank's own figures ride along in `ranks`."""
+    peak_rank = max(
+        range(len(measurements)), key=lambda rank: (measurements[rank].peak_bytes, -rank)
+    )
+    return replace(
+        measurements[peak_rank],
+        ranks=[rank_figures(measurement) for measurement in measurements],
+        peak_rank=peak_rank,
+    )
 
 
 def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:
