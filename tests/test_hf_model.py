@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memexp import analytic
+from memexp import analytic, sharded_states
 from memexp.config import ARCHITECTURES, ConfigError, ExperimentSpec
+from memexp.estimate import predict
 from memexp.model import parameter_count
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.runner import run_job
@@ -303,3 +304,26 @@ def test_the_fake_device_predicts_the_cpu_step_to_the_byte(preset: str, tiny_spe
     assert predicted.memory.peak_bytes == measured.peak_bytes
     assert predicted.memory.breakdown == measured.breakdown
     assert predicted.saved_activation_bytes == saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama_tiny", "gpt2_tiny"])
+def test_a_fully_sharded_rank_holds_what_the_closed_form_says(
+    preset: str, tiny_spec: SpecFn
+) -> None:
+    """The architecture's parameter shapes (GPT-2's Conv1D in × out among them) are the rows
+    fully_shard splits: the fake rank's shards and gathered units equal the closed form's."""
+    spec = tiny_spec(
+        f"model={preset}",
+        "device=fake",
+        "device.imagine=cpu",
+        "parallel=fsdp",
+        "parallel.world_size=3",
+    )
+    memory = predict(spec, CheckpointPlan.nothing(4), imagine="cpu", counts=False).memory
+    figures = sharded_states.figures(spec)
+    assert memory.breakdown["params_bytes"] == figures["analytic_rank_params_bytes"]
+    assert memory.breakdown["unsharded_params_bytes"] == (
+        figures["analytic_unsharded_root_params_bytes"]
+        + figures["analytic_unsharded_layer_params_bytes"]
+    )
