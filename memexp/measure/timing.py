@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
 from memexp.config import ExperimentSpec, MeasureConfig
@@ -184,17 +185,23 @@ def allocated_bytes(device: torch.device) -> int | None:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
 
-def time_units(spec: ExperimentSpec) -> dict[str, float]:
-    """Milliseconds one forward of each recomputable unit takes on the job's device, timed once
-    after a warm-up forward of the layer: what its recomputation costs in time. The adaptive
-    planner solves with FLOPs (deterministic); these are recorded beside them, with the noise
-    of a single timing."""
-    device = torch.device(spec.device)
-    now = _clock(device)
+def _one_layer(spec: ExperimentSpec, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    """The job's model cut to one layer, and an input for it at the job's batch and sequence:
+    any architecture's unit or layer can then be timed alone."""
     torch.manual_seed(spec.seed)
     with torch.device(device):
         model = build_model(replace(spec.model, layers=1))
         x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
+    return model, x
+
+
+def time_units(spec: ExperimentSpec) -> dict[str, float]:
+    """Milliseconds one forward of each recomputable unit takes on the job's device, timed once
+    after a warm-up forward of the layer: what its recomputation costs in time, recorded beside
+    the plan with the noise of a single timing."""
+    device = torch.device(spec.device)
+    now = _clock(device)
+    model, x = _one_layer(spec, device)
 
     def milliseconds(run: Callable[[], Any]) -> float:
         start = now()
@@ -222,10 +229,8 @@ def time_layer_steps(
     """
     device = torch.device(spec.device)
     now = _clock(device)
-    torch.manual_seed(spec.seed)
+    model, x = _one_layer(spec, device)
     with torch.device(device):
-        model = build_model(replace(spec.model, layers=1))
-        x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
         grad = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden)
     layer = model.layers[0]
 
