@@ -156,7 +156,8 @@ def test_a_users_own_preset_dir_adds_options_that_extend_the_schema(tmp_path: Pa
     conf = str(tmp_path / "conf")
     text = help_of("--config-dir", conf, overrides=["model=mymodel"])
     line = option_line(text, "model", "mymodel")
-    assert line == "  * mymodel      My GPT-2-small-like model, from my own project."
+    # Marked as chosen; the description starts where the group's longest name leaves room.
+    assert re.fullmatch(r"  \* mymodel +My GPT-2-small-like model, from my own project\.", line)
     assert option_line(text, "model", "tiny").startswith("    tiny")  # the package's presets stay
     status, config = run_cli("--config-dir", conf, "--cfg", "job", overrides=["model=mymodel"])
     assert status == 0, config
