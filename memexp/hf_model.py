@@ -196,20 +196,12 @@ class PretrainedDecoder(PlannedLayers):
         """Keep the embeddings; return the decoder layers, the final norm and the head."""
         raise NotImplementedError
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def _attention_inputs(self, x: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
     def layer_inputs(self, x: torch.Tensor) -> tuple[Any, ...]:
         """Every layer's attention is given the same mask and positions, made once."""
         return (self._attention_inputs(x),)
-
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self._embed(tokens)
-        x = self.run_layers(x, *self.layer_inputs(x))
-        return self.head(self.norm(x))
 
 
 # memexp's implementation name → the library's whose masks and function it uses.
@@ -245,7 +237,7 @@ class RotaryDecoder(PretrainedDecoder):
         self.rotary_emb = inner.rotary_emb
         return inner.layers, inner.norm, library_model.lm_head
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)
 
     def _attention_inputs(self, x: torch.Tensor) -> dict[str, Any]:
@@ -274,7 +266,7 @@ class Gpt2Decoder(PretrainedDecoder):
         self.wpe = inner.wpe
         return inner.h, inner.ln_f, library_model.lm_head
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.wte(tokens) + self.wpe(positions)
 

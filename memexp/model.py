@@ -277,21 +277,6 @@ class PlannedLayers(nn.Module):
             x = self.layers[index](x, None, *inputs)
         return x
 
-    def run_layers(self, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
-        """The residual stream `x` through every layer, as the plan says."""
-        index = 0
-        while index < len(self.layers):
-            segment = self.plan.segment_starting_at(index)
-            if segment is not None:
-                context_fn = self.context_fns[segment[0]]
-                x = run_checkpointed(self._run_layers, x, *segment, *inputs, context_fn=context_fn)
-                index = segment[1]
-            else:
-                with self._layer_storage(index):
-                    x = self.layers[index](x, layer_units(self.plan, index), *inputs)
-                index += 1
-        return x
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """The compiled forward where the plan has one, except under a TorchDispatchMode (fake
         tensors, the tensor tracker, the FLOP counter): torch.compile would run the frame
@@ -307,7 +292,32 @@ class PlannedLayers(nn.Module):
             return self.compiled_forward(tokens)
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens to logits: the model's embeddings, `run_layers`, its final norm and head."""
+        """Tokens to logits: the model's embeddings, every layer as the plan says, its final norm
+        and head.
+
+        The residual stream is one name, rebound layer by layer in this frame: no reference
+        outlives the layer that takes it, so a layer that keeps no copy of its input (stored in
+        another format, or recomputed from elsewhere) frees it as soon as it returns, the first
+        layer's as any other's. The peak model profiles a layer in the middle of the stack and
+        counts on that.
+        """
+        x = self.embed(tokens)
+        inputs = self.layer_inputs(x)
+        index = 0
+        while index < len(self.layers):
+            segment = self.plan.segment_starting_at(index)
+            if segment is not None:
+                context_fn = self.context_fns[segment[0]]
+                x = run_checkpointed(self._run_layers, x, *segment, *inputs, context_fn=context_fn)
+                index = segment[1]
+            else:
+                with self._layer_storage(index):
+                    x = self.layers[index](x, layer_units(self.plan, index), *inputs)
+                index += 1
+        return self.head(self.norm(x))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens to the residual stream the first layer takes."""
         raise NotImplementedError
 
 
@@ -326,10 +336,9 @@ class Transformer(PlannedLayers):
         self.norm = nn.LayerNorm(cfg.hidden)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
-        return self.head(self.norm(self.run_layers(x)))
+        return self.token_embedding(tokens) + self.position_embedding(positions)
 
 
 def compile_memory_budget(compiled: CompiledForward) -> Any:
