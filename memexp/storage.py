@@ -174,6 +174,16 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a copy without gaps where it is a view into a larger storage (a head of a
+    fused qkv): dense in the same dimension order where it can be (a transposed view), else
+    contiguous. Either way its bytes are exactly numel × element size: what a file holds."""
+    source = tensor.detach()
+    if source.is_contiguous():
+        return source
+    return source.clone(memory_format=torch.preserve_format)
+
+
 @dataclass(frozen=True)
 class ToDisk:
     """A file per saved tensor, its bytes in the tensor's own memory layout; read back through a
@@ -182,11 +192,7 @@ class ToDisk:
     directory: Path | None = None
 
     def __call__(self, tensor: torch.Tensor) -> Stored | None:
-        source = tensor.detach()
-        if not source.is_contiguous():
-            # Dense in the same dimension order where it can be (a transposed view), else
-            # contiguous: either way the bytes are exactly numel × element size.
-            source = source.clone(memory_format=torch.preserve_format)
+        source = _dense(tensor)
         size, stride, dtype, device = source.size(), source.stride(), source.dtype, source.device
         flat = source.as_strided((source.numel(),), (1,)).cpu()
         nbytes = _nbytes(flat)
@@ -229,9 +235,12 @@ def to_imagined_host(tensor: torch.Tensor) -> Stored:
 
 
 def to_imagined_disk(tensor: torch.Tensor) -> Stored:
-    """A file as fake tensors see one: the bytes leave every memory, and a tensor of the same
-    shape and strides is allocated again for the backward."""
-    size, stride, dtype, device = tensor.size(), tensor.stride(), tensor.dtype, tensor.device
+    """A file as fake tensors see one: the bytes leave every memory, and a tensor of the shape
+    and strides the file was written with is allocated again for the backward (as `ToDisk`,
+    a view with gaps is first copied dense, for the moment of writing)."""
+    source = _dense(tensor)
+    size, stride, dtype, device = source.size(), source.stride(), source.dtype, source.device
+    del source
     restore = functools.partial(torch.empty_strided, size, stride, dtype=dtype, device=device)
     return Stored((), _nbytes(tensor), restore)
 
