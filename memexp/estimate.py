@@ -17,8 +17,9 @@ What is imagined (docs/memory_model.md has the whole account):
   `device.imagine: cpu` runs exactly what `device=cpu` runs, byte for byte.
 
 The step is predicted at steady state, as the CPU and CUDA runs measure it: the optimizer's
-state exists before the tracked step starts (a warm-up step, which also counts saved bytes and
-FLOPs, or for a peak alone a cheaper optimizer step on zero gradients).
+state exists before the tracked step starts (created by an optimizer step on zero gradients).
+The tracked step also counts FLOPs; the bytes saved for backward are counted in a forward of
+their own (`_steady_step` says why).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 
 from memexp.buckets import BucketBatch, BucketTable
 from memexp.config import PARALLEL_NONE, ExperimentSpec, ParallelConfig
 from memexp.measure.fake_world import fake_ranks
-from memexp.measure.flops import fake_workload, flop_counter, step_flops
+from memexp.measure.flops import fake_workload, step_flops, total_flop_counter
 from memexp.measure.memory import MemoryMeasurement, tracked_step
-from memexp.measure.timing import first_step
+from memexp.measure.timing import first_step, forward_saved_bytes
 from memexp.memo import cached
 from memexp.model import parameter_count
 from memexp.plan import CheckpointPlan
@@ -69,24 +71,39 @@ def use_multi_tensor_optimizer(optimizer: torch.optim.Optimizer) -> None:
         group["foreach"] = True
 
 
-def _warm_up(work: Workload) -> tuple[int, int]:
-    """An untracked first step, as the measured runs take: it creates the optimizer state and
-    counts the bytes the forward saves and the step's FLOPs. Returns (saved bytes, FLOPs).
-
-    FLOPs are counted here, not in the tracked step: the counter's module hooks hold gradients
-    until a module's backward completes, which would change the memory the tracker sees.
-    """
-    with flop_counter() as counter:  # the optimizer step inside adds no matmul FLOPs
-        _, saved = first_step(work)
-    return saved, int(counter.get_total_flops())
-
-
 def _create_optimizer_state(work: Workload) -> None:
     """A step on zero gradients: the optimizer's state exists, as after any warm-up step, for a
-    fraction of a forward and backward's cost (a peak-only prediction needs no counts)."""
+    fraction of a forward and backward's cost."""
     for parameter in work.model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer_step(work)
+
+
+def _steady_step(work: Workload, counts: bool) -> tuple[MemoryMeasurement, int | None, int | None]:
+    """The tracked step at steady state (the optimizer's state created by a step on zero
+    gradients) and, with `counts`, the bytes its forward saves and its FLOPs (else None).
+
+    Saved bytes are counted in a forward of their own that keeps nothing (`forward_saved_bytes`):
+    counting hooks in the tracked step would change its timeline. FLOPs are counted in the
+    tracked step itself, by a counter that attaches nothing to the model and is entered before
+    the tracker, so the tracker sees nothing of it. One forward and one full step on fake
+    tensors, where a warm-up step and the tracked step took two full steps.
+
+    A model sharded by `fully_shard` expects a backward after every forward (a forward alone
+    leaves the next step a different one), so it counts saved bytes in a whole warm-up step.
+    """
+    saved = None
+    if counts and isinstance(work.model, FSDPModule):
+        _, saved = first_step(work)
+    else:
+        _create_optimizer_state(work)
+        saved = forward_saved_bytes(work) if counts else None
+    work.storage_ledger = StorageLedger()  # the tracked step's own
+    if not counts:
+        return tracked_step(work, source=SOURCE_FAKE_TENSORS), None, None
+    with total_flop_counter() as counter:
+        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+    return memory, saved, int(counter.get_total_flops())
 
 
 def predict(
@@ -97,8 +114,8 @@ def predict(
 ) -> Prediction:
     """The step of `spec` under `plan` on fake tensors, following `imagine`'s code paths.
 
-    `counts=False` predicts the memory alone (what the batch search needs); otherwise a full
-    warm-up step also counts saved bytes and FLOPs.
+    `counts=False` predicts the memory alone (what the batch search needs); otherwise saved
+    bytes and FLOPs are counted too.
     """
     with ranks_of(spec.parallel) as mesh:
         prediction = _predict_rank(spec, plan, imagine, counts, mesh)
@@ -121,17 +138,11 @@ def _predict_rank(
 ) -> Prediction:
     mode, work = fake_workload(spec, plan, host_apart=imagine == "cuda")
     offload_to_host = plan.storage == "host" and imagine == "cuda"
-    saved = flops = None
     with mode:
         shard_workload(work, mesh)
         if imagine == "cuda":
             use_multi_tensor_optimizer(work.optimizer)
-        if counts:
-            saved, flops = _warm_up(work)
-        else:
-            _create_optimizer_state(work)
-        work.storage_ledger = StorageLedger()  # the tracked step's own
-        memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+        memory, saved, flops = _steady_step(work, counts)
     return Prediction(
         memory=memory,
         param_count=parameter_count(work.model),

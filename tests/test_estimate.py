@@ -20,16 +20,20 @@ from memexp.configure import validate
 from memexp.estimate import (
     TIME_SOURCE_ESTIMATE,
     predict,
+    ranks_of,
     search_largest_batch,
     step_flops_without_checkpointing,
+    use_multi_tensor_optimizer,
 )
-from memexp.measure.flops import step_flops
-from memexp.measure.memory import measure_memory
-from memexp.measure.timing import StoppingRule, time_steps
+from memexp.measure.flops import fake_workload, flop_counter, step_flops
+from memexp.measure.memory import measure_memory, tracked_step
+from memexp.measure.timing import StoppingRule, first_step, time_steps
 from memexp.measure.tracker import CATEGORY_FIELDS
 from memexp.plan import CheckpointPlan, Part
 from memexp.results import SOURCE_FAKE_TENSORS, RunResult
 from memexp.runner import run_job
+from memexp.sharding import shard_workload
+from memexp.storage import StorageLedger
 from memexp.strategies import make_plan
 from memexp.training import build_workload
 
@@ -218,6 +222,49 @@ def test_core_recomputation_is_predicted_like_the_cpu_run(tiny_spec: SpecFn) -> 
     plan = CheckpointPlan(3, parts=((0, Part.ATTENTION_CORE), (1, Part.FFN)), segments=((2, 3),))
     prediction = predict(spec, plan, "cpu")
     assert prediction.saved_activation_bytes == analytic.saved_activation_bytes(spec, plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model=llama_tiny", "strategy=none"),
+        ("model=llama_tiny", "strategy=selective", "precision=bf16"),
+        ("model=gpt2_tiny", "strategy=sqrt"),
+        ("strategy=offload",),
+        ("strategy=compress",),
+        ("strategy=full", "parallel=fsdp"),
+    ],
+    ids=" ".join,
+)
+def test_counting_in_the_tracked_step_changes_no_figure(
+    overrides: tuple[str, ...], tiny_spec: SpecFn
+) -> None:
+    """A prediction counts FLOPs inside its tracked step (one full step on fake tensors, not
+    two). Every figure equals the two-step way's: a warm-up step counting FLOPs (with the
+    counter's module hooks) and saved bytes, then a step tracked with nothing attached; the
+    memory to the last timeline event, and the storage's counts."""
+    spec = tiny_spec("device=fake", *overrides)
+    plan = make_plan(spec)
+    prediction = predict(spec, plan, "cuda")
+
+    with ranks_of(spec.parallel) as mesh:
+        mode, work = fake_workload(spec, plan, host_apart=True)
+        with mode:
+            shard_workload(work, mesh)
+            use_multi_tensor_optimizer(work.optimizer)
+            with flop_counter() as counter:
+                _, saved = first_step(work)
+            work.storage_ledger = StorageLedger()
+            memory = tracked_step(work, source=SOURCE_FAKE_TENSORS)
+
+    assert prediction.memory == memory
+    assert len(prediction.memory.timeline) == len(memory.timeline) > 100
+    assert prediction.flops_step == counter.get_total_flops() == step_flops(spec, plan) > 0
+    assert prediction.saved_activation_bytes == saved > 0
+    untimed = {"pack_s": 0.0, "unpack_s": 0.0}
+    assert prediction.storage is not None
+    assert vars(prediction.storage) | untimed == vars(work.storage_ledger) | untimed
 
 
 # --- batch=auto ----------------------------------------------------------------------------

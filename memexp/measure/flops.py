@@ -36,6 +36,31 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FORMULAS)
 
 
+class _GlobalTotalOnly:
+    """Stands in for `FlopCounterMode`'s module tracker: every count goes to the global total
+    and no module hook is registered."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalTotalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def total_flop_counter() -> FlopCounterMode:
+    """A FLOP counter that counts the step's total alone and attaches nothing to the model.
+
+    `flop_counter()`'s module hooks hold each module's output gradients until the module's
+    backward completes, which changes the memory a tensor tracker sees; this one changes
+    nothing, so it can count the tracked step itself (no second pass for FLOPs).
+    """
+    counter = flop_counter()
+    counter.mod_tracker = _GlobalTotalOnly()
+    return counter
+
+
 def count_flops(run: Callable[[], None]) -> FlopCounterMode:
     """Run `run` under a FLOP counter and return the counter (totals and per-module counts)."""
     with flop_counter() as counter:

@@ -139,15 +139,29 @@ def _one_step(work: Workload, now: Callable[[], float]) -> tuple[float, dict[str
     return float(loss.detach()), {k: v * 1000.0 for k, v in phases.items()}
 
 
+def _forward_counting_saved(work: Workload, for_backward: bool) -> tuple[torch.Tensor, int]:
+    """Forward and loss under the saved-bytes count (memexp.measure.saved): the loss, and the
+    bytes its forward saved for backward."""
+    storage = in_place_storage(work.plan.storage)
+    with counting_saved_bytes(work.model, storage, for_backward) as saved_so_far:
+        loss = forward_loss(work, in_place=True)
+        return loss, saved_so_far()
+
+
+def forward_saved_bytes(work: Workload) -> int:
+    """The bytes the step's forward saves for backward, counted in a forward alone that keeps
+    nothing for a backward (its graph goes with its loss): what a prediction counts without
+    a warm-up step."""
+    return _forward_counting_saved(work, for_backward=False)[1]
+
+
 def first_step(work: Workload) -> tuple[torch.Tensor, int]:
     """The first warm-up step also counts saved bytes: hooks cost time, and this step is untimed.
 
     Returns the (detached) loss and the bytes saved for backward; the loss stays a tensor so the
     fake device, whose tensors hold no values, can run the same step.
     """
-    with counting_saved_bytes(work.model, in_place_storage(work.plan.storage)) as saved_so_far:
-        loss = forward_loss(work, in_place=True)
-        saved = saved_so_far()
+    loss, saved = _forward_counting_saved(work, for_backward=True)
     backward(loss)
     optimizer_step(work)
     return loss.detach(), saved
