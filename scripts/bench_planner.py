@@ -16,8 +16,15 @@ and `none` run once and are compared with every budget. Every figure is a job's 
 - over budget: how far that peak is above the budget (0 when within);
 - recompute FLOPs: % of the step without checkpointing (FlopCounterMode, matmuls only; for
   compile_budget the eager step's, so "-");
-- recompute time: the job's median backward time less `none`'s (measured, so noisy on a shared
-  machine; "-" on the fake device, where nothing runs);
+- predicted recompute: the plan's recompute time under one cost model for every planner,
+  `memexp.planner.predict(profile, options).recompute_ps` on the model's recomputation-only
+  profile (the roofline of `device.peak_tflops` / `device.memory_gbps`, else the imagined
+  device's rates; the cost source is named under each table), the plan read as layer options by
+  `memexp.planner.options_of`; "-" where no layer option expresses it (the reason is noted:
+  sac_milp's per-operator lists, compile_budget's compiled forward);
+- recompute time: the job's median backward time less `none`'s, then its own backward's min–max
+  over the timed steps (measured, so noisy on a shared machine: a difference inside the spreads
+  is noise; "-" on the fake device, where nothing runs);
 - planning: the strategy's own planning time from its record (profile, solve), 0 for `op`.
 """
 
@@ -48,6 +55,10 @@ from memexp.text import MIB, markdown_table  # noqa: E402
 DEVICES = {"small": "cpu", "medium": "fake"}
 # The budget-held planners; each records its own figures under `extra[<its name>]`.
 BUDGETED = ("adaptive", "sac_milp", "compile_budget")
+# Settings each planner runs with beyond the budget. Adaptive prices its options on the
+# roofline (deterministic): its measured per-option times are noise on a shared CPU, and
+# timing every option there makes planning take minutes.
+PLANNER_SETTINGS = {"adaptive": ("strategy.cost_source=roofline",)}
 
 
 def compose_overrides(*overrides: str) -> DictConfig:
@@ -56,10 +67,14 @@ def compose_overrides(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def ladder(model: str, device: str, count: int) -> list[int]:
-    """`count` budgets evenly between the leanest plan's and `none`'s predicted peaks."""
+def common_profile(model: str, device: str) -> planner.StepProfile:
+    """The model's recomputation-only profile: it lays the ladder and prices every plan."""
     spec = validate(compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive"))
-    profile = planner.profile_step(spec)
+    return planner.profile_step(spec)
+
+
+def ladder(profile: planner.StepProfile, count: int) -> list[int]:
+    """`count` budgets evenly between the leanest plan's and `none`'s predicted peaks."""
     nothing = planner.predict(profile, ((),) * profile.layers).peak_in(SCOPE_FORWARD_BACKWARD)
     lowest = planner.leanest(profile, SCOPE_FORWARD_BACKWARD).peak_bytes
     return [round(lowest + (nothing - lowest) * k / (count + 1)) for k in range(1, count + 1)]
@@ -113,10 +128,23 @@ def mib(value: int | None, mark: str = "") -> str:
 
 
 def recompute_time(job: Job, none: RunResult) -> str:
-    ours, theirs = job.record.backward_ms_median, none.backward_ms_median
+    record = job.record
+    ours, theirs = record.backward_ms_median, none.backward_ms_median
     if ours is None or theirs is None:
         return "-"
-    return f"{ours - theirs:+,.0f}"
+    return f"{ours - theirs:+,.0f} ({record.backward_ms_min:,.0f}–{record.backward_ms_max:,.0f})"
+
+
+def predicted_recompute(job: Job, profile: planner.StepProfile) -> tuple[str, str | None]:
+    """The plan's recompute time on `profile`'s cost model, in ms, or "-" and why not."""
+    plan = job.record.plan
+    if plan is None:
+        return "-", None
+    try:
+        choices = planner.options_of(plan)
+    except ValueError as error:
+        return "-", f"not expressible as layer options: {error}"
+    return f"{planner.predict(profile, choices).recompute_ps / 1e9:,.2f}", None
 
 
 def planning_time(job: Job) -> str:
@@ -126,10 +154,10 @@ def planning_time(job: Job) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def row(job: Job, budget: int, none: RunResult) -> list[str]:
+def row(job: Job, budget: int, none: RunResult, profile: planner.StepProfile) -> list[str]:
     record = job.record
     if record is None:
-        return [mib(budget), job.label, "not run", "", "", "", "", ""]
+        return [mib(budget), job.label, "not run", "", "", "", "", "", ""]
     peak, mark = peak_of(job)
     over = None if peak is None else max(0, peak - budget)
     flops = (
@@ -144,6 +172,7 @@ def row(job: Job, budget: int, none: RunResult) -> list[str]:
         mib(peak, mark),
         mib(over, mark),
         flops,
+        predicted_recompute(job, profile)[0],
         recompute_time(job, none),
         planning_time(job),
     ]
@@ -156,31 +185,39 @@ HEADERS = (
     "fwd+bwd peak MiB",
     "over budget MiB",
     "recompute FLOPs %",
-    "recompute time ms (bwd − none's)",
+    "predicted recompute ms (common cost)",
+    "recompute time ms: bwd − none's (bwd min–max)",
     "planning s",
 )
 
 
-def model_section(model: str, device: str, budgets: list[int], jobs: list[Job]) -> list[str]:
+def model_section(
+    model: str, device: str, budgets: list[int], jobs: list[Job], profile: planner.StepProfile
+) -> list[str]:
     none = next(job.record for job in jobs if job.label == "none")
     op = next(job for job in jobs if job.label == "op")
     if none is None:
         return [f"## {model} (device={device}): not run", ""]
-    rows = [row(Job("none", None, none), budgets[-1], none)]
+    rows = [row(Job("none", None, none), budgets[-1], none, profile)]
     for budget in budgets:
-        rows.append(row(op, budget, none))
-        rows += [row(job, budget, none) for job in jobs if job.budget == budget]
+        rows.append(row(op, budget, none, profile))
+        rows += [row(job, budget, none, profile) for job in jobs if job.budget == budget]
     notes = [
         f"- {job.label} at {mib(job.budget)} MiB: {job.record.status} — {job.record.message}"
         for job in jobs
         if job.record is not None and job.record.status != "ok"
     ]
+    for job in jobs:
+        why = None if job.record is None else predicted_recompute(job, profile)[1]
+        if why is not None:
+            notes.append(f"- {job.label} at {mib(job.budget)} MiB, predicted recompute: {why}")
     return [
         f"## {model} (device={device}): seq {none.seq_len} × batch {none.batch_size}",
         "",
         f"none's predicted forward+backward peak ends the ladder; `op` and `none` are measured "
         f"once and set against each budget. Load average at the end of this model's jobs: "
-        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.",
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}. Predicted recompute times are on "
+        f"one cost model for every plan: {profile.cost_source}.",
         "",
         markdown_table(HEADERS, rows),
         "",
@@ -221,7 +258,8 @@ def main() -> None:
     ]
     for model in args.models:
         device = DEVICES[model]
-        budgets = ladder(model, device, args.budgets)
+        profile = common_profile(model, device)
+        budgets = ladder(profile, args.budgets)
         folder = root / model
         jobs = [
             Job(
@@ -248,9 +286,10 @@ def main() -> None:
                     args.recorded_only,
                     f"strategy={name}",
                     f"strategy.budget_mb={budget / MIB}",
+                    *PLANNER_SETTINGS.get(name, ()),
                 )
                 jobs.append(Job(name, budget, record))
-        lines += model_section(model, device, budgets, jobs)
+        lines += model_section(model, device, budgets, jobs, profile)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")  # what is done so far survives a stop
     print("\n".join(lines))
