@@ -20,8 +20,13 @@ and `none` run once and are compared with every budget. Every figure is a job's 
   `memexp.planner.predict(profile, options).recompute_ps` on the model's recomputation-only
   profile (the roofline of `device.peak_tflops` / `device.memory_gbps`, else the imagined
   device's rates; the cost source is named under each table), the plan read as layer options by
-  `memexp.planner.options_of`; "-" where no layer option expresses it (the reason is noted:
-  sac_milp's per-operator lists, compile_budget's compiled forward);
+  `memexp.planner.options_of`; where no layer option expresses an eager plan (sac_milp's
+  per-operator saved lists; the reason is noted), marked †, the same roofline over the plan's
+  whole step less `none`'s (`memexp.measure.flops.step_roofline_ps`, equal to the profile's
+  prediction wherever both apply); "-" for compile_budget's compiled forward;
+- adaptive within this peak: for a peer's measured plan (op, sac_milp), the predicted recompute
+  time of the plan adaptive's solver picks on the same profile held to that peer's measured
+  peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak no larger;
 - recompute time: the job's median backward time less `none`'s, then its own backward's min–max
   over the timed steps (measured, so noisy on a shared machine: a difference inside the spreads
   is noise; "-" on the fake device, where nothing runs);
@@ -34,8 +39,9 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +51,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from memexp import CONF_DIR, planner  # noqa: E402
+from memexp.config import ExperimentSpec  # noqa: E402
 from memexp.configure import register_configs, validate  # noqa: E402
+from memexp.measure.flops import step_roofline_ps  # noqa: E402
+from memexp.plan import CheckpointPlan  # noqa: E402
 from memexp.results import SCOPE_FORWARD_BACKWARD, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
 from memexp.sweepdir import RESULT_FILE  # noqa: E402
@@ -67,10 +76,55 @@ def compose_overrides(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def common_profile(model: str, device: str) -> planner.StepProfile:
-    """The model's recomputation-only profile: it lays the ladder and prices every plan."""
-    spec = validate(compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive"))
-    return planner.profile_step(spec)
+@dataclass
+class CommonCost:
+    """One cost model for every planner's plan: the model's recomputation-only profile (its
+    roofline, which also lays the ladder) for plans of layer options, and the same roofline
+    over the plan's whole step, less `none`'s, for eager plans no layer option expresses (equal
+    to the profile's prediction wherever both apply: tests/test_adaptive.py checks it)."""
+
+    spec: ExperimentSpec
+    profile: planner.StepProfile
+    priced: dict[CheckpointPlan, tuple[str, str | None]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: str, device: str) -> CommonCost:
+        spec = validate(
+            compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive")
+        )
+        return cls(spec, planner.profile_step(spec))
+
+    @cached_property
+    def nothing_ps(self) -> int:
+        return step_roofline_ps(self.spec, CheckpointPlan.nothing(self.profile.layers))
+
+    def recompute(self, plan: CheckpointPlan) -> tuple[str, str | None]:
+        """The plan's recompute time in ms (marked † when priced on its whole step), and
+        a note where it is not read from layer options."""
+        if plan not in self.priced:
+            self.priced[plan] = self._price(plan)
+        return self.priced[plan]
+
+    def _price(self, plan: CheckpointPlan) -> tuple[str, str | None]:
+        try:
+            choices = planner.options_of(plan)
+        except ValueError as error:
+            if plan.compiled is not None:  # the docstring says why: no eager plan to price
+                return "-", None
+            ps = step_roofline_ps(self.spec, plan) - self.nothing_ps
+            return (
+                f"†{ps / 1e9:,.2f}",
+                f"no layer option expresses it ({error}); † priced on its own step",
+            )
+        return f"{planner.predict(self.profile, choices).recompute_ps / 1e9:,.2f}", None
+
+    def adaptive_within(self, peak: int | None) -> str:
+        """What adaptive's solver predicts its plan would recompute held to `peak` (a peer's
+        measured peak): the comparison at a peak no larger than the peer's."""
+        if peak is None:
+            return "-"
+        solution = planner.cheapest_within(self.profile, peak, SCOPE_FORWARD_BACKWARD)
+        return "no plan" if solution is None else f"{solution.recompute_ps / 1e9:,.2f}"
 
 
 def ladder(profile: planner.StepProfile, count: int) -> list[int]:
@@ -135,16 +189,10 @@ def recompute_time(job: Job, none: RunResult) -> str:
     return f"{ours - theirs:+,.0f} ({record.backward_ms_min:,.0f}–{record.backward_ms_max:,.0f})"
 
 
-def predicted_recompute(job: Job, profile: planner.StepProfile) -> tuple[str, str | None]:
-    """The plan's recompute time on `profile`'s cost model, in ms, or "-" and why not."""
+def predicted_recompute(job: Job, cost: CommonCost) -> tuple[str, str | None]:
+    """The job's plan's recompute time on the common cost model, and a note on how."""
     plan = job.record.plan
-    if plan is None:
-        return "-", None
-    try:
-        choices = planner.options_of(plan)
-    except ValueError as error:
-        return "-", f"not expressible as layer options: {error}"
-    return f"{planner.predict(profile, choices).recompute_ps / 1e9:,.2f}", None
+    return ("-", None) if plan is None else cost.recompute(plan)
 
 
 def planning_time(job: Job) -> str:
@@ -154,10 +202,10 @@ def planning_time(job: Job) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def row(job: Job, budget: int, none: RunResult, profile: planner.StepProfile) -> list[str]:
+def row(job: Job, budget: int, none: RunResult, cost: CommonCost) -> list[str]:
     record = job.record
     if record is None:
-        return [mib(budget), job.label, "not run", "", "", "", "", "", ""]
+        return [mib(budget), job.label, "not run", "", "", "", "", "", "", ""]
     peak, mark = peak_of(job)
     over = None if peak is None else max(0, peak - budget)
     flops = (
@@ -172,7 +220,8 @@ def row(job: Job, budget: int, none: RunResult, profile: planner.StepProfile) ->
         mib(peak, mark),
         mib(over, mark),
         flops,
-        predicted_recompute(job, profile)[0],
+        predicted_recompute(job, cost)[0],
+        "-" if job.label in ("none", "adaptive") or mark else cost.adaptive_within(peak),
         recompute_time(job, none),
         planning_time(job),
     ]
@@ -186,29 +235,30 @@ HEADERS = (
     "over budget MiB",
     "recompute FLOPs %",
     "predicted recompute ms (common cost)",
+    "adaptive within this peak: predicted ms",
     "recompute time ms: bwd − none's (bwd min–max)",
     "planning s",
 )
 
 
 def model_section(
-    model: str, device: str, budgets: list[int], jobs: list[Job], profile: planner.StepProfile
+    model: str, device: str, budgets: list[int], jobs: list[Job], cost: CommonCost
 ) -> list[str]:
     none = next(job.record for job in jobs if job.label == "none")
     op = next(job for job in jobs if job.label == "op")
     if none is None:
         return [f"## {model} (device={device}): not run", ""]
-    rows = [row(Job("none", None, none), budgets[-1], none, profile)]
+    rows = [row(Job("none", None, none), budgets[-1], none, cost)]
     for budget in budgets:
-        rows.append(row(op, budget, none, profile))
-        rows += [row(job, budget, none, profile) for job in jobs if job.budget == budget]
+        rows.append(row(op, budget, none, cost))
+        rows += [row(job, budget, none, cost) for job in jobs if job.budget == budget]
     notes = [
         f"- {job.label} at {mib(job.budget)} MiB: {job.record.status} — {job.record.message}"
         for job in jobs
         if job.record is not None and job.record.status != "ok"
     ]
     for job in jobs:
-        why = None if job.record is None else predicted_recompute(job, profile)[1]
+        why = None if job.record is None else predicted_recompute(job, cost)[1]
         if why is not None:
             notes.append(f"- {job.label} at {mib(job.budget)} MiB, predicted recompute: {why}")
     return [
@@ -217,7 +267,7 @@ def model_section(
         f"none's predicted forward+backward peak ends the ladder; `op` and `none` are measured "
         f"once and set against each budget. Load average at the end of this model's jobs: "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}. Predicted recompute times are on "
-        f"one cost model for every plan: {profile.cost_source}.",
+        f"one cost model for every plan: {cost.profile.cost_source}.",
         "",
         markdown_table(HEADERS, rows),
         "",
@@ -258,8 +308,8 @@ def main() -> None:
     ]
     for model in args.models:
         device = DEVICES[model]
-        profile = common_profile(model, device)
-        budgets = ladder(profile, args.budgets)
+        cost = CommonCost.of(model, device)
+        budgets = ladder(cost.profile, args.budgets)
         folder = root / model
         jobs = [
             Job(
@@ -289,7 +339,7 @@ def main() -> None:
                     *PLANNER_SETTINGS.get(name, ()),
                 )
                 jobs.append(Job(name, budget, record))
-        lines += model_section(model, device, budgets, jobs, profile)
+        lines += model_section(model, device, budgets, jobs, cost)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")  # what is done so far survives a stop
     print("\n".join(lines))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from memexp import planner
 from memexp.config import ExperimentSpec
 from memexp.estimate import predict as fake_predict
+from memexp.measure.flops import step_roofline_ps
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.saved import counting_saved_bytes
 from memexp.plan import CheckpointPlan, CompiledForward
@@ -244,6 +245,27 @@ def test_options_of_reads_one_layer_checkpoints_and_refuses_what_no_option_expre
     for reason, plan in refused.items():
         with pytest.raises(ValueError, match=re.escape(reason)):
             planner.options_of(plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_plans_step_roofline_less_nones_is_its_predicted_recompute_time(
+    variant: str,
+    tiny_spec: SpecFn,
+    specs: dict[str, ExperimentSpec],
+    profiles: dict[str, StepProfile],
+) -> None:
+    """Pricing a whole step on the roofline gives each plan of layer options, `op`'s among
+    them, exactly the recompute time the profile predicts: one cost model, so a plan no option
+    expresses (sac_milp's) is priced on the same terms as adaptive's."""
+    spec, profile = specs[variant], profiles[variant]
+    nothing = step_roofline_ps(spec, CheckpointPlan.nothing(3))
+    pick = random.Random(7)
+    plans = [make_plan(tiny_spec(*HEAVY, *VARIANTS[variant], "strategy=op"))]
+    plans += [planner.plan_of(pick.choices(OPTIONS, k=3)) for _ in range(3)]
+    for plan in plans:
+        predicted = predict(profile, planner.options_of(plan)).recompute_ps
+        assert step_roofline_ps(spec, plan) - nothing == predicted > 0
 
 
 def test_budget_ratio_adds_a_share_of_nones_saved_activations_to_static_memory(
