@@ -65,8 +65,9 @@ DEVICES = {"small": "cpu", "medium": "fake"}
 # The budget-held planners; each records its own figures under `extra[<its name>]`.
 BUDGETED = ("adaptive", "sac_milp", "compile_budget")
 # Settings each planner runs with beyond the budget. Adaptive prices its options on the
-# roofline (deterministic): its measured per-option times are noise on a shared CPU, and
-# timing every option there makes planning take minutes.
+# roofline (deterministic), named rather than left to `auto` (which means it off a GPU): its
+# measured per-option times are noise on a shared CPU, and timing every option there made
+# planning take minutes.
 PLANNER_SETTINGS = {"adaptive": ("strategy.cost_source=roofline",)}
 
 
