@@ -49,9 +49,22 @@ def specs(tiny_spec: SpecFn) -> dict[str, ExperimentSpec]:
     return {name: tiny_spec(*HEAVY, *extra) for name, extra in VARIANTS.items()}
 
 
+class VariantProfiles(dict[str, StepProfile]):
+    """Each variant's profile, made when a test first asks for it: the quick tests read fp32's
+    only, and profiling one takes seconds."""
+
+    def __init__(self, specs: dict[str, ExperimentSpec]) -> None:
+        super().__init__()
+        self.specs = specs
+
+    def __missing__(self, variant: str) -> StepProfile:
+        self[variant] = profile_step(self.specs[variant])
+        return self[variant]
+
+
 @pytest.fixture(scope="module")
 def profiles(specs: dict[str, ExperimentSpec]) -> dict[str, StepProfile]:
-    return {name: profile_step(spec) for name, spec in specs.items()}
+    return VariantProfiles(specs)
 
 
 def measured_memory(spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement:
