@@ -37,6 +37,8 @@ FIXED_MODEL_FIELDS: dict[str, dict[str, Any]] = {
 # The distribution that builds the real architectures: the `.[hf]` extra.
 TRANSFORMERS = "transformers"
 FAKE_DEVICE = "fake"  # predicts on fake tensors: nothing is allocated or computed
+# A GPU: its step times are synchronised device times, steady enough to price options.
+CUDA_DEVICE = "cuda"
 DEVICE_TYPES = ("auto", "cpu", "cuda", FAKE_DEVICE)
 IMAGINED_DEVICES = ("cuda", "cpu")
 # The rates the adaptive planner's roofline assumes when `device.peak_tflops` or

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from memexp import planner
 from memexp.config import ExperimentSpec
+from memexp.configure import validate
 from memexp.estimate import predict as fake_predict
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.saved import counting_saved_bytes
@@ -36,6 +37,7 @@ from memexp.results import (
 from memexp.runner import run_job
 from memexp.strategies import adaptive, make_plan
 from memexp.training import build_workload, forward_loss, train_step
+from tests.conftest import tiny_config
 
 SpecFn = Callable[..., ExperimentSpec]
 HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
@@ -399,3 +401,16 @@ def test_default_budget_puts_adaptive_between_none_and_full_on_the_seed_presets(
     assert fwd_bwd["none"] > fwd_bwd["adaptive"] > fwd_bwd["full"]
     assert fwd_bwd["adaptive"] == decision.prediction.forward_backward_peak_bytes
     assert fwd_bwd["adaptive"] <= budget_planner.budget.bytes
+
+
+@pytest.mark.parametrize(
+    "device, expected", [("cpu", "roofline"), ("fake", "roofline"), ("cuda", "measured")]
+)
+def test_auto_cost_is_measured_only_on_a_gpu(device: str, expected: str) -> None:
+    """On a CPU the difference of two step times is noisier than the differences between
+    options; on the fake device nothing runs: both price options by the roofline."""
+    on_cpu = validate(tiny_config("strategy=adaptive"), cuda_available=False)
+    spec = replace(on_cpu, device=device)  # validating `cuda` would ask the GPU its memory
+    assert adaptive.cost_source(spec.strategy, spec) == expected
+    pinned = replace(spec.strategy, cost_source="measured")
+    assert adaptive.cost_source(pinned, spec) == "measured"
