@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from omegaconf import DictConfig
 
 from memexp import planner
@@ -37,7 +38,6 @@ from memexp.results import (
 from memexp.runner import run_job
 from memexp.strategies import adaptive, make_plan
 from memexp.training import build_workload, forward_loss, train_step
-from tests.conftest import tiny_config
 
 SpecFn = Callable[..., ExperimentSpec]
 HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
