@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from omegaconf import DictConfig
 
 from memexp import planner
@@ -38,7 +39,6 @@ from memexp.results import (
 from memexp.runner import run_job
 from memexp.strategies import adaptive, make_plan
 from memexp.training import build_workload, forward_loss, train_step
-from tests.conftest import tiny_config
 
 SpecFn = Callable[..., ExperimentSpec]
 HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
@@ -52,9 +52,22 @@ def specs(tiny_spec: SpecFn) -> dict[str, ExperimentSpec]:
     return {name: tiny_spec(*HEAVY, *extra) for name, extra in VARIANTS.items()}
 
 
+class VariantProfiles(dict[str, StepProfile]):
+    """Each variant's profile, made when a test first asks for it: the quick tests read fp32's
+    only, and profiling one takes seconds."""
+
+    def __init__(self, specs: dict[str, ExperimentSpec]) -> None:
+        super().__init__()
+        self.specs = specs
+
+    def __missing__(self, variant: str) -> StepProfile:
+        self[variant] = profile_step(self.specs[variant])
+        return self[variant]
+
+
 @pytest.fixture(scope="module")
 def profiles(specs: dict[str, ExperimentSpec]) -> dict[str, StepProfile]:
-    return {name: profile_step(spec) for name, spec in specs.items()}
+    return VariantProfiles(specs)
 
 
 def measured_memory(spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement:
