@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The quick loop: everything but the tests marked slow (subprocess, launcher, W&B, measured and
-# fake-device jobs, figure drawing): about 1.5 minutes on two cores, against about 6.5 for `make test`.
+# fake-device jobs, figure drawing): about 3 CPU-minutes (4.5 minutes on two shared cores at
+# load 3), against about 17 CPU-minutes (24 minutes) for `make test`.
 quick: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 

@@ -116,7 +116,7 @@ from memexp.measure.saved import counting_saved_bytes
 from memexp.measure.timing import time_layer_steps
 from memexp.memo import cached
 from memexp.model import layer_units
-from memexp.plan import LAYER, CheckpointPlan, Part
+from memexp.plan import LAYER, UNITS, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
 
@@ -214,6 +214,51 @@ def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
         selective=tuple(selective),
         stored=tuple(stored),
     )
+
+
+def options_of(plan: CheckpointPlan) -> tuple[LayerOption, ...]:
+    """Layer i's option in `plan`, for every layer: the inverse of `plan_of`, so that any plan
+    built from per-layer units (a fixed strategy's, a peer planner's) can be priced and
+    predicted by the same profile as adaptive's own.
+
+    A one-layer segment is the whole layer recomputed, under the plan's op policy if it has
+    one (`op`'s plan is `layer@save_matmuls` in every layer), whole if it keeps no operator
+    output at all (an empty saved-operator list). ValueError, saying why, for what no layer
+    option expresses: a segment of several layers (one checkpoint keeps only its first input),
+    a segment keeping its own choice of operator outputs (sac_milp's per-operator lists, finer
+    than the unit options), a compiled forward (its partitioner decides) or one storage kind for
+    the whole plan.
+    """
+    if plan.compiled is not None:
+        raise ValueError("a compiled forward's recomputation is its partitioner's, not per layer")
+    if plan.storage != "keep":
+        raise ValueError(f"storage {plan.storage!r} is set for the whole plan, not per layer")
+    return tuple(_layer_option(plan, layer) for layer in range(plan.num_layers))
+
+
+def _layer_option(plan: CheckpointPlan, layer: int) -> LayerOption:
+    """Layer `layer`'s option: its units in `UNITS` order, then how it stores what it saves."""
+    segment = next(((s, e) for s, e in plan.segments if s <= layer < e), None)
+    if segment is not None:
+        start, end = segment
+        if end - start > 1:
+            raise ValueError(f"layers {start}-{end - 1} are recomputed as one checkpoint")
+        saved = plan.saved_ops_of(start)
+        if saved:
+            raise ValueError(
+                f"layer {layer} keeps {len(saved)} chosen operator output(s) "
+                f"({', '.join(saved[:3])}{', …' if len(saved) > 3 else ''})"
+            )
+        return (unit_token(LAYER, None if saved is not None else plan.op_policy),)
+    whole = {part.value for part in plan.parts_of(layer)}
+    selective = plan.selective_of(layer)
+    units = tuple(
+        unit_token(unit, selective.get(unit))
+        for unit in UNITS
+        if unit in whole or unit in selective
+    )
+    kind = plan.storage_of(layer)
+    return units if kind is None else (*units, storage_token(kind))
 
 
 # --- profiling -----------------------------------------------------------------------------

@@ -16,8 +16,20 @@ and `none` run once and are compared with every budget. Every figure is a job's 
 - over budget: how far that peak is above the budget (0 when within);
 - recompute FLOPs: % of the step without checkpointing (FlopCounterMode, matmuls only; for
   compile_budget the eager step's, so "-");
-- recompute time: the job's median backward time less `none`'s (measured, so noisy on a shared
-  machine; "-" on the fake device, where nothing runs);
+- predicted recompute: the plan's recompute time under one cost model for every planner,
+  `memexp.planner.predict(profile, options).recompute_ps` on the model's recomputation-only
+  profile (the roofline of `device.peak_tflops` / `device.memory_gbps`, else the imagined
+  device's rates; the cost source is named under each table), the plan read as layer options by
+  `memexp.planner.options_of`; where no layer option expresses an eager plan (sac_milp's
+  per-operator saved lists; the reason is noted), marked †, the same roofline over the plan's
+  whole step less `none`'s (`memexp.measure.flops.step_roofline_ps`, equal to the profile's
+  prediction wherever both apply); "-" for compile_budget's compiled forward;
+- adaptive within this peak: for a peer's measured plan (op, sac_milp), the predicted recompute
+  time of the plan adaptive's solver picks on the same profile held to that peer's measured
+  peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak no larger;
+- recompute time: the job's median backward time less `none`'s, then its own backward's min–max
+  over the timed steps (measured, so noisy on a shared machine: a difference inside the spreads
+  is noise; "-" on the fake device, where nothing runs);
 - planning: the strategy's own planning time from its record (profile, solve), 0 for `op`.
 """
 
@@ -27,8 +39,9 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +51,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from memexp import CONF_DIR, planner  # noqa: E402
+from memexp.config import ExperimentSpec  # noqa: E402
 from memexp.configure import register_configs, validate  # noqa: E402
+from memexp.measure.flops import step_roofline_ps  # noqa: E402
+from memexp.plan import CheckpointPlan  # noqa: E402
 from memexp.results import SCOPE_FORWARD_BACKWARD, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
 from memexp.sweepdir import RESULT_FILE  # noqa: E402
@@ -48,6 +64,11 @@ from memexp.text import MIB, markdown_table  # noqa: E402
 DEVICES = {"small": "cpu", "medium": "fake"}
 # The budget-held planners; each records its own figures under `extra[<its name>]`.
 BUDGETED = ("adaptive", "sac_milp", "compile_budget")
+# Settings each planner runs with beyond the budget. Adaptive prices its options on the
+# roofline (deterministic), named rather than left to `auto` (which means it off a GPU): its
+# measured per-option times are noise on a shared CPU, and timing every option there made
+# planning take minutes.
+PLANNER_SETTINGS = {"adaptive": ("strategy.cost_source=roofline",)}
 
 
 def compose_overrides(*overrides: str) -> DictConfig:
@@ -56,10 +77,59 @@ def compose_overrides(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def ladder(model: str, device: str, count: int) -> list[int]:
+@dataclass
+class CommonCost:
+    """One cost model for every planner's plan: the model's recomputation-only profile (its
+    roofline, which also lays the ladder) for plans of layer options, and the same roofline
+    over the plan's whole step, less `none`'s, for eager plans no layer option expresses (equal
+    to the profile's prediction wherever both apply: tests/test_adaptive.py checks it)."""
+
+    spec: ExperimentSpec
+    profile: planner.StepProfile
+    priced: dict[CheckpointPlan, tuple[str, str | None]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: str, device: str) -> CommonCost:
+        spec = validate(
+            compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive")
+        )
+        return cls(spec, planner.profile_step(spec))
+
+    @cached_property
+    def nothing_ps(self) -> int:
+        return step_roofline_ps(self.spec, CheckpointPlan.nothing(self.profile.layers))
+
+    def recompute(self, plan: CheckpointPlan) -> tuple[str, str | None]:
+        """The plan's recompute time in ms (marked † when priced on its whole step), and
+        a note where it is not read from layer options."""
+        if plan not in self.priced:
+            self.priced[plan] = self._price(plan)
+        return self.priced[plan]
+
+    def _price(self, plan: CheckpointPlan) -> tuple[str, str | None]:
+        try:
+            choices = planner.options_of(plan)
+        except ValueError as error:
+            if plan.compiled is not None:  # the docstring says why: no eager plan to price
+                return "-", None
+            ps = step_roofline_ps(self.spec, plan) - self.nothing_ps
+            return (
+                f"†{ps / 1e9:,.2f}",
+                f"no layer option expresses it ({error}); † priced on its own step",
+            )
+        return f"{planner.predict(self.profile, choices).recompute_ps / 1e9:,.2f}", None
+
+    def adaptive_within(self, peak: int | None) -> str:
+        """What adaptive's solver predicts its plan would recompute held to `peak` (a peer's
+        measured peak): the comparison at a peak no larger than the peer's."""
+        if peak is None:
+            return "-"
+        solution = planner.cheapest_within(self.profile, peak, SCOPE_FORWARD_BACKWARD)
+        return "no plan" if solution is None else f"{solution.recompute_ps / 1e9:,.2f}"
+
+
+def ladder(profile: planner.StepProfile, count: int) -> list[int]:
     """`count` budgets evenly between the leanest plan's and `none`'s predicted peaks."""
-    spec = validate(compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive"))
-    profile = planner.profile_step(spec)
     nothing = planner.predict(profile, ((),) * profile.layers).peak_in(SCOPE_FORWARD_BACKWARD)
     lowest = planner.leanest(profile, SCOPE_FORWARD_BACKWARD).peak_bytes
     return [round(lowest + (nothing - lowest) * k / (count + 1)) for k in range(1, count + 1)]
@@ -113,10 +183,17 @@ def mib(value: int | None, mark: str = "") -> str:
 
 
 def recompute_time(job: Job, none: RunResult) -> str:
-    ours, theirs = job.record.backward_ms_median, none.backward_ms_median
+    record = job.record
+    ours, theirs = record.backward_ms_median, none.backward_ms_median
     if ours is None or theirs is None:
         return "-"
-    return f"{ours - theirs:+,.0f}"
+    return f"{ours - theirs:+,.0f} ({record.backward_ms_min:,.0f}–{record.backward_ms_max:,.0f})"
+
+
+def predicted_recompute(job: Job, cost: CommonCost) -> tuple[str, str | None]:
+    """The job's plan's recompute time on the common cost model, and a note on how."""
+    plan = job.record.plan
+    return ("-", None) if plan is None else cost.recompute(plan)
 
 
 def planning_time(job: Job) -> str:
@@ -126,10 +203,10 @@ def planning_time(job: Job) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def row(job: Job, budget: int, none: RunResult) -> list[str]:
+def row(job: Job, budget: int, none: RunResult, cost: CommonCost) -> list[str]:
     record = job.record
     if record is None:
-        return [mib(budget), job.label, "not run", "", "", "", "", ""]
+        return [mib(budget), job.label, "not run", "", "", "", "", "", "", ""]
     peak, mark = peak_of(job)
     over = None if peak is None else max(0, peak - budget)
     flops = (
@@ -144,6 +221,8 @@ def row(job: Job, budget: int, none: RunResult) -> list[str]:
         mib(peak, mark),
         mib(over, mark),
         flops,
+        predicted_recompute(job, cost)[0],
+        "-" if job.label in ("none", "adaptive") or mark else cost.adaptive_within(peak),
         recompute_time(job, none),
         planning_time(job),
     ]
@@ -156,31 +235,40 @@ HEADERS = (
     "fwd+bwd peak MiB",
     "over budget MiB",
     "recompute FLOPs %",
-    "recompute time ms (bwd − none's)",
+    "predicted recompute ms (common cost)",
+    "adaptive within this peak: predicted ms",
+    "recompute time ms: bwd − none's (bwd min–max)",
     "planning s",
 )
 
 
-def model_section(model: str, device: str, budgets: list[int], jobs: list[Job]) -> list[str]:
+def model_section(
+    model: str, device: str, budgets: list[int], jobs: list[Job], cost: CommonCost
+) -> list[str]:
     none = next(job.record for job in jobs if job.label == "none")
     op = next(job for job in jobs if job.label == "op")
     if none is None:
         return [f"## {model} (device={device}): not run", ""]
-    rows = [row(Job("none", None, none), budgets[-1], none)]
+    rows = [row(Job("none", None, none), budgets[-1], none, cost)]
     for budget in budgets:
-        rows.append(row(op, budget, none))
-        rows += [row(job, budget, none) for job in jobs if job.budget == budget]
+        rows.append(row(op, budget, none, cost))
+        rows += [row(job, budget, none, cost) for job in jobs if job.budget == budget]
     notes = [
         f"- {job.label} at {mib(job.budget)} MiB: {job.record.status} — {job.record.message}"
         for job in jobs
         if job.record is not None and job.record.status != "ok"
     ]
+    for job in jobs:
+        why = None if job.record is None else predicted_recompute(job, cost)[1]
+        if why is not None:
+            notes.append(f"- {job.label} at {mib(job.budget)} MiB, predicted recompute: {why}")
     return [
         f"## {model} (device={device}): seq {none.seq_len} × batch {none.batch_size}",
         "",
         f"none's predicted forward+backward peak ends the ladder; `op` and `none` are measured "
         f"once and set against each budget. Load average at the end of this model's jobs: "
-        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.",
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}. Predicted recompute times are on "
+        f"one cost model for every plan: {cost.profile.cost_source}.",
         "",
         markdown_table(HEADERS, rows),
         "",
@@ -221,7 +309,8 @@ def main() -> None:
     ]
     for model in args.models:
         device = DEVICES[model]
-        budgets = ladder(model, device, args.budgets)
+        cost = CommonCost.of(model, device)
+        budgets = ladder(cost.profile, args.budgets)
         folder = root / model
         jobs = [
             Job(
@@ -248,9 +337,10 @@ def main() -> None:
                     args.recorded_only,
                     f"strategy={name}",
                     f"strategy.budget_mb={budget / MIB}",
+                    *PLANNER_SETTINGS.get(name, ()),
                 )
                 jobs.append(Job(name, budget, record))
-        lines += model_section(model, device, budgets, jobs)
+        lines += model_section(model, device, budgets, jobs, cost)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")  # what is done so far survives a stop
     print("\n".join(lines))

@@ -12,7 +12,7 @@ import copy
 import functools
 import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,20 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from memexp import CONF_DIR, callbacks
+from memexp import CONF_DIR, callbacks, estimate, planner
 from memexp.config import ExperimentSpec
 from memexp.configure import register_configs, validate
 from memexp.devices import BACKENDS, Backend, Figures
 from memexp.measure.memory import MemoryMeasurement
+from memexp.memo import workload_key
 from memexp.plan import CheckpointPlan
 
 # Every test config: the tiny model and no experiment tracker.
 TINY = ("model=tiny", "logger=none")
+# Measured jobs time their fewest steps (`measure.repeat`) and stop: on a shared machine a tiny
+# step's time is rarely stable, so the default would time 2 s of steps per job, and no test's
+# figure depends on how many steps were timed. A test that does sets its own.
+BRIEF_TIMING = ("measure.max_time_s=0.01",)
 # Hydra otherwise installs its own root log handlers in the test process.
 QUIET_HYDRA = ("hydra/job_logging=none", "hydra/hydra_logging=none")
 CONFIG_GROUPS = frozenset(path.name for path in CONF_DIR.iterdir() if path.is_dir())
@@ -67,20 +72,50 @@ def _composed_groups(groups: tuple[str, ...]) -> DictConfig:
 
 
 def tiny_config(*overrides: str) -> DictConfig:
-    """The tiny model, no tracker, and `overrides`, as Hydra would compose them, only faster.
+    """The tiny model, no tracker, brief timing and `overrides`, as Hydra would compose them,
+    only faster.
 
     Hydra takes a good part of a second to compose on a busy machine, so each choice of config
     groups is composed once; value overrides are then parsed by Hydra's override parser and
     applied the way its config loader applies them (`OmegaConf.update(..., merge=True)`), which
     type-checks them against the structured schema exactly as composition does.
     """
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    parsed = OverridesParser.create().parse_overrides([*BRIEF_TIMING, *overrides])
     groups = tuple(o.input_line for o in parsed if o.key_or_group in CONFIG_GROUPS)
     cfg = copy.deepcopy(_composed_groups(groups))
     for override in parsed:
         if override.key_or_group not in CONFIG_GROUPS:
             OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def workload_figures_once() -> Iterator[None]:
+    """The planner's profile and the step's FLOPs with nothing recomputed are pure functions of
+    the workload (memexp.memo keeps them per sweep under the same key), and computing either on
+    fake tensors takes seconds; many tests ask for the same tiny workload's. Within this session
+    each is computed once and handed out as a fresh copy, decoded from its stored data as a
+    sweep's later jobs get it."""
+    profiles: dict[tuple[str, tuple[str, ...]], Any] = {}
+    flops: dict[str, int] = {}
+    profile, count = planner._profile_step, estimate._count_without_checkpointing
+
+    def profile_once(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> planner.StepProfile:
+        key = (workload_key(spec), tuple(storage_kinds))
+        if key not in profiles:
+            profiles[key] = planner.profile_to_data(profile(spec, storage_kinds))
+        return planner.profile_from_data(copy.deepcopy(profiles[key]))
+
+    def count_once(spec: ExperimentSpec) -> int:
+        key = workload_key(spec)
+        if key not in flops:
+            flops[key] = count(spec)
+        return flops[key]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(planner, "_profile_step", profile_once)
+        monkeypatch.setattr(estimate, "_count_without_checkpointing", count_once)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +194,9 @@ def _run_cli(
     # The sweep's tables and plots have their own tests and take seconds to draw.
     monkeypatch.setattr(callbacks, "aggregate_and_log", lambda config, sweep_dir, table: None)
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["memexp", "-m", *TINY, *QUIET_HYDRA, *overrides])
+    monkeypatch.setattr(
+        sys, "argv", ["memexp", "-m", *TINY, *QUIET_HYDRA, *BRIEF_TIMING, *overrides]
+    )
     out = io.StringIO()
     GlobalHydra.instance().clear()
     try:

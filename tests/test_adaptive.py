@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from omegaconf import DictConfig
 
 from memexp import planner
 from memexp.config import ExperimentSpec
 from memexp.configure import validate
 from memexp.estimate import predict as fake_predict
+from memexp.measure.flops import step_roofline_ps
 from memexp.measure.memory import MemoryMeasurement, measure_memory
 from memexp.measure.saved import counting_saved_bytes
-from memexp.plan import CheckpointPlan
+from memexp.plan import CheckpointPlan, CompiledForward
 from memexp.planner import OPTIONS, StepProfile, cheapest_within, leanest, predict, profile_step
 from memexp.results import (
     PEAK_FIELDS,
@@ -37,7 +39,6 @@ from memexp.results import (
 from memexp.runner import run_job
 from memexp.strategies import adaptive, make_plan
 from memexp.training import build_workload, forward_loss, train_step
-from tests.conftest import tiny_config
 
 SpecFn = Callable[..., ExperimentSpec]
 HEAVY = ("model.layers=3", "seq.len=64", "model.vocab_size=64")
@@ -51,9 +52,22 @@ def specs(tiny_spec: SpecFn) -> dict[str, ExperimentSpec]:
     return {name: tiny_spec(*HEAVY, *extra) for name, extra in VARIANTS.items()}
 
 
+class VariantProfiles(dict[str, StepProfile]):
+    """Each variant's profile, made when a test first asks for it: the quick tests read fp32's
+    only, and profiling one takes seconds."""
+
+    def __init__(self, specs: dict[str, ExperimentSpec]) -> None:
+        super().__init__()
+        self.specs = specs
+
+    def __missing__(self, variant: str) -> StepProfile:
+        self[variant] = profile_step(self.specs[variant])
+        return self[variant]
+
+
 @pytest.fixture(scope="module")
 def profiles(specs: dict[str, ExperimentSpec]) -> dict[str, StepProfile]:
-    return {name: profile_step(spec) for name, spec in specs.items()}
+    return VariantProfiles(specs)
 
 
 def measured_memory(spec: ExperimentSpec, plan: CheckpointPlan) -> MemoryMeasurement:
@@ -201,6 +215,7 @@ def test_at_ops_measured_peak_adaptive_recomputes_no_more_time_than_op(
     op_plan = make_plan(tiny_spec(*HEAVY, "strategy=op"))
     elementwise_layer = (planner.unit_token(planner.LAYER, planner.ELEMENTWISE),)
     as_adaptive = (elementwise_layer,) * profile.layers
+    assert planner.options_of(op_plan) == as_adaptive
     op_peak = measured_memory(spec, op_plan).peak_in(scope)
     op_prediction = predict(profile, as_adaptive)
     assert op_prediction.peak_in(scope) == op_peak
@@ -212,6 +227,60 @@ def test_at_ops_measured_peak_adaptive_recomputes_no_more_time_than_op(
     assert solution.recompute_ps <= op_prediction.recompute_ps
     assert predict(profile, solution.choices).peak_in(scope) == solution.peak_bytes <= op_peak
     assert measured_memory(spec, solution.plan).peak_in(scope) == solution.peak_bytes
+
+
+def test_options_of_inverts_plan_of_for_every_option_and_storage_kind() -> None:
+    """Every option, stored each way, laid out one per layer, comes back as it went in; so do
+    the uniform plans of each option (the fixed strategies' shape)."""
+    choices = planner.options_with_storage(("bf16", "fp8", "int8", "host", "disk"))
+    assert len(choices) == 17 + 5 * 15
+    assert planner.options_of(planner.plan_of(choices)) == choices
+    for option in choices:
+        assert planner.options_of(planner.plan_of((option,) * 3)) == (option,) * 3
+
+
+def test_options_of_reads_one_layer_checkpoints_and_refuses_what_no_option_expresses() -> None:
+    """A one-layer checkpoint keeping no operator output is the whole layer; a multi-layer
+    segment, a chosen list of operator outputs (sac_milp's), a compiled forward and plan-wide
+    storage have no layer option, and the error names why."""
+    keeps_nothing = CheckpointPlan(3, segments=((1, 2),), saved_ops=((1, ()),))
+    assert planner.options_of(keeps_nothing) == ((), (planner.LAYER,), ())
+    refused = {
+        "layers 0-1 are recomputed as one checkpoint": CheckpointPlan(3, segments=((0, 2),)),
+        "layer 2 keeps 4 chosen operator output(s) (mm#0, mm#1, bmm#0, …)": CheckpointPlan(
+            3, segments=((2, 3),), saved_ops=((2, ("mm#0", "mm#1", "bmm#0", "addmm#2")),)
+        ),
+        "a compiled forward's recomputation is its partitioner's, not per layer": CheckpointPlan(
+            3, compiled=CompiledForward("inductor", 0.5)
+        ),
+        "storage 'int8' is set for the whole plan, not per layer": CheckpointPlan(
+            3, storage="int8"
+        ),
+    }
+    for reason, plan in refused.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            planner.options_of(plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_plans_step_roofline_less_nones_is_its_predicted_recompute_time(
+    variant: str,
+    tiny_spec: SpecFn,
+    specs: dict[str, ExperimentSpec],
+    profiles: dict[str, StepProfile],
+) -> None:
+    """Pricing a whole step on the roofline gives each plan of layer options, `op`'s among
+    them, exactly the recompute time the profile predicts: one cost model, so a plan no option
+    expresses (sac_milp's) is priced on the same terms as adaptive's."""
+    spec, profile = specs[variant], profiles[variant]
+    nothing = step_roofline_ps(spec, CheckpointPlan.nothing(3))
+    pick = random.Random(7)
+    plans = [make_plan(tiny_spec(*HEAVY, *VARIANTS[variant], "strategy=op"))]
+    plans += [planner.plan_of(pick.choices(OPTIONS, k=3)) for _ in range(3)]
+    for plan in plans:
+        predicted = predict(profile, planner.options_of(plan)).recompute_ps
+        assert step_roofline_ps(spec, plan) - nothing == predicted > 0
 
 
 def test_budget_ratio_adds_a_share_of_nones_saved_activations_to_static_memory(

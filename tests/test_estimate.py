@@ -37,10 +37,10 @@ from memexp.storage import StorageLedger
 from memexp.strategies import make_plan
 from memexp.training import build_workload
 
-ComposeFn = Callable[..., DictConfig]
+ConfigFn = Callable[..., DictConfig]
 SpecFn = Callable[..., ExperimentSpec]
 
-TINY = ("model=tiny", "logger=none", "measure.repeat=1")
+ONE_STEP = ("measure.repeat=1",)
 # b, s, h, a, f, V and L all distinct from each other and from the tiny preset's.
 ODD_SHAPE = (
     "batch.size=3", "seq.len=5", "model.hidden=12", "model.heads=3",
@@ -60,10 +60,10 @@ WORKLOADS = {
 BREAKDOWN = sorted(set(CATEGORY_FIELDS.values()))
 
 
-def run(compose_cfg: ComposeFn, tmp_path: Path, *overrides: str) -> RunResult:
+def run(tiny_cfg: ConfigFn, tmp_path: Path, *overrides: str) -> RunResult:
     """One job through the runner, in its own folder."""
     job_dir = tmp_path / "-".join(o.replace("=", "_") for o in overrides)
-    return run_job(compose_cfg(*TINY, *overrides), job_dir, {})
+    return run_job(tiny_cfg(*ONE_STEP, *overrides), job_dir, {})
 
 
 @pytest.mark.slow
@@ -89,10 +89,10 @@ def test_three_sources_agree(workload: str, tiny_spec: SpecFn) -> None:
 
 
 @pytest.mark.slow
-def test_fake_job_record_equals_the_cpu_job_record(compose_cfg: ComposeFn, tmp_path: Path) -> None:
+def test_fake_job_record_equals_the_cpu_job_record(tiny_cfg: ConfigFn, tmp_path: Path) -> None:
     """The same through the runner: every memory, saved-byte and FLOP field of the record."""
-    measured = run(compose_cfg, tmp_path, "strategy=full", "device=cpu")
-    predicted = run(compose_cfg, tmp_path, "strategy=full", "device=fake", "device.imagine=cpu")
+    measured = run(tiny_cfg, tmp_path, "strategy=full", "device=cpu")
+    predicted = run(tiny_cfg, tmp_path, "strategy=full", "device=fake", "device.imagine=cpu")
     assert (measured.status, predicted.status) == ("ok", "ok")
     assert (measured.memory_source, predicted.memory_source) == (
         "tensor_tracker",
@@ -119,10 +119,10 @@ def test_fake_job_record_equals_the_cpu_job_record(compose_cfg: ComposeFn, tmp_p
 
 @pytest.mark.slow
 def test_prediction_leaves_measured_time_empty_and_labels_the_estimate(
-    compose_cfg: ComposeFn, tmp_path: Path
+    tiny_cfg: ConfigFn, tmp_path: Path
 ) -> None:
     result = run(
-        compose_cfg,
+        tiny_cfg,
         tmp_path,
         "device=fake",
         "device.peak_tflops=2",
@@ -140,8 +140,8 @@ def test_prediction_leaves_measured_time_empty_and_labels_the_estimate(
 
 
 @pytest.mark.slow
-def test_a_step_that_does_not_fit_says_so(compose_cfg: ComposeFn, tmp_path: Path) -> None:
-    result = run(compose_cfg, tmp_path, "device=fake", "device.memory_gb=0.0001")
+def test_a_step_that_does_not_fit_says_so(tiny_cfg: ConfigFn, tmp_path: Path) -> None:
+    result = run(tiny_cfg, tmp_path, "device=fake", "device.memory_gb=0.0001")
     assert result.status == "ok"  # a prediction, not an out-of-memory error
     assert result.extra["fits_device_memory"] is False
     assert result.extra["device_headroom_bytes"] < 0
@@ -304,7 +304,7 @@ def test_search_probes_few_batches() -> None:
 
 @pytest.mark.slow
 def test_auto_batch_runs_the_largest_batch_predicted_to_fit(
-    compose_cfg: ComposeFn, tmp_path: Path, tiny_spec: SpecFn
+    tiny_cfg: ConfigFn, tmp_path: Path, tiny_spec: SpecFn
 ) -> None:
     # A budget between the tiny model's predicted peaks at batch 3 and 4 (strategy none).
     peaks = {}
@@ -313,7 +313,7 @@ def test_auto_batch_runs_the_largest_batch_predicted_to_fit(
         peaks[batch] = predict(spec, make_plan(spec), "cpu", counts=False).memory.peak_bytes
     budget_gb = (peaks[3] + peaks[4]) / 2 / 2**30
     result = run(
-        compose_cfg,
+        tiny_cfg,
         tmp_path,
         "batch=auto",
         "device=fake",
@@ -332,9 +332,9 @@ def test_auto_batch_runs_the_largest_batch_predicted_to_fit(
 
 @pytest.mark.slow
 def test_auto_batch_on_the_cpu_measures_the_batch_it_found(
-    compose_cfg: ComposeFn, tmp_path: Path
+    tiny_cfg: ConfigFn, tmp_path: Path
 ) -> None:
-    result = run(compose_cfg, tmp_path, "batch=auto", "device=cpu", "batch.budget_gb=0.0011")
+    result = run(tiny_cfg, tmp_path, "batch=auto", "device=cpu", "batch.budget_gb=0.0011")
     assert result.status == "ok"
     assert result.memory_source == "tensor_tracker"  # measured, not predicted
     assert result.peak_bytes == result.extra["auto_batch_predicted_peak_bytes"]
@@ -344,9 +344,9 @@ def test_auto_batch_on_the_cpu_measures_the_batch_it_found(
 
 @pytest.mark.slow
 def test_budget_that_batch_one_exceeds_is_an_infeasible_record(
-    compose_cfg: ComposeFn, tmp_path: Path
+    tiny_cfg: ConfigFn, tmp_path: Path
 ) -> None:
-    result = run(compose_cfg, tmp_path, "batch=auto", "device=fake", "device.memory_gb=0.0005")
+    result = run(tiny_cfg, tmp_path, "batch=auto", "device=fake", "device.memory_gb=0.0005")
     assert result.status == "infeasible"
     assert result.batch_size == 1
     assert result.memory_source == SOURCE_FAKE_TENSORS
@@ -372,21 +372,21 @@ def test_budget_that_batch_one_exceeds_is_an_infeasible_record(
     ],
 )
 def test_bad_device_and_batch_settings_name_the_field(
-    overrides: tuple[str, ...], field: str, compose_cfg: ComposeFn
+    overrides: tuple[str, ...], field: str, tiny_cfg: ConfigFn
 ) -> None:
     with pytest.raises(ConfigError) as error:
-        validate(compose_cfg(*TINY, *overrides), cuda_available=False)
+        validate(tiny_cfg(*overrides), cuda_available=False)
     assert error.value.field_name == field
 
 
 @pytest.mark.slow
-def test_spec_exposes_the_memory_a_planner_must_fit(compose_cfg: ComposeFn) -> None:
-    fake = validate(compose_cfg(*TINY, "device=fake", "device.memory_gb=2"), cuda_available=False)
+def test_spec_exposes_the_memory_a_planner_must_fit(tiny_cfg: ConfigFn) -> None:
+    fake = validate(tiny_cfg("device=fake", "device.memory_gb=2"), cuda_available=False)
     assert fake.device_memory_bytes == fake.memory_budget_bytes == 2 * 2**30
     budgeted = validate(
-        compose_cfg(*TINY, "device=fake", "batch=auto", "batch.budget_gb=0.5"),
+        tiny_cfg("device=fake", "batch=auto", "batch.budget_gb=0.5"),
         cuda_available=False,
     )
     assert (budgeted.device_memory_bytes, budgeted.memory_budget_bytes) == (141 * 2**30, 2**29)
-    cpu = validate(compose_cfg(*TINY, "device=cpu"), cuda_available=False)
+    cpu = validate(tiny_cfg("device=cpu"), cuda_available=False)
     assert cpu.memory_budget_bytes is None

@@ -222,7 +222,8 @@ def test_a_sweep_through_every_fault_then_resumed_loses_nothing(tmp_path: Path) 
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable, "-m", "memexp", "-m", "model=tiny", "logger=none", "measure.repeat=1",
-        "strategy=none,sqrt", "seq.len=16,${model.maxlen}", f"hydra.sweep.dir={sweep_dir}",
+        "measure.max_time_s=0.01", "strategy=none,sqrt", "seq.len=16,${model.maxlen}",
+        f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
     # jobs: 0 none/16, 1 none/unresolvable, 2 sqrt/16, 3 sqrt/unresolvable
     killed = _start(command, tmp_path)

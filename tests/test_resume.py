@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import TINY, SweepRun
+from conftest import BRIEF_TIMING, TINY, SweepRun
 from omegaconf import DictConfig
 
 from memexp.results import (
@@ -102,7 +102,10 @@ def test_a_killed_sweep_resumed_measures_every_job_exactly_once(
 ) -> None:
     """`python -m memexp` killed with SIGKILL once the first record exists, then resumed."""
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "-m", "memexp", "-m", *TINY, *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    command = [
+        sys.executable, "-m", "memexp", "-m", *TINY, *BRIEF_TIMING, *SWEEP,
+        f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
     # One thread: on two shared cores, threads of one process spinning against each other
     # make a tiny step take seconds.
     started = subprocess.Popen(

@@ -196,6 +196,7 @@ def test_reshard_after_forward_false_keeps_fsdp_gathered_like_zero2(tiny_spec: S
 # --- the adaptive planner, per rank ----------------------------------------------------------
 
 
+@pytest.mark.slow  # two planner profiles on fake tensors: seconds each
 def test_the_planner_rests_on_the_ranks_states(tiny_spec: SpecFn) -> None:
     """One device's profile rests on its whole states; a rank's on its shards, gathered units
     and buffers (a bound, memexp.sharded_states.RankStates)."""

@@ -88,6 +88,17 @@ def step_flops(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
     return int(counter.get_total_flops())
 
 
+def step_roofline_ps(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
+    """Roofline picoseconds of forward, loss and backward under `plan` (recomputation
+    included) at the job's rates (`ExperimentSpec.roofline_rates`), on fake tensors: the cost
+    model the planner prices its layer options with, applied to a whole step, so any eager
+    plan (one no layer option expresses too) is priced alike. Offload transfers are not in it."""
+    mode, work = fake_workload(spec, plan)
+    with mode, flop_counter() as counter, RooflineClock(counter, *spec.roofline_rates) as clock:
+        backward(forward_loss(work))
+    return clock.picoseconds
+
+
 def _is_view(func: Any) -> bool:
     """An operator whose outputs alias its inputs without writing them moves no bytes."""
     returns = func._schema.returns
