@@ -380,6 +380,21 @@ def test_lengths_of_one_model_share_one_panel_capped_and_said(
     )
 
 
+@pytest.mark.slow
+def test_a_breakdown_panel_gives_up_lengths_before_it_holds_too_many_bars(
+    many: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 4 bars a panel, 2 strategies leave room for 2 of the 20 lengths: the
+    first and the last, said in the note."""
+    monkeypatch.setattr(plots.breakdown, "MAX_PANEL_BARS", 4)
+    outcome = plots.plot_breakdown(many, tmp_path)
+    assert list(dict.fromkeys(outcome.data.config)) == ["tiny 16\u00d72", "tiny 320\u00d72"]
+    assert len(outcome.data) == 4
+    assert outcome.note == (
+        "2 of 20 values of seq (16, 320), evenly spaced; every job is in results.csv and summary.md"
+    )
+
+
 def test_panels_are_what_varies_and_the_rest_is_said_once(frame: pd.DataFrame) -> None:
     layout = plots.style.facets(frame)
     assert layout.panel_keys == ["model", "batch_size"]

@@ -22,6 +22,7 @@ from memexp.figures import BREAKDOWN_PNG, PlotOutcome
 from memexp.plots.style import (
     FAILED_LEGEND,
     KEY_NAMES,
+    MAX_INNER_VALUES,
     Facets,
     category_axis,
     facets,
@@ -37,6 +38,9 @@ from memexp.plots.style import (
 )
 
 # Breakdown of the peak: (column, legend label), bottom of the stack first.
+# The bars one panel holds (strategies × sequence lengths): past it, lengths give way first (to
+# one per panel), so a sweep of many strategies still draws bars a reader can tell apart.
+MAX_PANEL_BARS = 24
 COMPONENTS = (
     ("params_mib", "parameters"),
     ("grads_mib", "gradients"),
@@ -85,8 +89,9 @@ def _breakdown_axis(ax: Axes, rows: pd.DataFrame, colors: list[Any], layout: Fac
 def plot_breakdown(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
     """Stacked parts of the peak per strategy and sequence length, a panel per combination of
     the other workload keys that vary (`style.facets`: at most `MAX_PANELS` panels and
-    `MAX_INNER_VALUES` lengths, what was left out named in the figure and the note), the
-    measured peak as a tick.
+    `MAX_INNER_VALUES` lengths, fewer where the strategies would fill a panel past
+    `MAX_PANEL_BARS`; what was left out named in the figure and the note), the measured peak
+    as a tick.
 
     Data: a row per bar (config, strategy label) with each part and the peak in MiB.
     """
@@ -98,7 +103,10 @@ def plot_breakdown(frame: pd.DataFrame, out_dir: Path) -> PlotOutcome:
         return PlotOutcome(
             title, note="memory breakdown skipped: no ok job recorded parts of its peak"
         )
-    layout = facets(frame[frame.config.isin(configs)])
+    drawn_rows = frame[frame.config.isin(configs)]
+    strategies = max(drawn_rows.strategy_label.nunique(), 1)
+    lengths = max(1, min(MAX_INNER_VALUES, MAX_PANEL_BARS // strategies))
+    layout = facets(drawn_rows, inner_cap=lengths)
     colors = sns.color_palette("Set2", len(COMPONENTS))
     rows, columns = grid_shape(len(layout.panels))
     bars = max(len(_slots(p, layout)) for p in layout.panels.values())
