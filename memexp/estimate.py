@@ -92,7 +92,6 @@ def _steady_step(work: Workload, counts: bool) -> tuple[MemoryMeasurement, int |
     A model sharded by `fully_shard` expects a backward after every forward (a forward alone
     leaves the next step a different one), so it counts saved bytes in a whole warm-up step.
     """
-    saved = None
     if counts and isinstance(work.model, FSDPModule):
         _, saved = first_step(work)
     else:
