@@ -11,13 +11,18 @@ attention side kept, its core or its block recomputed whole or element-wise (5 w
 the FFN block kept, recomputed whole or element-wise (3 ways), plus the whole layer recomputed
 whole or element-wise. Every fixed strategy's layer is one of them: `op`'s is
 `layer@save_matmuls`, `full`'s `layer` (or `attention+ffn`), `selective`'s a single unit.
-Given storage kinds (`options_with_storage`), every option that still saves tensors (all but
+Inside a unit, the whole layer may also be recomputed keeping a chosen set of its operators'
+outputs (`layer@keep:mm#0,bmm#1`; `CheckpointPlan.saved_ops`), one option per set that
+memexp.operator_choices offers (the Pareto frontier of bytes kept and recompute time saved):
+the choices PyTorch's own ILP makes per layer, mixed freely across layers here.
+Given storage kinds (`layer_options`), every option that still saves tensors (all but
 the whole layer recomputed) is offered once more per kind, `+saved:int8`: what the layer saves
 stored that way (memexp.storage; `CheckpointPlan.stored`), compressed on the device or
 offloaded to host memory or disk.
 
 Profile. All layers are identical, so one layer per option tells everything: a model of 17
-layers (more with storage kinds), layer i under option i, runs one forward and backward on fake tensors (no compute)
+layers (more with operator choices and storage kinds), layer i under option i, runs one forward
+and backward on fake tensors (no compute)
 under the project's tensor tracker, and phase marks from module and gradient hooks cut its
 timeline into the embedding, each layer's forward, the head's forward (norm, vocabulary
 projection, loss), the head's backward, each layer's backward and the embedding's backward.
@@ -115,7 +120,8 @@ from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
 from memexp.measure.timing import time_layer_steps
 from memexp.memo import cached
-from memexp.model import layer_units
+from memexp.model import LayerUnits, Recompute, layer_units, saved_ops_context
+from memexp.operator_choices import kept_output_choices
 from memexp.plan import LAYER, UNITS, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.training import Workload, backward, forward_loss
@@ -124,6 +130,8 @@ LayerOption = tuple[str, ...]  # how one layer runs: tokens (`unit_token`, `stor
 # The op-level policy of a unit recomputed element-wise: matrix products keep their outputs.
 ELEMENTWISE = "save_matmuls"
 SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that op policy
+# `layer@keep:mm#0,mm#2`: the whole layer recomputed, keeping those operators' outputs
+KEEP_MARK = "keep:"
 STORAGE_MARK = "saved:"  # `saved:int8`: what the layer still saves, stored as int8
 OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (memexp.storage)
 
@@ -131,6 +139,17 @@ OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (me
 def unit_token(unit: str, policy: str | None = None) -> str:
     """A unit recomputed whole (`ffn`) or under an op-level policy (`ffn@save_matmuls`)."""
     return unit if policy is None else f"{unit}{SELECTIVE_MARK}{policy}"
+
+
+def kept_outputs_token(names: Sequence[str]) -> str:
+    """The whole layer recomputed, keeping the outputs of the operators `names` (`mm#0`, …:
+    memexp.model.SavedOpsPolicy's numbering) and recomputing every other one."""
+    return unit_token(LAYER, KEEP_MARK + ",".join(names))
+
+
+def keeps_chosen_outputs(option: LayerOption) -> bool:
+    """Whether `option` recomputes the whole layer keeping its own set of operator outputs."""
+    return any(token.startswith(unit_token(LAYER, KEEP_MARK)) for token in option)
 
 
 def storage_token(kind: str) -> str:
@@ -145,7 +164,7 @@ def _storage_kind(option: LayerOption) -> str | None:
     return None
 
 
-def _layer_options() -> tuple[LayerOption, ...]:
+def _unit_options() -> tuple[LayerOption, ...]:
     """Every way to recompute one layer's units, the seven whole-unit options first.
 
     The attention side is kept, its core or its block recomputed, whole or element-wise; the
@@ -161,19 +180,24 @@ def _layer_options() -> tuple[LayerOption, ...]:
     return (*first, *[o for o in blocks + whole if o not in first])
 
 
-OPTIONS: tuple[LayerOption, ...] = _layer_options()
+OPTIONS: tuple[LayerOption, ...] = _unit_options()
 
 
-def options_with_storage(kinds: Sequence[str]) -> tuple[LayerOption, ...]:
-    """`OPTIONS`, then each one that keeps something in saved tensors (not the whole layer
-    recomputed: a checkpoint keeps only its input) with that stored as each of `kinds`."""
+def layer_options(
+    kinds: Sequence[str] = (), kept_outputs: Sequence[Sequence[str]] = ()
+) -> tuple[LayerOption, ...]:
+    """`OPTIONS`; then the whole layer recomputed keeping each of `kept_outputs` (lists of
+    operator outputs, memexp.operator_choices); then each option that keeps something in saved
+    tensors (not the whole layer recomputed: a checkpoint keeps only its input, and a kept
+    operator output sits in the checkpoint's own cache) with that stored as each of `kinds`."""
     stored = [
         (*option, storage_token(kind))
         for kind in kinds
         for option in OPTIONS
         if not any(token.partition(SELECTIVE_MARK)[0] == LAYER for token in option)
     ]
-    return (*OPTIONS, *stored)
+    keeping = [(kept_outputs_token(names),) for names in kept_outputs]
+    return (*OPTIONS, *keeping, *stored)
 
 
 PROFILE_SOURCE = "tensor_tracker_and_flop_counter_on_fake_tensors"
@@ -195,12 +219,16 @@ def option_of(name: str) -> LayerOption:
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments, parts, selective, stored = [], [], [], []
+    segments, parts, selective, stored, saved_ops = [], [], [], [], []
     for index, option in enumerate(choices):
         for token in option:
             unit, _, policy = token.partition(SELECTIVE_MARK)
             if token.startswith(STORAGE_MARK):
                 stored.append((index, token.removeprefix(STORAGE_MARK)))
+            elif policy.startswith(KEEP_MARK):
+                segments.append((index, index + 1))
+                names = policy.removeprefix(KEEP_MARK).split(",")
+                saved_ops.append((index, tuple(name for name in names if name)))
             elif policy:
                 selective.append((index, unit, policy))
             elif unit == LAYER:
@@ -213,6 +241,7 @@ def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
         parts=tuple(parts),
         selective=tuple(selective),
         stored=tuple(stored),
+        saved_ops=tuple(saved_ops),
     )
 
 
@@ -221,13 +250,12 @@ def options_of(plan: CheckpointPlan) -> tuple[LayerOption, ...]:
     built from per-layer units (a fixed strategy's, a peer planner's) can be priced and
     predicted by the same profile as adaptive's own.
 
-    A one-layer segment is the whole layer recomputed, under the plan's op policy if it has
-    one (`op`'s plan is `layer@save_matmuls` in every layer), whole if it keeps no operator
-    output at all (an empty saved-operator list). ValueError, saying why, for what no layer
-    option expresses: a segment of several layers (one checkpoint keeps only its first input),
-    a segment keeping its own choice of operator outputs (sac_milp's per-operator lists, finer
-    than the unit options), a compiled forward (its partitioner decides) or one storage kind for
-    the whole plan.
+    A one-layer segment is the whole layer recomputed: keeping its own list of operator
+    outputs if it has one (sac_milp's plans: `layer@keep:…`), whole if that list is empty, else
+    under the plan's op policy if it has one (`op`'s plan is `layer@save_matmuls` in every
+    layer). ValueError, saying why, for what no layer option expresses: a segment of several
+    layers (one checkpoint keeps only its first input), a compiled forward (its partitioner
+    decides) or one storage kind for the whole plan.
     """
     if plan.compiled is not None:
         raise ValueError("a compiled forward's recomputation is its partitioner's, not per layer")
@@ -245,10 +273,7 @@ def _layer_option(plan: CheckpointPlan, layer: int) -> LayerOption:
             raise ValueError(f"layers {start}-{end - 1} are recomputed as one checkpoint")
         saved = plan.saved_ops_of(start)
         if saved:
-            raise ValueError(
-                f"layer {layer} keeps {len(saved)} chosen operator output(s) "
-                f"({', '.join(saved[:3])}{', …' if len(saved) > 3 else ''})"
-            )
+            return (kept_outputs_token(saved),)
         return (unit_token(LAYER, None if saved is not None else plan.op_policy),)
     whole = {part.value for part in plan.parts_of(layer)}
     selective = plan.selective_of(layer)
@@ -568,26 +593,32 @@ def profile_from_data(data: dict[str, Any]) -> StepProfile:
     return StepProfile(**{**data, "options": options})
 
 
-def profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str] = ()) -> StepProfile:
-    """Profile the job's layer under every option (`options_with_storage(storage_kinds)`) on
-    fake tensors (no compute, any model size); profiled once per workload and storage kinds
-    in a sweep (memexp.memo), whatever the strategy's other settings."""
-    figure = "-".join((STEP_PROFILE, *storage_kinds))
+def profile_step(
+    spec: ExperimentSpec, storage_kinds: Sequence[str] = (), operator_choices: bool = False
+) -> StepProfile:
+    """Profile the job's layer under every option (`layer_options`: with `storage_kinds`, and
+    with `operator_choices` the layer's sets of operator outputs worth keeping,
+    memexp.operator_choices) on fake tensors (no compute, any model size); profiled once per
+    workload and option set in a sweep (memexp.memo), whatever the strategy's other settings."""
+    figure = "-".join((STEP_PROFILE, *storage_kinds, *(["operators"] * operator_choices)))
     return cached(
         figure,
         spec,
-        lambda: _profile_step(spec, storage_kinds),
+        lambda: _profile_step(spec, storage_kinds, operator_choices),
         profile_to_data,
         profile_from_data,
     )
 
 
-def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepProfile:
+def _profile_step(
+    spec: ExperimentSpec, storage_kinds: Sequence[str], operator_choices: bool
+) -> StepProfile:
     """Offloaded tensors leave the device where the job's tensors stand for an accelerator's;
     on a CPU host memory is where they already are."""
-    layer_options = options_with_storage(storage_kinds)
-    shallow = replace(spec, model=replace(spec.model, layers=len(layer_options)))
-    plan = plan_of(layer_options)
+    kept_outputs = kept_output_choices(spec) if operator_choices else ()
+    profiled = layer_options(storage_kinds, kept_outputs)
+    shallow = replace(spec, model=replace(spec.model, layers=len(profiled)))
+    plan = plan_of(profiled)
     host_apart = spec.imagined_device == "cuda"
     mode, work = fake_workload(shallow, plan, host_apart)
     with mode:
@@ -617,7 +648,7 @@ def _profile_step(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> StepPro
 
     options: dict[LayerOption, OptionProfile] = {}
     layer_saved: dict[LayerOption, int] = {}
-    for index, option in enumerate(layer_options):
+    for index, option in enumerate(profiled):
         forward, backward_phase = phases[f"forward:{index}"], phases[f"backward:{index}"]
         forward_end = phases[after(f"forward:{index}")]
         backward_end = phases[after(f"backward:{index}")]
@@ -678,15 +709,22 @@ def roofline_source(rates: tuple[float, float]) -> str:
     )
 
 
+def option_units(option: LayerOption) -> LayerUnits:
+    """The units one layer recomputes under `option`, each with how, as the layer takes them:
+    a whole layer recomputed (a one-layer segment in the plan) included."""
+    plan = plan_of((option,))
+    units = layer_units(plan, 0)
+    if plan.segments:
+        saved = plan.saved_ops_of(0)
+        units[LAYER] = Recompute(None if saved is None else saved_ops_context(saved))
+    return units
+
+
 def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfile:
     """`profile` with each option's cost measured on the job's device: one layer's forward and
     backward under the option less under `nothing` (median of repeats; a difference below
     zero is timing noise and counts as 0). Storage runs for real, its transfers included."""
-    ways = {
-        option: (layer_units(plan, 0), plan.storage_of(0))
-        for option in profile.options
-        for plan in (plan_of((option,)),)
-    }
+    ways = {option: (option_units(option), _storage_kind(option)) for option in profile.options}
     ms = time_layer_steps(spec, ways, MEASURED_REPEATS)
     costs = {option: max(0, round((ms[option] - ms[()]) * 1e9)) for option in profile.options}
     source = (

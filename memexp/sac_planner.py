@@ -33,46 +33,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
-from torch.utils.flop_counter import flop_registry
 
 from memexp import analytic
 from memexp.config import ExperimentSpec
 from memexp.estimate import predict
-from memexp.measure.flops import fake_workload
+from memexp.measure.flops import Roofline, fake_workload
+from memexp.operator_choices import saved_operator_names
 from memexp.plan import CheckpointPlan
 from memexp.text import GIB
 from memexp.training import Workload, backward, forward_loss, optimizer_step
 
 ROOFLINE_MEASURED = "measured on this machine's CPU: one matmul and one add of the layer's sizes"
 ROOFLINE_GIVEN = "given: strategy.roofline_tflops and strategy.roofline_gbps"
-
-OperatorTime = Callable[[Any, Any, Any], tuple[Any, float]]
-
-
-@dataclass(frozen=True)
-class Roofline:
-    """Operator time as max(FLOPs / peak, bytes moved / bandwidth), in milliseconds."""
-
-    tflops: float
-    gbps: float
-    source: str
-
-    def estimate(self, func: Any, args: Any, kwargs: Any) -> tuple[Any, float]:
-        """Run `func` (on fake tensors) and return its output and estimated milliseconds: the
-        signature of RuntimeEstimator's and SACEstimator's operator-time functions."""
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        tensors = [
-            t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)
-        ]
-        moved = sum(t.numel() * t.element_size() for t in tensors)
-        packet = func._overloadpacket
-        flops = (
-            flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-        )
-        seconds = max(flops / (self.tflops * 1e12), moved / (self.gbps * 1e9))
-        return out, seconds * 1e3
 
 
 def measured_roofline(spec: ExperimentSpec) -> Roofline:
@@ -193,19 +165,6 @@ class SacDecision:
 
     def predicted_peak_bytes(self, correction_bytes: int) -> int:
         return self.ilp_peak_bytes + correction_bytes
-
-
-def saved_operator_names(stats: Any, keep: list[int]) -> tuple[str, ...]:
-    """`<op>#<occurrence>` of each operator the per-module ILP keeps (1 in `keep`), numbered as
-    memexp.model.SavedOpsPolicy numbers them."""
-    seen: dict[str, int] = {}
-    names = []
-    for name, decision in zip(stats.func_names, keep, strict=True):
-        occurrence = seen.get(name, 0)
-        seen[name] = occurrence + 1
-        if decision == 1:
-            names.append(f"{name}#{occurrence}")
-    return tuple(names)
 
 
 def decide(profile: SacProfile, budget_bytes: int) -> SacDecision | None:

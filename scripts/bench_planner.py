@@ -19,10 +19,10 @@ and `none` run once and are compared with every budget. Every figure is a job's 
 - predicted recompute: the plan's recompute time under one cost model for every planner,
   `memexp.planner.predict(profile, options).recompute_ps` on the model's recomputation-only
   profile (the roofline of `device.peak_tflops` / `device.memory_gbps`, else the imagined
-  device's rates; the cost source is named under each table), the plan read as layer options by
-  `memexp.planner.options_of`; where no layer option expresses an eager plan (sac_milp's
-  per-operator saved lists; the reason is noted), marked †, the same roofline over the plan's
-  whole step less `none`'s (`memexp.measure.flops.step_roofline_ps`, equal to the profile's
+  device's rates; the cost source is named under each table; adaptive's options, the layer's
+  operator choices included), the plan read as layer options by `memexp.planner.options_of`;
+  where the profile holds no such option (sac_milp's own per-layer sets of operator outputs;
+  the reason is noted), marked †, the same roofline over the plan's whole step less `none`'s (`memexp.measure.flops.step_roofline_ps`, equal to the profile's
   prediction wherever both apply); "-" for compile_budget's compiled forward;
 - adaptive within this peak: for a peer's measured plan (op, sac_milp), the predicted recompute
   time of the plan adaptive's solver picks on the same profile held to that peer's measured
@@ -93,7 +93,7 @@ class CommonCost:
         spec = validate(
             compose_overrides(f"model={model}", f"device={device}", "strategy=adaptive")
         )
-        return cls(spec, planner.profile_step(spec))
+        return cls(spec, planner.profile_step(spec, (), operator_choices=True))
 
     @cached_property
     def nothing_ps(self) -> int:
@@ -107,16 +107,19 @@ class CommonCost:
         return self.priced[plan]
 
     def _price(self, plan: CheckpointPlan) -> tuple[str, str | None]:
+        if plan.compiled is not None:  # the docstring says why: no eager plan to price
+            return "-", None
         try:
             choices = planner.options_of(plan)
+            unprofiled = [c for c in set(choices) if c not in self.profile.options]
+            if unprofiled:
+                raise ValueError(
+                    f"{len(unprofiled)} of its layer options, its own sets of operator outputs, "
+                    "are not among the profiled ones"
+                )
         except ValueError as error:
-            if plan.compiled is not None:  # the docstring says why: no eager plan to price
-                return "-", None
             ps = step_roofline_ps(self.spec, plan) - self.nothing_ps
-            return (
-                f"†{ps / 1e9:,.2f}",
-                f"no layer option expresses it ({error}); † priced on its own step",
-            )
+            return f"†{ps / 1e9:,.2f}", f"{error}; † priced on its own step"
         return f"{planner.predict(self.profile, choices).recompute_ps / 1e9:,.2f}", None
 
     def adaptive_within(self, peak: int | None) -> str:

@@ -96,14 +96,16 @@ def workload_figures_once() -> Iterator[None]:
     fake tensors takes seconds; many tests ask for the same tiny workload's. Within this session
     each is computed once and handed out as a fresh copy, decoded from its stored data as a
     sweep's later jobs get it."""
-    profiles: dict[tuple[str, tuple[str, ...]], Any] = {}
+    profiles: dict[tuple[str, tuple[str, ...], bool], Any] = {}
     flops: dict[str, int] = {}
     profile, count = planner._profile_step, estimate._count_without_checkpointing
 
-    def profile_once(spec: ExperimentSpec, storage_kinds: Sequence[str]) -> planner.StepProfile:
-        key = (workload_key(spec), tuple(storage_kinds))
+    def profile_once(
+        spec: ExperimentSpec, storage_kinds: Sequence[str], operator_choices: bool
+    ) -> planner.StepProfile:
+        key = (workload_key(spec), tuple(storage_kinds), operator_choices)
         if key not in profiles:
-            profiles[key] = planner.profile_to_data(profile(spec, storage_kinds))
+            profiles[key] = planner.profile_to_data(profile(spec, storage_kinds, operator_choices))
         return planner.profile_from_data(copy.deepcopy(profiles[key]))
 
     def count_once(spec: ExperimentSpec) -> int:

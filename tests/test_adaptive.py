@@ -232,7 +232,7 @@ def test_at_ops_measured_peak_adaptive_recomputes_no_more_time_than_op(
 def test_options_of_inverts_plan_of_for_every_option_and_storage_kind() -> None:
     """Every option, stored each way, laid out one per layer, comes back as it went in; so do
     the uniform plans of each option (the fixed strategies' shape)."""
-    choices = planner.options_with_storage(("bf16", "fp8", "int8", "host", "disk"))
+    choices = planner.layer_options(("bf16", "fp8", "int8", "host", "disk"))
     assert len(choices) == 17 + 5 * 15
     assert planner.options_of(planner.plan_of(choices)) == choices
     for option in choices:
@@ -240,16 +240,13 @@ def test_options_of_inverts_plan_of_for_every_option_and_storage_kind() -> None:
 
 
 def test_options_of_reads_one_layer_checkpoints_and_refuses_what_no_option_expresses() -> None:
-    """A one-layer checkpoint keeping no operator output is the whole layer; a multi-layer
-    segment, a chosen list of operator outputs (sac_milp's), a compiled forward and plan-wide
-    storage have no layer option, and the error names why."""
+    """A one-layer checkpoint keeping no operator output is the whole layer (one keeping a
+    chosen list is `layer@keep:…`: tests/test_operator_choices.py); a multi-layer segment, a
+    compiled forward and plan-wide storage have no layer option, and the error names why."""
     keeps_nothing = CheckpointPlan(3, segments=((1, 2),), saved_ops=((1, ()),))
     assert planner.options_of(keeps_nothing) == ((), (planner.LAYER,), ())
     refused = {
         "layers 0-1 are recomputed as one checkpoint": CheckpointPlan(3, segments=((0, 2),)),
-        "layer 2 keeps 4 chosen operator output(s) (mm#0, mm#1, bmm#0, …)": CheckpointPlan(
-            3, segments=((2, 3),), saved_ops=((2, ("mm#0", "mm#1", "bmm#0", "addmm#2")),)
-        ),
         "a compiled forward's recomputation is its partitioner's, not per layer": CheckpointPlan(
             3, compiled=CompiledForward("inductor", 0.5)
         ),
@@ -308,7 +305,7 @@ def test_a_budget_below_every_plan_is_infeasible_with_the_smallest_peak(
     specs: dict[str, ExperimentSpec], profiles: dict[str, StepProfile], monkeypatch
 ) -> None:
     profile = profiles["fp32"]
-    monkeypatch.setattr(planner, "profile_step", lambda spec, storage_kinds=(): profile)
+    monkeypatch.setattr(planner, "profile_step", lambda spec, *options: profile)
     for scope, words in adaptive.SCOPE_WORDS.items():
         lowest = leanest(profile, scope).peak_bytes
         cfg = adaptive.AdaptiveConfig(budget_mb=(lowest - 1) / MIB, budget_scope=scope)
@@ -415,7 +412,7 @@ def test_a_plan_measured_over_budget_is_tightened_and_planned_again(
         embedding_net_bytes=profile.embedding_net_bytes
         - profile.options[()].kept_bytes * profile.layers // 3,
     )
-    monkeypatch.setattr(planner, "profile_step", lambda spec, storage_kinds=(): optimistic)
+    monkeypatch.setattr(planner, "profile_step", lambda spec, *options: optimistic)
     budget_mb = middle_budget_mb(profile)
     record = run_adaptive(tiny_cfg, tmp_path, f"strategy.budget_mb={budget_mb}")
     rounds = record.extra["adaptive"]["rounds"]

@@ -41,7 +41,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training", "sharded_states"),  # one training step in phases; a rank's states, closed form
     ("sharding",),  # one rank's share of a workload (fully_shard, ZeRO-1)
     ("measure",),  # timing, memory steps, saved bytes, FLOPs: figures, never records
-    ("estimate",),  # the fake device: prediction on fake tensors, batch search
+    # the fake device: prediction on fake tensors, batch search; a layer's operators as PyTorch's
+    # SAC estimator sees them, and the sets of their outputs worth keeping
+    ("estimate", "operator_choices"),
     ("devices",),  # one measurement backend per device kind
     ("planner", "sac_planner"),  # adaptive's profile, peak model and solver; PyTorch's ILP
     ("strategies",),  # strategy → CheckpointPlan

@@ -18,6 +18,7 @@ from memexp import sac_planner
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.configure import validate
 from memexp.estimate import predict
+from memexp.measure.flops import Roofline
 from memexp.measure.memory import measure_memory
 from memexp.model import OP_POLICIES, UNNUMBERED_OPS
 from memexp.plan import CheckpointPlan, CompiledForward
@@ -98,7 +99,7 @@ def test_the_roofline_rates_come_together(tiny_cfg: Callable[..., DictConfig]) -
 
 
 def test_the_roofline_charges_matmuls_by_flops_and_element_wise_ops_by_bytes() -> None:
-    roofline = sac_planner.Roofline(tflops=1.0, gbps=1.0, source="given")
+    roofline = Roofline(tflops=1.0, gbps=1.0, source="given")
     a, b = torch.ones(64, 32), torch.ones(32, 16)
     _, matmul_ms = roofline.estimate(torch.ops.aten.mm.default, (a, b), {})
     _, add_ms = roofline.estimate(torch.ops.aten.add.Tensor, (a, a), {})
@@ -122,7 +123,7 @@ def test_sac_milp_plans_within_its_corrected_budget(tiny_spec: SpecFn) -> None:
     correction) is within the budget, and so is memexp's exact prediction of the plan; the
     correction is the difference of the two models' peaks of `none`."""
     spec = sac_spec(tiny_spec)
-    roofline = sac_planner.Roofline(0.1, 10.0, sac_planner.ROOFLINE_GIVEN)
+    roofline = Roofline(0.1, 10.0, sac_planner.ROOFLINE_GIVEN)
     profile = sac_planner.profile(spec, "forward_backward", roofline)
     nothing = none_peak(spec)
     assert profile.memexp_baseline_peak_bytes == nothing

@@ -9,13 +9,19 @@ each operator takes the longer of its FLOPs at the peak rate and its bytes at th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    sdpa_backward_flop,
+    sdpa_flop,
+)
 
 from memexp.config import ExperimentSpec
 from memexp.plan import CheckpointPlan
@@ -141,3 +147,26 @@ class RooflineClock(TorchDispatchMode):
             moved = _bytes_of((args, kwargs)) + written
             self.picoseconds += round(max(flops / self.flops_per_ps, moved / self.bytes_per_ps))
         return out
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """One operator's time as max(FLOPs / peak, bytes read and written / bandwidth), in
+    milliseconds, in the form PyTorch's estimators take (`torch.distributed._tools`'
+    RuntimeEstimator and SACEstimator): their own estimate needs a CUDA device."""
+
+    tflops: float
+    gbps: float
+    source: str
+
+    def estimate(self, func: Any, args: Any, kwargs: Any) -> tuple[Any, float]:
+        """Run `func` (on fake tensors) and return its output and estimated milliseconds."""
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        moved = _bytes_of((args, kwargs, out))
+        packet = func._overloadpacket
+        flops = (
+            flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        )
+        seconds = max(flops / (self.tflops * 1e12), moved / (self.gbps * 1e9))
+        return out, seconds * 1e3

@@ -12,8 +12,9 @@ peak and the lowest peak any plan reaches, both over the scope, so that `adaptiv
 between `none` and the leanest plan rather than either end.
 
 Planning (memexp.planner) profiles the job's layer under each of its options (each unit kept,
-recomputed whole or recomputed element-wise; with `storage` kinds, what the layer saves stored
-that way) on fake tensors, predicts the step's peak for any per-layer plan and solves for the
+recomputed whole or recomputed element-wise; with `operator_choices`, the whole layer
+recomputed keeping each set of its operators' outputs worth keeping, memexp.operator_choices;
+with `storage` kinds, what the layer saves stored that way) on fake tensors, predicts the step's peak for any per-layer plan and solves for the
 plan of least recompute time within the budget exactly. The time each option adds to the
 layer's forward and backward is, by `cost_source`, `measured` (one layer timed per option on
 the job's device), `roofline` (each operator's max(FLOPs / device.peak_tflops, bytes moved /
@@ -63,6 +64,9 @@ class AdaptiveConfig:
     budget_ratio: float | None = None
     budget_scope: str = SCOPE_FORWARD_BACKWARD  # step | forward_backward
     max_rounds: int = 3
+    # Also offer each layer recomputed whole keeping a chosen set of its operators' outputs
+    # (memexp.operator_choices): the sets no other beats on bytes kept and time saved.
+    operator_choices: bool = True
     cost_source: str = COST_AUTO  # auto | measured | roofline
     # Storage kinds (memexp.storage) a layer may store what it still saves as, besides keeping
     # it: bf16 | fp8 | int8 (lossy) | host | disk. Empty: recomputation only.
@@ -190,7 +194,7 @@ class BudgetPlanner:
         from memexp.planner import COST_MEASURED, profile_step, with_measured_costs
 
         self.storage_kinds = offered_storage(cfg)
-        self.profile = profile_step(spec, self.storage_kinds)
+        self.profile = profile_step(spec, self.storage_kinds, cfg.operator_choices)
         if cost_source(cfg, spec) == COST_MEASURED:
             self.profile = with_measured_costs(self.profile, spec)
         self.scope = cfg.budget_scope
@@ -235,7 +239,7 @@ class BudgetPlanner:
         time it adds to the layer (the solver's cost, from `cost_source`) and one timed
         forward. Per layer option: its recompute time, the cost the solver weighs.
         """
-        from memexp.planner import PROFILE_SOURCE, option_name
+        from memexp.planner import PROFILE_SOURCE, keeps_chosen_outputs, option_name
 
         options = self.profile.options
         nothing = options[()]
@@ -259,6 +263,7 @@ class BudgetPlanner:
             "units": units,
             "cost_source": self.profile.cost_source,
             "storage_offered": list(self.storage_kinds),
+            "operator_choices_offered": sum(map(keeps_chosen_outputs, options)),
             "option_recompute_ms": {
                 option_name(option): stats.recompute_ps / 1e9 for option, stats in options.items()
             },

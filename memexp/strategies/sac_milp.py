@@ -64,6 +64,7 @@ class SacPlanning:
 
     def __init__(self, spec: ExperimentSpec) -> None:
         from memexp import sac_planner
+        from memexp.measure.flops import Roofline
 
         cfg = spec.strategy
         started = time.monotonic()
@@ -72,9 +73,7 @@ class SacPlanning:
         roofline = (
             sac_planner.measured_roofline(spec)
             if cfg.roofline_tflops is None
-            else sac_planner.Roofline(
-                cfg.roofline_tflops, cfg.roofline_gbps, sac_planner.ROOFLINE_GIVEN
-            )
+            else Roofline(cfg.roofline_tflops, cfg.roofline_gbps, sac_planner.ROOFLINE_GIVEN)
         )
         self.profile: SacProfile = sac_planner.profile(spec, self.scope, roofline)
         self.decision: SacDecision | None = sac_planner.decide(self.profile, self.budget.bytes)
