@@ -20,6 +20,7 @@ from memexp import planner
 from memexp.config import ConfigError, ExperimentSpec
 from memexp.measure.flops import RooflineClock, flop_counter, step_flops
 from memexp.measure.memory import measure_memory
+from memexp.measure.timing import spread
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.planner import cheapest_within, predict
 from memexp.results import SCOPE_FORWARD_BACKWARD
@@ -151,6 +152,40 @@ def test_measured_costs_come_from_the_jobs_device(tiny_spec: SpecFn) -> None:
     assert {o: s.kept_bytes for o, s in measured.options.items()} == {
         o: s.kept_bytes for o, s in profile.options.items()
     }
+
+
+def test_a_measured_difference_inside_the_noise_is_priced_on_the_scaled_roofline(
+    tiny_spec: SpecFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole layer measures 10 ms above `nothing`, clear of both spreads: measured. Every
+    other option differs from `nothing` by less than its spread: its roofline price, times the
+    whole layer's measured / roofline ratio, never 0 for noise. With nothing resolved, the
+    roofline stays."""
+    spec = tiny_spec("seq.len=8")
+    profile = planner.profile_step(spec)
+    layer = (LAYER,)
+    noisy = spread([9.0, 10.5, 10.0, 9.5, 11.0])  # median 10 ms, IQR 1 ms
+    steady = spread([10.0] * 5)
+
+    def timed(*layer_ms: float) -> Callable[..., dict]:
+        return lambda spec, ways, repeats: {
+            option: spread(list(layer_ms)) if option == layer else (steady if not option else noisy)
+            for option in ways
+        }
+
+    monkeypatch.setattr(planner, "time_layer_steps", timed(20.0, 20.0, 20.0, 20.0, 20.0))
+    measured = planner.with_measured_costs(profile, spec)
+    scale = 10 * 10**9 / profile.cost(layer)
+    assert measured.cost(layer) == 10 * 10**9
+    assert measured.cost(("ffn",)) == round(profile.cost(("ffn",)) * scale) > 0
+    assert measured.cost(()) == 0
+    assert f"1 of {len(profile.options) - 1} options above the timing noise" in measured.cost_source
+    monkeypatch.setattr(planner, "time_layer_steps", timed(10.0, 10.1, 9.9, 10.3, 9.7))
+    unresolved = planner.with_measured_costs(profile, spec)
+    assert {o: unresolved.cost(o) for o in profile.options} == {
+        o: profile.cost(o) for o in profile.options
+    }
+    assert "no option's difference was larger than the timing noise" in unresolved.cost_source
 
 
 def test_storage_kinds_are_offered_within_the_error_bound() -> None:

@@ -123,8 +123,8 @@ def offered_storage(cfg: AdaptiveConfig) -> tuple[str, ...]:
 def cost_source(cfg: AdaptiveConfig, spec: ExperimentSpec) -> str:
     """`auto`: measured on a GPU, the roofline elsewhere. On the fake device nothing runs; on a
     CPU an option's cost is a difference of two step times that the host's other work moves by
-    more than the difference (on a 2-core machine under load 1-2 the whole-layer checkpoint
-    measured 0 ms, so the solver took it as free and recomputed every layer)."""
+    more than most differences (on a 2-core machine under load 1-2, nearly every option's
+    difference is inside the spread of its repeats)."""
     if cfg.cost_source != COST_AUTO:
         return cfg.cost_source
     return "measured" if spec.device == CUDA_DEVICE else "roofline"
