@@ -137,7 +137,10 @@ def test_an_interpolation_that_fails_is_a_record_with_what_identity_can_be_read(
 
 @pytest.mark.parametrize(
     ("interrupt", "cause"),
-    [(KeyboardInterrupt(), "Ctrl-C (SIGINT)"), (Terminated("SIGTERM"), "SIGTERM")],
+    [
+        (KeyboardInterrupt(), "Ctrl-C (SIGINT)"),
+        pytest.param(Terminated("SIGTERM"), "SIGTERM", marks=pytest.mark.slow),
+    ],
 )
 def test_an_interrupt_is_recorded_then_stops_the_sweep(
     tiny_cfg: Callable[..., DictConfig],
@@ -292,6 +295,7 @@ def test_a_step_beyond_host_memory_is_refused_before_it_allocates(
     assert record.peak_bytes is None and record.step_ms_median is None  # nothing ran
 
 
+@pytest.mark.slow
 def test_the_host_memory_floor_is_below_the_measured_peak(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

@@ -179,6 +179,7 @@ def test_a_compressed_step_saves_the_bytes_of_the_formula(kind: str, tiny_spec: 
     assert expected < {"bf16": 0.55, "fp8": 0.3, "int8": 0.3}[kind] * kept
 
 
+@pytest.mark.slow
 def test_disk_offload_writes_and_reads_each_saved_tensor_once(
     tiny_spec: SpecFn, tmp_path: Path
 ) -> None:
@@ -252,6 +253,7 @@ def test_compress_stores_its_base_plan_compressed(tiny_spec: SpecFn) -> None:
     assert make_plan(tiny_spec("strategy=offload", "strategy.to=disk")).storage == "disk"
 
 
+@pytest.mark.slow
 def test_the_fake_device_predicts_offloading_transfers_from_its_bandwidths(
     tiny_spec: SpecFn,
 ) -> None:
