@@ -53,7 +53,8 @@ backward), from one of two sources (`StepProfile.cost_source`):
               (memexp.config.ROOFLINE_DEFAULTS): deterministic, the fake device's source
     measured  one layer at the job's shapes, its forward and backward timed on the job's
               device under each option (`with_measured_costs`: median of repeats, interleaved,
-              less the layer that recomputes nothing; a negative difference is noise, 0)
+              less the layer that recomputes nothing; a difference inside the timing noise is
+              priced on the roofline, scaled by the resolved options' measured / roofline ratio)
 
 On the roofline an offloading option also pays its transfers: the bytes it takes off the
 device (what it holds less than the same option kept), out and back, over `device.host_gbps`
@@ -107,6 +108,7 @@ plan. `predict` names every point, so it gives both peaks of a plan.
 from __future__ import annotations
 
 import bisect
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -722,14 +724,45 @@ def option_units(option: LayerOption) -> LayerUnits:
 
 def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfile:
     """`profile` with each option's cost measured on the job's device: one layer's forward and
-    backward under the option less under `nothing` (median of repeats; a difference below
-    zero is timing noise and counts as 0). Storage runs for real, its transfers included."""
+    backward under the option less under `nothing` (median of repeats, interleaved; storage
+    runs for real, its transfers included).
+
+    A difference counts as measured only where it is larger than the noise: the difference of
+    the medians above half the sum of the two interquartile ranges. An option whose difference
+    is not (its cost hidden in the host's other work, or no cost at all) is priced on the
+    roofline instead, scaled into this device's time by the median measured / roofline ratio
+    of the options that are resolved; with none resolved, the roofline profile is kept. A
+    difference is never clamped to zero, so no option looks free for noise.
+    """
     ways = {option: (option_units(option), _storage_kind(option)) for option in profile.options}
-    ms = time_layer_steps(spec, ways, MEASURED_REPEATS)
-    costs = {option: max(0, round((ms[option] - ms[()]) * 1e9)) for option in profile.options}
+    timed = time_layer_steps(spec, ways, MEASURED_REPEATS)
+    base = timed[()]
+    resolved = {
+        option: round((stats.median - base.median) * 1e9)
+        for option, stats in timed.items()
+        if stats.median - base.median > (stats.iqr + base.iqr) / 2
+    }
+    ratios = [ps / profile.cost(option) for option, ps in resolved.items() if profile.cost(option)]
+    how = (
+        f"one layer's forward and backward per option on {spec.device}, median of "
+        f"{MEASURED_REPEATS}, less those of the layer that recomputes nothing"
+    )
+    if not ratios:
+        return profile.with_costs(
+            {option: profile.cost(option) for option in profile.options},
+            f"{profile.cost_source} ({COST_MEASURED} was tried, {how}: no option's difference "
+            "was larger than the timing noise)",
+        )
+    scale = statistics.median(ratios)
+    costs = {
+        option: resolved.get(option, round(profile.cost(option) * scale))
+        for option in profile.options
+    }
+    costs[()] = 0
     source = (
-        f"{COST_MEASURED}: one layer's forward and backward per option on {spec.device}, median "
-        f"of {MEASURED_REPEATS}, less those of the layer that recomputes nothing"
+        f"{COST_MEASURED}: {how}; {len(resolved)} of {len(costs) - 1} options above the timing "
+        f"noise (difference of medians > half the sum of the IQRs), the others on the roofline "
+        f"× {scale:.3g} (the median measured / roofline ratio of those)"
     )
     return profile.with_costs(costs, source)
 

@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench_solver.py --out scripts/results/bench_solver.md
 
 Solver. The `small` layer in a 32-layer model, profiled on fake tensors (device=fake, the
-H200 roofline), then `cheapest_within` at a ladder of budgets from the leanest plan's
+H200 roofline) under adaptive's default options (the unit options and the layer's operator
+choices), then `cheapest_within` at a ladder of budgets from the leanest plan's
 forward+backward peak to `none`'s, and `leanest` once: CPU time (time.process_time, which the
 other processes on a shared machine do not inflate) and wall time of each. Nothing is asserted:
 the tests check the solver's answers (equal to exhaustive search), this checks its speed.
@@ -65,7 +66,9 @@ def solver_section() -> list[str]:
         compose_overrides("model=small", f"model.layers={LAYERS}", "device=fake", "logger=none"),
         cuda_available=False,
     )
-    profile, profile_cpu, profile_wall = timed(lambda: planner.profile_step(spec))
+    profile, profile_cpu, profile_wall = timed(
+        lambda: planner.profile_step(spec, (), operator_choices=True)
+    )
     scope = SCOPE_FORWARD_BACKWARD
     lean, lean_cpu, lean_wall = timed(lambda: planner.leanest(profile, scope))
     nothing = planner.predict(profile, ((),) * LAYERS).peak_in(scope)
@@ -85,7 +88,8 @@ def solver_section() -> list[str]:
         )
     useful = planner._useful_options(profile, with_cost=True)
     return [
-        f"## Solver: `small`'s layer × {LAYERS}, {len(planner.OPTIONS)} options per layer",
+        f"## Solver: `small`'s layer × {LAYERS}, {len(profile.options)} options per layer "
+        f"({len(planner.OPTIONS)} unit options, the rest operator choices)",
         "",
         f"Profile (fake tensors, once per job): {profile_cpu:.1f} s CPU, {profile_wall:.1f} s "
         f"wall. Cost source: {profile.cost_source}. Options no other beats everywhere, "

@@ -18,8 +18,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memexp import planner
 from memexp.config import ConfigError, ExperimentSpec
+from memexp.measure.fidelity import gradient_error
 from memexp.measure.flops import RooflineClock, flop_counter, step_flops
 from memexp.measure.memory import measure_memory
+from memexp.measure.timing import spread
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.planner import cheapest_within, predict
 from memexp.results import SCOPE_FORWARD_BACKWARD
@@ -153,14 +155,68 @@ def test_measured_costs_come_from_the_jobs_device(tiny_spec: SpecFn) -> None:
     }
 
 
-def test_storage_kinds_are_offered_within_the_error_bound() -> None:
+def test_a_measured_difference_inside_the_noise_is_priced_on_the_scaled_roofline(
+    tiny_spec: SpecFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole layer measures 10 ms above `nothing`, clear of both spreads: measured. Every
+    other option differs from `nothing` by less than its spread: its roofline price, times the
+    whole layer's measured / roofline ratio, never 0 for noise. With nothing resolved, the
+    roofline stays."""
+    spec = tiny_spec("seq.len=8")
+    profile = planner.profile_step(spec)
+    layer = (LAYER,)
+    noisy = spread([9.0, 10.5, 10.0, 9.5, 11.0])  # median 10 ms, IQR 1 ms
+    steady = spread([10.0] * 5)
+
+    def timed(*layer_ms: float) -> Callable[..., dict]:
+        return lambda spec, ways, repeats: {
+            option: spread(list(layer_ms)) if option == layer else (steady if not option else noisy)
+            for option in ways
+        }
+
+    monkeypatch.setattr(planner, "time_layer_steps", timed(20.0, 20.0, 20.0, 20.0, 20.0))
+    measured = planner.with_measured_costs(profile, spec)
+    scale = 10 * 10**9 / profile.cost(layer)
+    assert measured.cost(layer) == 10 * 10**9
+    assert measured.cost(("ffn",)) == round(profile.cost(("ffn",)) * scale) > 0
+    assert measured.cost(()) == 0
+    assert f"1 of {len(profile.options) - 1} options above the timing noise" in measured.cost_source
+    monkeypatch.setattr(planner, "time_layer_steps", timed(10.0, 10.1, 9.9, 10.3, 9.7))
+    unresolved = planner.with_measured_costs(profile, spec)
+    assert {o: unresolved.cost(o) for o in profile.options} == {
+        o: profile.cost(o) for o in profile.options
+    }
+    assert "no option's difference was larger than the timing noise" in unresolved.cost_source
+
+
+def test_on_the_fake_device_the_documented_error_bounds_stand_in(tiny_spec: SpecFn) -> None:
     everything = ["bf16", "fp8", "int8", "host", "disk"]
+    spec = tiny_spec("device=fake")
     config = adaptive.AdaptiveConfig(storage=everything)
-    assert adaptive.offered_storage(config) == tuple(everything)
+    assert adaptive.offered_storage(config, spec).kinds == tuple(everything)
     config.max_grad_rel_error = 0.01  # fp8's 2⁻⁴ is above it
-    assert adaptive.offered_storage(config) == ("bf16", "int8", "host", "disk")
+    offer = adaptive.offered_storage(config, spec)
+    assert offer.kinds == ("bf16", "int8", "host", "disk")
+    assert offer.errors == {"bf16": 2.0**-8, "fp8": 2.0**-4, "int8": 1 / 254}
+    assert offer.basis == adaptive.ERROR_DOCUMENTED
     config.max_grad_rel_error = 0.0  # lossless only
-    assert adaptive.offered_storage(config) == ("host", "disk")
+    assert adaptive.offered_storage(config, spec).kinds == ("host", "disk")
+
+
+@pytest.mark.slow
+def test_on_a_device_that_runs_the_gradient_error_is_measured(tiny_spec: SpecFn) -> None:
+    """Each lossy kind's error is that of a step with every layer stored that way, against the
+    step with nothing stored: bf16 (8 significant bits) errs less than fp8 (4), and a bound
+    between the two offers bf16 and not fp8."""
+    spec = tiny_spec(*("model.layers=2", "seq.len=64", "model.vocab_size=64"))
+    config = adaptive.AdaptiveConfig(storage=["bf16", "fp8", "disk"], max_grad_rel_error=1.0)
+    offer = adaptive.offered_storage(config, spec)
+    assert offer.basis == adaptive.ERROR_MEASURED and offer.kinds == ("bf16", "fp8", "disk")
+    assert 0 < offer.errors["bf16"] < offer.errors["fp8"]
+    stored = CheckpointPlan(2, stored=((0, "fp8"), (1, "fp8")))
+    assert offer.errors["fp8"] == gradient_error(spec, stored).relative_error
+    config.max_grad_rel_error = (offer.errors["bf16"] + offer.errors["fp8"]) / 2
+    assert adaptive.offered_storage(config, spec).kinds == ("bf16", "disk")
 
 
 def test_storage_kinds_must_be_known(tiny_spec: SpecFn) -> None:

@@ -48,11 +48,35 @@ def loss_and_gradients(
 
 def gradient_error(spec: ExperimentSpec, plan: CheckpointPlan) -> GradientError:
     """`plan`'s step against the same plan with its saved tensors kept as made."""
-    reference_loss, reference = loss_and_gradients(spec, replace(plan, storage="keep", stored=()))
-    loss, gradients = loss_and_gradients(spec, plan)
+    reference = loss_and_gradients(spec, replace(plan, storage="keep", stored=()))
+    return _against(reference, loss_and_gradients(spec, plan))
+
+
+def errors_stored_everywhere(
+    spec: ExperimentSpec, kinds: tuple[str, ...]
+) -> dict[str, GradientError]:
+    """Each storage kind's error with every layer's saved tensors stored that way, the most a
+    plan can store in one kind: one reference step with nothing stored, then one per kind."""
+    layers = spec.model.layers
+    reference = loss_and_gradients(spec, CheckpointPlan.nothing(layers))
+    return {
+        kind: _against(
+            reference,
+            loss_and_gradients(
+                spec, CheckpointPlan(layers, stored=tuple((i, kind) for i in range(layers)))
+            ),
+        )
+        for kind in kinds
+    }
+
+
+def _against(
+    reference: tuple[float, dict[str, torch.Tensor]], stored: tuple[float, dict[str, torch.Tensor]]
+) -> GradientError:
+    (reference_loss, expected_by_name), (loss, gradients) = reference, stored
     difference_sq = reference_sq = 0.0
     worst_name, worst = "", 0.0
-    for name, expected in reference.items():
+    for name, expected in expected_by_name.items():
         expected64 = expected.double()
         diff_sq = float((gradients[name].double() - expected64).square().sum())
         ref_sq = float(expected64.square().sum())

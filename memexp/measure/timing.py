@@ -232,14 +232,15 @@ def time_layer_steps(
     spec: ExperimentSpec,
     ways: Mapping[Hashable, tuple[LayerUnits, str | None]],
     repeats: int = 5,
-) -> dict[Hashable, float]:
-    """Milliseconds of one layer's forward and backward on the job's device under each way of
-    running it (units recomputed, and a storage kind for what it saves, or None): what each
-    way costs in time, against the way that keeps all.
+) -> dict[Hashable, Measurement]:
+    """One layer's forward and backward on the job's device under each way of running it
+    (units recomputed, and a storage kind for what it saves, or None), in milliseconds: what
+    each way costs in time, against the way that keeps all, with the spread that says whether
+    a difference is more than noise.
 
     One layer at the job's batch and sequence, so any model that runs can be timed. Each
     repeat runs every way once, in turn, so that a change of machine load falls on all of
-    them alike; the median of `repeats` is kept, after one untimed warm-up of each.
+    them alike; `repeats` samples each (median and IQR), after one untimed warm-up of each.
     """
     device = torch.device(spec.device)
     now = _clock(device)
@@ -264,4 +265,4 @@ def time_layer_steps(
             ms = step_ms(units, kind)
             if round_:  # the first round warms up
                 samples[key].append(ms)
-    return {key: spread(values).median for key, values in samples.items()}
+    return {key: spread(values) for key, values in samples.items()}

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memexp.config import CUDA_DEVICE, ConfigError
+from memexp.config import CUDA_DEVICE, FAKE_DEVICE, ConfigError
 from memexp.plan import STORAGE_KINDS, UNITS
 from memexp.results import PEAK_FIELDS, SCOPE_FORWARD_BACKWARD, SCOPE_STEP, InfeasibleError
 from memexp.strategies.base import Measure, Outcome, Strategy
@@ -54,7 +54,13 @@ COST_SOURCES = (COST_AUTO, "measured", "roofline")  # the last two: memexp.plann
 # documents it: bf16 keeps 8 significant bits (2⁻⁸ of the element); fp8 e4m3 keeps 4 (2⁻⁴,
 # within its normal range); int8 rounds to 1/254 of its channel's absmax (so 2⁻⁸ of the
 # channel's largest element, more of its small ones). Lossless kinds (host, disk) have none.
+# What stands in for a gradient error on the fake device, where no tensor has values.
 ERROR_BOUNDS = {"bf16": 2.0**-8, "fp8": 2.0**-4, "int8": 1.0 / 254}
+ERROR_MEASURED = (
+    "measured: every layer's saved tensors stored that way, one step's gradients against the "
+    "same step with nothing stored (‖g − g_ref‖ / ‖g_ref‖)"
+)
+ERROR_DOCUMENTED = "documented per-element bound (fake tensors hold no values to measure)"
 
 
 @dataclass
@@ -71,8 +77,9 @@ class AdaptiveConfig:
     # Storage kinds (memexp.storage) a layer may store what it still saves as, besides keeping
     # it: bf16 | fp8 | int8 (lossy) | host | disk. Empty: recomputation only.
     storage: list[str] = field(default_factory=list)
-    # The largest relative error a lossy kind may put on a saved element (its documented bound,
-    # `ERROR_BOUNDS`); kinds above it are not offered. None: no bound.
+    # The largest gradient relative error a lossy kind may bring, measured with every layer
+    # stored that way (on the fake device: its documented per-element bound, `ERROR_BOUNDS`);
+    # kinds above it are not offered. None: no bound.
     max_grad_rel_error: float | None = None
 
 
@@ -111,20 +118,42 @@ def validate(cfg: AdaptiveConfig, model: ModelConfig) -> None:
         )
 
 
-def offered_storage(cfg: AdaptiveConfig) -> tuple[str, ...]:
-    """The storage kinds the planner may choose: those asked for, less the lossy ones whose
-    documented error is above `max_grad_rel_error`."""
+@dataclass(frozen=True)
+class StorageOffer:
+    """The storage kinds the planner may choose, and each lossy kind's error against the bound."""
+
+    kinds: tuple[str, ...]
+    errors: dict[str, float]  # lossy kind → its gradient relative error (or documented bound)
+    basis: str | None  # how `errors` were obtained; None when no bound was given
+
+
+def offered_storage(cfg: AdaptiveConfig, spec: ExperimentSpec) -> StorageOffer:
+    """The storage kinds asked for, less the lossy ones whose error is above
+    `max_grad_rel_error`. On a device that runs, a lossy kind's error is measured: the
+    gradients of one step with every layer stored that way (the most any plan stores in that
+    kind) against the same step with nothing stored. On the fake device, where no tensor has a
+    value, its documented per-element bound stands in."""
     bound = cfg.max_grad_rel_error
-    return tuple(
-        kind for kind in cfg.storage if bound is None or ERROR_BOUNDS.get(kind, 0.0) <= bound
-    )
+    lossy = tuple(kind for kind in cfg.storage if kind in ERROR_BOUNDS)
+    if bound is None or not lossy:
+        return StorageOffer(tuple(cfg.storage), {}, None)
+    if spec.device == FAKE_DEVICE:
+        errors, basis = {kind: ERROR_BOUNDS[kind] for kind in lossy}, ERROR_DOCUMENTED
+    else:
+        from memexp.measure.fidelity import errors_stored_everywhere
+
+        measured = errors_stored_everywhere(spec, lossy)
+        errors = {kind: error.relative_error for kind, error in measured.items()}
+        basis = ERROR_MEASURED
+    kinds = tuple(kind for kind in cfg.storage if errors.get(kind, 0.0) <= bound)
+    return StorageOffer(kinds, errors, basis)
 
 
 def cost_source(cfg: AdaptiveConfig, spec: ExperimentSpec) -> str:
     """`auto`: measured on a GPU, the roofline elsewhere. On the fake device nothing runs; on a
     CPU an option's cost is a difference of two step times that the host's other work moves by
-    more than the difference (on a 2-core machine under load 1-2 the whole-layer checkpoint
-    measured 0 ms, so the solver took it as free and recomputed every layer)."""
+    more than most differences (on a 2-core machine under load 1-2, nearly every option's
+    difference is inside the spread of its repeats)."""
     if cfg.cost_source != COST_AUTO:
         return cfg.cost_source
     return "measured" if spec.device == CUDA_DEVICE else "roofline"
@@ -193,7 +222,8 @@ class BudgetPlanner:
     def __init__(self, cfg: AdaptiveConfig, spec: ExperimentSpec) -> None:
         from memexp.planner import COST_MEASURED, profile_step, with_measured_costs
 
-        self.storage_kinds = offered_storage(cfg)
+        self.storage = offered_storage(cfg, spec)
+        self.storage_kinds = self.storage.kinds
         self.profile = profile_step(spec, self.storage_kinds, cfg.operator_choices)
         if cost_source(cfg, spec) == COST_MEASURED:
             self.profile = with_measured_costs(self.profile, spec)
@@ -263,6 +293,8 @@ class BudgetPlanner:
             "units": units,
             "cost_source": self.profile.cost_source,
             "storage_offered": list(self.storage_kinds),
+            "storage_errors": self.storage.errors,
+            "storage_error_basis": self.storage.basis,
             "operator_choices_offered": sum(map(keeps_chosen_outputs, options)),
             "option_recompute_ms": {
                 option_name(option): stats.recompute_ps / 1e9 for option, stats in options.items()
