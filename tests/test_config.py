@@ -67,8 +67,8 @@ def test_seq_and_batch_overrides_win_over_the_preset(compose_cfg: ComposeFn) -> 
     [
         (("model=small",), 256),
         (("model=small", "seq.len=1024"), 1024),  # a seq.len sweep needs no max_seq_len
-        (("model=medium", "seq.len=4096"), 4096),
-        (("model=seed_llama7b",), 4096),
+        pytest.param(("model=medium", "seq.len=4096"), 4096, marks=pytest.mark.slow),
+        pytest.param(("model=seed_llama7b",), 4096, marks=pytest.mark.slow),
         (("model=gpt2_medium", "seq.len=256"), 1024),  # GPT-2's table is fixed
         (("model=small", "model.max_seq_len=2048"), 2048),
     ],
@@ -86,8 +86,8 @@ def test_the_position_table_follows_the_workload_unless_the_preset_fixes_it(
     [
         ("tiny", False),
         ("small", False),
-        ("medium", False),
-        ("seed_llama7b", False),
+        pytest.param("medium", False, marks=pytest.mark.slow),
+        pytest.param("seed_llama7b", False, marks=pytest.mark.slow),
         ("gpt2_medium", True),
     ],
 )

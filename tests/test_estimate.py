@@ -206,7 +206,10 @@ def test_fake_device_predicts_a_shape_too_large_to_allocate_here(tiny_spec: Spec
     assert prediction.memory.peak_bytes > 12 * 2**30 > 4 * resident_bytes
 
 
-@pytest.mark.parametrize("shape", [(), ODD_SHAPE], ids=["tiny", "odd shape"])
+@pytest.mark.parametrize(
+    "shape",
+    [pytest.param((), id="tiny"), pytest.param(ODD_SHAPE, id="odd shape", marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("attention", [pytest.param("naive", marks=pytest.mark.slow), "sdpa"])
 def test_flops_without_checkpointing_are_affine_in_depth(
     shape: tuple[str, ...], attention: str, tiny_spec: SpecFn

@@ -135,12 +135,10 @@ def test_an_interpolation_that_fails_is_a_record_with_what_identity_can_be_read(
     assert "model.maxlen" in result.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("interrupt", "cause"),
-    [
-        (KeyboardInterrupt(), "Ctrl-C (SIGINT)"),
-        pytest.param(Terminated("SIGTERM"), "SIGTERM", marks=pytest.mark.slow),
-    ],
+    [(KeyboardInterrupt(), "Ctrl-C (SIGINT)"), (Terminated("SIGTERM"), "SIGTERM")],
 )
 def test_an_interrupt_is_recorded_then_stops_the_sweep(
     tiny_cfg: Callable[..., DictConfig],

@@ -197,6 +197,7 @@ def test_disk_offload_writes_and_reads_each_saved_tensor_once(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_offloading_to_disk_takes_its_bytes_off_the_tracked_device(tiny_spec: SpecFn) -> None:
     """At the forward's last op every offloaded tensor is gone from the CPU's tracked memory,
     but the log-probabilities, which cross_entropy still holds there (b·s·V fp32)."""
