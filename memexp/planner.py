@@ -112,7 +112,8 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 import torch
 
@@ -782,14 +783,14 @@ class Solution:
         return plan_of(self.choices)
 
 
-Rank = Callable[["_Partial"], Any]  # what a search minimises, compared as a whole
 Trail = tuple[LayerOption, Any] | None  # (last choice, the trail before it): a shared list
 
 
-@dataclass(frozen=True)
-class _Partial:
+class _Partial(NamedTuple):
     """The first layers of a plan: bytes they keep in the forward and hold into the backward,
-    their recompute time (the cost), the highest point so far, and their choices."""
+    their recompute time (the cost), the highest point so far, and their choices. A tuple: the
+    search makes millions of them on deep models, and a plain tuple costs a tenth of a frozen
+    dataclass to make (the inner loop builds plain tuples of these fields)."""
 
     kept: int
     held: int
@@ -807,15 +808,21 @@ class _Partial:
         return tuple(reversed(out))
 
 
-def _by_cost(partial: _Partial) -> tuple[int, int]:
-    return partial.cost, partial.peak
+@dataclass(frozen=True)
+class _Rank:
+    """What a search minimises over `_Partial` tuples (`value`, compared as a whole), and the
+    order it sweeps them in (`order`: kept, held, then the value), both C-level item getters:
+    they run once for every partial plan the search makes."""
+
+    value: Callable[[tuple[Any, ...]], Any]
+    order: Callable[[tuple[Any, ...]], Any]
 
 
-def _by_peak(partial: _Partial) -> int:
-    return partial.peak
+_BY_COST = _Rank(value=itemgetter(2, 3), order=itemgetter(0, 1, 2, 3))  # cost, then peak
+_BY_PEAK = _Rank(value=itemgetter(3), order=itemgetter(0, 1, 3))
 
 
-def _undominated(partials: list[_Partial], rank: Rank) -> list[_Partial]:
+def _undominated(partials: list[tuple[Any, ...]], rank: _Rank) -> list[tuple[Any, ...]]:
     """Keep only the partial plans no other one dominates: keeps and holds no more bytes and
     ranks no worse (the first of identical ones).
 
@@ -824,15 +831,15 @@ def _undominated(partials: list[_Partial], rank: Rank) -> list[_Partial]:
     exactly when one before it holds no more and ranks no worse: a staircase of the best rank
     seen at each held size (held rising, rank falling) answers that by bisection.
     """
-    frontier: list[_Partial] = []
+    frontier: list[tuple[Any, ...]] = []
     stair_held: list[int] = []
     stair_rank: list[Any] = []
-    keyed = sorted((p.kept, p.held, rank(p), i) for i, p in enumerate(partials))
-    for _, held, value, i in keyed:
+    for partial in sorted(partials, key=rank.order):  # stable: the first of identical ones
+        held, value = partial[1], rank.value(partial)
         at = bisect.bisect_right(stair_held, held)
         if at and stair_rank[at - 1] <= value:
             continue
-        frontier.append(partials[i])
+        frontier.append(partial)
         if at and stair_held[at - 1] == held:
             at -= 1
         end = at
@@ -873,13 +880,13 @@ def _useful_options(profile: StepProfile, with_cost: bool) -> list[LayerOption]:
     ]
 
 
-def _search(profile: StepProfile, limit: int | None, rank: Rank, scope: str) -> list[_Partial]:
+def _search(profile: StepProfile, limit: int | None, rank: _Rank, scope: str) -> list[_Partial]:
     """Every undominated whole plan (by `rank`) whose predicted peak over `scope` is within
     `limit` bytes, with its peak."""
     fixed = max(profile.fixed_peaks(scope).values())
     if limit is not None and fixed > limit:
         return []
-    options = _useful_options(profile, with_cost=rank is _by_cost)
+    options = _useful_options(profile, with_cost=rank is _BY_COST)
     before_layers = profile.resting_bytes + profile.embedding_net_bytes
     steps = []  # per option: kept, held, cost, forward point less kept, backward point less held
     for option in options:
@@ -894,34 +901,34 @@ def _search(profile: StepProfile, limit: int | None, rank: Rank, scope: str) -> 
                 profile._after_head + s.held_bytes + s.backward_peak_bytes,
             )
         )
-    frontier = [_Partial(kept=0, held=0, cost=0, peak=fixed)]
+    frontier: list[Any] = [(0, 0, 0, fixed, None)]  # plain `_Partial` tuples
     for index in range(profile.layers):
         gradients_above = (profile.layers - 1 - index) * profile.layer_gradient_bytes
         grown = []
-        for partial in frontier:
+        for so_far_kept, so_far_held, so_far_cost, so_far_peak, trail in frontier:
             for option, kept, held, cost, forward_point, backward_point in steps:
                 peak = max(
-                    partial.peak,
-                    forward_point + partial.kept,
-                    backward_point + partial.held + gradients_above,
+                    so_far_peak,
+                    forward_point + so_far_kept,
+                    backward_point + so_far_held + gradients_above,
                 )
                 if limit is not None and peak > limit:
                     continue
                 grown.append(
-                    _Partial(
-                        partial.kept + kept,
-                        partial.held + held,
-                        partial.cost + cost,
+                    (
+                        so_far_kept + kept,
+                        so_far_held + held,
+                        so_far_cost + cost,
                         peak,
-                        (option, partial.trail),
+                        (option, trail),
                     )
                 )
         frontier = _undominated(grown, rank)
     finals = []
-    for partial in frontier:
-        peak = max(partial.peak, profile.head_peak(partial.kept, partial.held))
+    for kept, held, cost, peak, trail in frontier:
+        peak = max(peak, profile.head_peak(kept, held))
         if limit is None or peak <= limit:
-            finals.append(replace(partial, peak=peak))
+            finals.append(_Partial(kept, held, cost, peak, trail))
     return finals
 
 
@@ -942,7 +949,7 @@ def cheapest_within(
 ) -> Solution | None:
     """The plan with the least recompute time whose predicted peak over `scope` is within the
     budget (the lowest peak among equals)."""
-    finals = [_solution(profile, p) for p in _search(profile, budget_bytes, _by_cost, scope)]
+    finals = [_solution(profile, p) for p in _search(profile, budget_bytes, _BY_COST, scope)]
     return min(
         finals,
         key=lambda s: (s.recompute_ps, s.peak_bytes, _order(profile, s.choices)),
@@ -952,7 +959,7 @@ def cheapest_within(
 
 def lowest_peak(profile: StepProfile, scope: str = SCOPE_STEP) -> int:
     """The lowest predicted peak over `scope` any plan reaches."""
-    return min(p.peak for p in _search(profile, None, _by_peak, scope))
+    return min(p.peak for p in _search(profile, None, _BY_PEAK, scope))
 
 
 def leanest(profile: StepProfile, scope: str = SCOPE_STEP) -> Solution:
