@@ -201,6 +201,7 @@ def test_adaptive_plan_computes_what_none_computes(
     assert all(map(torch.equal, step(plan), step(CheckpointPlan.nothing(3))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", sorted(PEAK_FIELDS))
 def test_at_ops_measured_peak_adaptive_recomputes_no_more_time_than_op(
     scope: str,

@@ -168,6 +168,7 @@ def test_summarize_sweep_writes_csv_plots_and_summary(pair: Path) -> None:
     assert "scaling vs seq_len skipped: only one sequence length in the sweep" in output.notes
 
 
+@pytest.mark.slow
 def test_summarize_sweep_survives_one_job_bad_files_and_dead_jobs(tmp_path: Path) -> None:
     write_job(tmp_path, 0, "full", peak_bytes=600)
     (tmp_path / "1").mkdir()

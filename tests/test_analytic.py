@@ -36,7 +36,16 @@ def measured_saved_bytes(spec: ExperimentSpec, plan: CheckpointPlan) -> int:
         return saved_so_far()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "gpt2_medium", "seed_llama7b"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "tiny",
+        *(
+            pytest.param(p, marks=pytest.mark.slow)
+            for p in ("small", "medium", "gpt2_medium", "seed_llama7b")
+        ),
+    ],
+)
 def test_parameters_in_model_order(preset: str, tiny_spec: SpecFn) -> None:
     """Built on the meta device: shapes only, so even the 7B model costs nothing."""
     spec = tiny_spec(f"model={preset}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from conftest import CONFIG_GROUPS
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
@@ -25,6 +26,19 @@ SpecFn = Callable[..., ExperimentSpec]
 
 STRATEGY_OPTIONS = sorted(path.stem for path in (CONF_DIR / "strategy").glob("*.yaml"))
 PARALLEL_OPTIONS = sorted(path.stem for path in (CONF_DIR / "parallel").glob("*.yaml"))
+# Each option composes a group of its own (half a second): the quick loop composes those the
+# other tests compose too, the slow set every one.
+QUICK_OPTIONS = {"none", "full", "sqrt", "adaptive", "fsdp"}
+
+
+def quick_or_slow(options: list[str]) -> list[object]:
+    return [o if o in QUICK_OPTIONS else pytest.param(o, marks=pytest.mark.slow) for o in options]
+
+
+def quick_or_slow_marks(overrides: list[str]) -> tuple[pytest.MarkDecorator, ...]:
+    """Slow where the overrides choose an option of a group outside QUICK_OPTIONS."""
+    chosen = [o.split("=", 1) for o in overrides if o.split("=", 1)[0] in CONFIG_GROUPS]
+    return () if all(option in QUICK_OPTIONS for _, option in chosen) else (pytest.mark.slow,)
 
 
 def test_default_composes_to_the_seed_small_workload(compose_cfg: ComposeFn) -> None:
@@ -34,6 +48,7 @@ def test_default_composes_to_the_seed_small_workload(compose_cfg: ComposeFn) -> 
     assert cfg.strategy.name == "none"
 
 
+@pytest.mark.slow
 def test_medium_brings_its_own_workload(compose_cfg: ComposeFn) -> None:
     cfg = compose_cfg("model=medium", "logger=none")
     assert (cfg.model.name, cfg.model.hidden, cfg.model.layers) == ("medium", 1024, 12)
@@ -52,8 +67,8 @@ def test_seq_and_batch_overrides_win_over_the_preset(compose_cfg: ComposeFn) -> 
     [
         (("model=small",), 256),
         (("model=small", "seq.len=1024"), 1024),  # a seq.len sweep needs no max_seq_len
-        (("model=medium", "seq.len=4096"), 4096),
-        (("model=seed_llama7b",), 4096),
+        pytest.param(("model=medium", "seq.len=4096"), 4096, marks=pytest.mark.slow),
+        pytest.param(("model=seed_llama7b",), 4096, marks=pytest.mark.slow),
         (("model=gpt2_medium", "seq.len=256"), 1024),  # GPT-2's table is fixed
         (("model=small", "model.max_seq_len=2048"), 2048),
     ],
@@ -71,8 +86,8 @@ def test_the_position_table_follows_the_workload_unless_the_preset_fixes_it(
     [
         ("tiny", False),
         ("small", False),
-        ("medium", False),
-        ("seed_llama7b", False),
+        pytest.param("medium", False, marks=pytest.mark.slow),
+        pytest.param("seed_llama7b", False, marks=pytest.mark.slow),
         ("gpt2_medium", True),
     ],
 )
@@ -84,7 +99,7 @@ def test_every_strategy_option_is_a_registered_strategy() -> None:
     assert set(STRATEGY_OPTIONS) == set(STRATEGIES)
 
 
-@pytest.mark.parametrize("option", STRATEGY_OPTIONS)
+@pytest.mark.parametrize("option", quick_or_slow(STRATEGY_OPTIONS))
 def test_every_strategy_option_composes_and_validates(option: str, tiny_spec: SpecFn) -> None:
     spec = tiny_spec(f"strategy={option}")
     assert spec.strategy.name == option
@@ -95,7 +110,7 @@ def test_every_parallel_option_is_a_mode() -> None:
     assert set(PARALLEL_OPTIONS) == set(PARALLEL_MODES)
 
 
-@pytest.mark.parametrize("option", PARALLEL_OPTIONS)
+@pytest.mark.parametrize("option", quick_or_slow(PARALLEL_OPTIONS))
 def test_every_parallel_option_composes_and_validates(option: str, tiny_spec: SpecFn) -> None:
     parallel = tiny_spec(f"parallel={option}").parallel
     assert parallel.name == option
@@ -112,8 +127,11 @@ def test_one_device_is_the_default(tiny_spec: SpecFn) -> None:
     [
         ("parallel=fsdp", "parallel.world_size=1"),  # the mode's machinery, nothing divided
         ("parallel=fsdp", "parallel.world_size=512", "parallel.reshard_after_forward=false"),
-        ("parallel=zero2", "parallel.param_dtype=bf16", "parallel.reduce_dtype=fp32"),
-        ("parallel=zero2", "parallel.cpu_offload=true"),
+        pytest.param(
+            ("parallel=zero2", "parallel.param_dtype=bf16", "parallel.reduce_dtype=fp32"),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(("parallel=zero2", "parallel.cpu_offload=true"), marks=pytest.mark.slow),
     ],
 )
 def test_parallel_knobs_are_accepted_where_they_act(
@@ -127,10 +145,13 @@ def test_parallel_knobs_are_accepted_where_they_act(
     ("overrides", "key"),
     [
         (["model.hidden=abc"], "model.hidden"),
-        (["seq.len=long"], "seq.len"),
-        (["batch.size=1.5"], "batch.size"),
-        (["measure.repeat=many"], "measure.repeat"),
-        (["strategy=sqrt", "strategy.segments=two"], "strategy.segments"),
+        # Each composes afresh (half a second): the slow set tries every type.
+        pytest.param(["seq.len=long"], "seq.len", marks=pytest.mark.slow),
+        pytest.param(["batch.size=1.5"], "batch.size", marks=pytest.mark.slow),
+        pytest.param(["measure.repeat=many"], "measure.repeat", marks=pytest.mark.slow),
+        pytest.param(
+            ["strategy=sqrt", "strategy.segments=two"], "strategy.segments", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_type_errors_fail_at_composition_naming_the_key(
@@ -215,8 +236,10 @@ CHOICE_ERRORS = [
 
 @pytest.mark.parametrize(
     ("overrides", "field", "value", "allowed"),
-    CHOICE_ERRORS,
-    ids=[" ".join(case[0]) for case in CHOICE_ERRORS],
+    [
+        pytest.param(*case, id=" ".join(case[0]), marks=quick_or_slow_marks(case[0]))
+        for case in CHOICE_ERRORS
+    ],
 )
 def test_validation_error_names_field_value_and_allowed(
     tiny_cfg: ComposeFn, overrides: list[str], field: str, value: object, allowed: list[str]
@@ -246,9 +269,28 @@ def test_device_follows_the_request_and_the_machine(
     ("overrides", "field", "value", "known"),
     [
         (["+model.hiden=64"], "model.hiden", 64, "name, vocab_size, hidden, layers"),
-        (["strategy=sqrt", "+strategy.segmnts=2"], "strategy.segmnts", 2, "name, segments"),
-        (["+logger.modee=online"], "logger.modee", "online", "name, project, entity, mode"),
-        (["+parallel.ranks=8"], "parallel.ranks", 8, "name, world_size, reshard_after_forward"),
+        # Each composes afresh (half a second): the slow set tries every group.
+        pytest.param(
+            ["strategy=sqrt", "+strategy.segmnts=2"],
+            "strategy.segmnts",
+            2,
+            "name, segments",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["+logger.modee=online"],
+            "logger.modee",
+            "online",
+            "name, project, entity, mode",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["+parallel.ranks=8"],
+            "parallel.ranks",
+            8,
+            "name, world_size, reshard_after_forward",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_a_key_the_schema_lacks_is_refused_naming_the_known_keys(

@@ -206,8 +206,11 @@ def test_fake_device_predicts_a_shape_too_large_to_allocate_here(tiny_spec: Spec
     assert prediction.memory.peak_bytes > 12 * 2**30 > 4 * resident_bytes
 
 
-@pytest.mark.parametrize("shape", [(), ODD_SHAPE], ids=["tiny", "odd shape"])
-@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+@pytest.mark.parametrize(
+    "shape",
+    [pytest.param((), id="tiny"), pytest.param(ODD_SHAPE, id="odd shape", marks=pytest.mark.slow)],
+)
+@pytest.mark.parametrize("attention", [pytest.param("naive", marks=pytest.mark.slow), "sdpa"])
 def test_flops_without_checkpointing_are_affine_in_depth(
     shape: tuple[str, ...], attention: str, tiny_spec: SpecFn
 ) -> None:
@@ -361,7 +364,7 @@ def test_budget_that_batch_one_exceeds_is_an_infeasible_record(
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        (("batch=auto", "device=cpu"), "batch.budget_gb"),
+        pytest.param(("batch=auto", "device=cpu"), "batch.budget_gb", marks=pytest.mark.slow),
         (("batch=auto", "device=fake", "device.memory_gb=null"), "batch.budget_gb"),
         (("batch=auto", "batch.budget_gb=-1", "device=fake"), "batch.budget_gb"),
         (("device=fake", "device.memory_gb=0"), "device.memory_gb"),

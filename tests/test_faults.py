@@ -135,6 +135,7 @@ def test_an_interpolation_that_fails_is_a_record_with_what_identity_can_be_read(
     assert "model.maxlen" in result.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("interrupt", "cause"),
     [(KeyboardInterrupt(), "Ctrl-C (SIGINT)"), (Terminated("SIGTERM"), "SIGTERM")],
@@ -292,6 +293,7 @@ def test_a_step_beyond_host_memory_is_refused_before_it_allocates(
     assert record.peak_bytes is None and record.step_ms_median is None  # nothing ran
 
 
+@pytest.mark.slow
 def test_the_host_memory_floor_is_below_the_measured_peak(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

@@ -43,7 +43,15 @@ STRATEGIES = (
 )
 
 
-@pytest.mark.parametrize(("preset", "published"), PUBLISHED_PARAMETERS.items())
+@pytest.mark.parametrize(
+    ("preset", "published"),
+    [
+        pytest.param(preset, published, marks=pytest.mark.slow)
+        if preset != "gpt2"
+        else (preset, published)
+        for preset, published in PUBLISHED_PARAMETERS.items()
+    ],
+)
 def test_the_closed_form_counts_the_published_parameters(
     preset: str, published: int, tiny_spec: SpecFn
 ) -> None:
@@ -186,9 +194,10 @@ PLANS = {
 }
 
 
+@pytest.mark.slow
 def test_a_real_layer_executes_selective_units_and_stored_layers(tiny_spec: SpecFn) -> None:
-    """The quick loop's guard that a real layer runs main's per-unit plan features (the slow
-    test below runs every plan on every member)."""
+    """A real layer runs main's per-unit plan features (the test below runs every plan on
+    every member); slow: building a transformers layer takes seconds."""
     spec = tiny_spec("model=llama_tiny")
     expected_loss, expected_grads = loss_and_grads(spec, CheckpointPlan.nothing(4))
     loss, grads = loss_and_grads(spec, SELECTIVE_AND_STORED)

@@ -28,6 +28,7 @@ def test_process_per_job_runs_one_job_at_a_time_and_sees_the_gpu() -> None:
     assert hydra.sweeper.max_batch_size == 1
 
 
+@pytest.mark.slow
 def test_slurm_takes_partition_and_account_from_sbatch_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -43,7 +44,11 @@ def test_slurm_takes_partition_and_account_from_sbatch_variables(
 
 
 @pytest.mark.parametrize(
-    ("preset", "target_class"), [("parallel", "JoblibLauncher"), ("basic", "BasicLauncher")]
+    ("preset", "target_class"),
+    [
+        pytest.param("parallel", "JoblibLauncher", marks=pytest.mark.slow),
+        ("basic", "BasicLauncher"),
+    ],
 )
 def test_other_launchers_get_the_whole_sweep(preset: str, target_class: str) -> None:
     hydra = hydra_config(f"hydra/launcher={preset}")
@@ -110,10 +115,15 @@ def sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: s
 @pytest.mark.parametrize(
     ("overrides", "gpus_per_node", "nodes", "tasks_per_node"),
     [
-        ((), None, 1, 1),  # one device: one task, one GPU
-        (("parallel=ddp", "parallel.world_size=4"), None, 1, 4),
-        (("parallel=fsdp", "parallel.world_size=16"), None, 2, 8),  # nodes of 8 GPUs by default
-        (("parallel=fsdp", "parallel.world_size=16"), "4", 4, 4),
+        pytest.param((), None, 1, 1, marks=pytest.mark.slow),  # one device: one task, one GPU
+        pytest.param(("parallel=ddp", "parallel.world_size=4"), None, 1, 4, marks=pytest.mark.slow),
+        # nodes of 8 GPUs by default
+        pytest.param(
+            ("parallel=fsdp", "parallel.world_size=16"), None, 2, 8, marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ("parallel=fsdp", "parallel.world_size=16"), "4", 4, 4, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_slurm_asks_for_a_task_and_a_gpu_per_rank_on_whole_nodes(
@@ -143,6 +153,7 @@ def test_slurm_refuses_a_world_that_does_not_fill_whole_nodes() -> None:
     assert (launchers.nodes_for(24, "8"), launchers.ranks_per_node(24, "8")) == (3, 8)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_of_a_cluster_started_job_writes_its_record(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

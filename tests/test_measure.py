@@ -166,9 +166,9 @@ def tiny_baseline(tiny_spec: SpecFn) -> Baseline:
     "overrides",
     [
         ("strategy=full",),
-        ("strategy=full", "strategy.granularity=sublayer"),
+        pytest.param(("strategy=full", "strategy.granularity=sublayer"), marks=pytest.mark.slow),
         ("strategy=sqrt",),
-        ("strategy=sqrt", "strategy.segments=3"),
+        pytest.param(("strategy=sqrt", "strategy.segments=3"), marks=pytest.mark.slow),
     ],
     ids=" ".join,
 )
@@ -182,6 +182,7 @@ def test_recompute_flops_are_each_regions_forward_but_its_last_matmul(
     assert 0 < recompute < tiny_baseline.layers_forward(spec.model.layers)
 
 
+@pytest.mark.slow
 def test_without_early_stop_recomputation_is_one_full_forward_of_the_layers(
     tiny_spec: SpecFn, tiny_baseline: Baseline
 ) -> None:
@@ -191,6 +192,7 @@ def test_without_early_stop_recomputation_is_one_full_forward_of_the_layers(
     assert recompute == tiny_baseline.layers_forward(spec.model.layers)
 
 
+@pytest.mark.slow
 def test_recompute_flops_of_parts_are_their_forward(
     tiny_spec: SpecFn, tiny_baseline: Baseline
 ) -> None:

@@ -214,6 +214,7 @@ def test_compile_budget_job_records_its_fraction_saved_bytes_and_estimated_peak(
     assert record.status == (STATUS_OK if compiled["over_budget_bytes"] == 0 else "infeasible")
 
 
+@pytest.mark.slow
 def test_compile_budget_is_not_applicable_on_the_fake_device(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

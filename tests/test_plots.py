@@ -85,7 +85,8 @@ FIGURES = {
 
 @pytest.fixture(scope="module")
 def drawn(frame: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> list[plots.PlotOutcome]:
-    """Every figure drawn once (drawing is the slow part), for the tests below to inspect."""
+    """Every figure drawn once (drawing is the slow part, seconds), for the slow tests below to
+    inspect."""
     return plots.draw_all(frame, tmp_path_factory.mktemp("out") / "plots")
 
 
@@ -116,6 +117,7 @@ def figure(drawn: list[plots.PlotOutcome], name: str) -> pd.DataFrame:
     return outcome.data
 
 
+@pytest.mark.slow
 def test_comparison_draws_a_bar_per_ok_job_with_its_peak_and_savings(drawn) -> None:
     data = figure(drawn, "comparison.png").set_index(["model", "workload", "strategy_label"])
     data = data.sort_index()
@@ -143,6 +145,7 @@ def test_comparison_draws_a_bar_per_ok_job_with_its_peak_and_savings(drawn) -> N
     assert overhead.to_dict() == pytest.approx({"none": 0.0, "full": 60.0, "sqrt": 40.0})
 
 
+@pytest.mark.slow
 def test_scaling_draws_one_line_per_strategy_and_batch(drawn) -> None:
     data = figure(drawn, "scaling_seq_len.png")
     none = data[data.strategy_label.eq("none")]
@@ -159,6 +162,7 @@ def test_scaling_draws_one_line_per_strategy_and_batch(drawn) -> None:
     assert set(data.model) == {"tiny"}  # small ran at one length only
 
 
+@pytest.mark.slow
 def test_tradeoff_draws_each_config_and_marks_its_pareto_points(drawn) -> None:
     data = figure(drawn, "tradeoff.png").set_index(["config", "strategy_label"])
     assert sorted(set(data.index.get_level_values("config"))) == [
@@ -175,6 +179,7 @@ def test_tradeoff_draws_each_config_and_marks_its_pareto_points(drawn) -> None:
     assert tiny.pareto_optimal.to_dict() == {"none": True, "full": True, "sqrt": False}
 
 
+@pytest.mark.slow
 def test_tradeoff_leaves_a_beaten_strategy_off_the_frontier(frame, tmp_path: Path) -> None:
     """sqrt slower than full at a larger peak: the table's frontier leaves it off, and so does the
     figure."""
@@ -190,6 +195,7 @@ def test_tradeoff_leaves_a_beaten_strategy_off_the_frontier(frame, tmp_path: Pat
     }
 
 
+@pytest.mark.slow
 def test_breakdown_stacks_the_recorded_parts_under_the_peak(drawn) -> None:
     data = figure(drawn, "breakdown.png").set_index(["config", "strategy_label"])
     full = data.loc[("tiny 256\u00d74", "full")]
@@ -199,6 +205,7 @@ def test_breakdown_stacks_the_recorded_parts_under_the_peak(drawn) -> None:
     assert len(data) == 12
 
 
+@pytest.mark.slow
 def test_timeline_draws_each_recorded_event_through_the_step(drawn) -> None:
     data = figure(drawn, "timeline.png")
     none = data[data.config.eq("tiny 256\u00d74") & data.strategy_label.eq("none")]
@@ -306,6 +313,7 @@ def test_timeline_is_skipped_without_timeline_files(frame: pd.DataFrame, tmp_pat
     assert outcome.note == "memory over one step skipped: no ok job wrote timeline.json"
 
 
+@pytest.mark.slow
 def test_unreadable_timeline_is_reported_beside_the_figure(frame: pd.DataFrame, tmp_path: Path):
     broken = one_workload(frame).copy()
     broken.loc[broken.index[0], "timeline_file"] = "missing.json"

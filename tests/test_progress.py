@@ -33,6 +33,7 @@ def phase_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "memexp.progress"]
 
 
+@pytest.mark.slow
 def test_a_sweeps_job_logs_each_phase_in_order_under_its_number(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -52,6 +53,7 @@ def test_a_sweeps_job_logs_each_phase_in_order_under_its_number(
     assert outcome.startswith("[job 3] step peak ")
 
 
+@pytest.mark.slow
 def test_a_single_run_has_no_job_prefix(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -68,6 +68,7 @@ def seq_sweep(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_scaling_exponent_of_a_synthetic_power_law_reads_1_70(seq_sweep: Path) -> None:
     fits = seq_len_exponents(load_results([seq_sweep]))
     assert list(fits.strategy_label) == ["none"]  # full ran at two lengths: too few
@@ -162,6 +163,7 @@ def test_auto_batch_jobs_get_one_note_instead_of_empty_baselines(auto_sweep: Pat
     assert "compares their batches" in notes[0]
 
 
+@pytest.mark.slow
 def test_auto_batch_section_and_figure_are_skipped_without_batch_auto(
     seq_sweep: Path, tmp_path: Path
 ) -> None:
@@ -273,6 +275,7 @@ def test_estimated_step_time_is_labelled_and_kept_out_of_measured_columns(tmp_pa
     assert "12.5" not in results
 
 
+@pytest.mark.slow
 def test_estimated_step_time_is_skipped_with_a_note(
     mixed_sweep: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -90,6 +90,7 @@ def test_a_replayed_job_composes_to_its_saved_config_whatever_the_presets_say(
     }
 
 
+@pytest.mark.slow
 def test_the_rerun_keeps_the_original_launcher_and_its_settings(
     tiny_sweep: SweepRun, tmp_path: Path
 ) -> None:
@@ -117,6 +118,7 @@ def test_the_rerun_keeps_the_original_launcher_and_its_settings(
     assert not any(part.startswith("strategy=") for part in command)  # the sweep is the replay's
 
 
+@pytest.mark.slow
 def test_an_identical_sweep_compares_clean(
     pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -128,6 +130,7 @@ def test_an_identical_sweep_compares_clean(
     assert "ok / ok" in report and "error / error" in report and "oom / oom" in report
 
 
+@pytest.mark.slow
 def test_a_doctored_figure_in_the_original_fails_and_is_named(
     pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -144,6 +147,7 @@ def test_a_doctored_figure_in_the_original_fails_and_is_named(
     assert f"not reproduced: {expected}" in caplog.messages
 
 
+@pytest.mark.slow
 def test_the_loss_is_compared_within_its_stated_tolerance(tiny_sweep: SweepRun) -> None:
     (folder,) = (tiny_sweep.cwd / "outputs" / "multirun").glob("*/*")
     record = read_result(folder / "0")
@@ -155,6 +159,7 @@ def test_the_loss_is_compared_within_its_stated_tolerance(tiny_sweep: SweepRun) 
         assert comparison.checked == len(EXACT_FIGURES) + 1 + len(TRACKED_MEMORY_FIGURES)
 
 
+@pytest.mark.slow
 def test_time_and_environment_are_reported_never_failed(pair: tuple[Path, Path]) -> None:
     original, rerun = pair
     step = read_result(original / "0").step_ms_median
@@ -167,6 +172,7 @@ def test_time_and_environment_are_reported_never_failed(pair: tuple[Path, Path])
     assert "warning: torch differs" in text and "reproduction 0.0.1" in text
 
 
+@pytest.mark.slow
 def test_jobs_pair_by_config_whatever_their_folder_numbers(
     pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,6 +185,7 @@ def test_jobs_pair_by_config_whatever_their_folder_numbers(
     assert "ok / ok" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["original", "rerun"])
 def test_a_damaged_record_is_named_and_exits_2(
     pair: tuple[Path, Path],
@@ -194,6 +201,7 @@ def test_a_damaged_record_is_named_and_exits_2(
     assert "could not be read" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_folder_without_its_config_is_named_never_dropped(
     pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -211,6 +219,7 @@ def test_a_folder_without_its_config_is_named_never_dropped(
     assert not jobs[0].unreadable and not jobs[2].unreadable
 
 
+@pytest.mark.slow
 def test_compare_with_a_missing_folder_exits_2_before_any_report(
     pair: tuple[Path, Path],
     tmp_path: Path,

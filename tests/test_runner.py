@@ -55,6 +55,7 @@ def record(tiny_sweep: SweepRun) -> dict:
     return json.loads((Path(ok_job(tiny_sweep).job_dir) / RESULT_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_record_names_the_job(record: dict) -> None:
     assert record["status"] == "ok"
     assert record["message"] is None
@@ -74,6 +75,7 @@ def test_record_names_the_job(record: dict) -> None:
     assert record["schema_version"] == results.SCHEMA_VERSION
 
 
+@pytest.mark.slow
 def test_every_figure_says_its_unit_and_source(record: dict) -> None:
     numbers = {
         key
@@ -88,6 +90,7 @@ def test_every_figure_says_its_unit_and_source(record: dict) -> None:
     assert record["time_source"] == "perf_counter"
 
 
+@pytest.mark.slow
 def test_record_holds_plan_environment_and_timestamps(record: dict) -> None:
     assert record["plan"] == CheckpointPlan.nothing(4).to_dict()
     assert record["plan_summary"] == "nothing recomputed"
@@ -101,6 +104,7 @@ def test_record_holds_plan_environment_and_timestamps(record: dict) -> None:
     assert record["duration_s"] >= 0
 
 
+@pytest.mark.slow
 def test_figures_of_the_baseline_job(
     record: dict, tiny_spec: Callable[..., ExperimentSpec]
 ) -> None:
@@ -118,6 +122,7 @@ def test_figures_of_the_baseline_job(
     assert record["tokens_per_s_median"] == pytest.approx(32 / (record["step_ms_median"] / 1000))
 
 
+@pytest.mark.slow
 def test_tracker_breakdown_adds_up_to_the_peak(record: dict) -> None:
     categories = set(CATEGORY_FIELDS.values()) - set(SHARDED_FIELDS)
     assert sum(record[field] for field in categories) == record["peak_bytes"]
@@ -127,6 +132,7 @@ def test_tracker_breakdown_adds_up_to_the_peak(record: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_timeline_is_written_next_to_the_record(record: dict) -> None:
     timeline = json.loads((Path(record["job_dir"]) / record["timeline_file"]).read_text())
     assert record["timeline_file"] == TIMELINE_FILE
@@ -139,6 +145,7 @@ def test_timeline_is_written_next_to_the_record(record: dict) -> None:
     assert phases == sorted(phases, key=order.index)
 
 
+@pytest.mark.slow
 def test_record_round_trips(record: dict) -> None:
     result = RunResult.from_dict(record)
     assert result.plan == CheckpointPlan.nothing(4)
@@ -146,6 +153,7 @@ def test_record_round_trips(record: dict) -> None:
     assert RunResult.from_dict(result.to_dict()) == result
 
 
+@pytest.mark.slow
 def test_records_are_written_atomically(
     tiny_sweep: SweepRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

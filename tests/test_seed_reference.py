@@ -123,7 +123,11 @@ def reference_for(spec: ExperimentSpec) -> SeedTransformer:
     return SeedTransformer(model.vocab_size, model.hidden, model.layers, model.heads, spec.seq_len)
 
 
-@pytest.mark.parametrize("preset", sorted(SEED_SHAPES))
+@pytest.mark.parametrize(
+    "preset",
+    # Each composes afresh (half a second): the quick loop checks one preset.
+    [p if p == "small" else pytest.param(p, marks=pytest.mark.slow) for p in sorted(SEED_SHAPES)],
+)
 def test_preset_has_the_seeds_shape_and_parameters(preset: str, compose_cfg: ComposeFn) -> None:
     """On the meta device: shapes only, the preset's own workload."""
     spec = seed_spec(compose_cfg, preset)

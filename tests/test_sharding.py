@@ -232,6 +232,7 @@ def test_adaptive_fits_one_gpus_budget_under_the_chosen_sharding(
     assert rank.forward_backward_peak_bytes == adaptive["measured_peak_bytes"] <= 2**19
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [

@@ -179,6 +179,7 @@ def test_a_compressed_step_saves_the_bytes_of_the_formula(kind: str, tiny_spec: 
     assert expected < {"bf16": 0.55, "fp8": 0.3, "int8": 0.3}[kind] * kept
 
 
+@pytest.mark.slow
 def test_disk_offload_writes_and_reads_each_saved_tensor_once(
     tiny_spec: SpecFn, tmp_path: Path
 ) -> None:
@@ -196,6 +197,7 @@ def test_disk_offload_writes_and_reads_each_saved_tensor_once(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_offloading_to_disk_takes_its_bytes_off_the_tracked_device(tiny_spec: SpecFn) -> None:
     """At the forward's last op every offloaded tensor is gone from the CPU's tracked memory,
     but the log-probabilities, which cross_entropy still holds there (b·s·V fp32)."""
@@ -252,6 +254,7 @@ def test_compress_stores_its_base_plan_compressed(tiny_spec: SpecFn) -> None:
     assert make_plan(tiny_spec("strategy=offload", "strategy.to=disk")).storage == "disk"
 
 
+@pytest.mark.slow
 def test_the_fake_device_predicts_offloading_transfers_from_its_bandwidths(
     tiny_spec: SpecFn,
 ) -> None:

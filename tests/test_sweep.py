@@ -35,12 +35,14 @@ def by_strategy(sweep_dir: Path) -> dict[str, RunResult]:
     return {result.strategy: result for result in collect_results(sweep_dir)}
 
 
+@pytest.mark.slow
 def test_every_job_of_a_sweep_lands_in_one_dated_unique_folder(tiny_sweep: SweepRun) -> None:
     folder = only_sweep_folder(tiny_sweep)
     assert SWEEP_FOLDER.fullmatch(folder.relative_to(tiny_sweep.cwd).as_posix())
     assert sorted(p.parent.name for p in folder.glob(f"*/{RESULT_FILE}")) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_each_job_records_its_own_outcome(tiny_sweep: SweepRun) -> None:
     results = by_strategy(only_sweep_folder(tiny_sweep))
     assert results.keys() == {"none", "full", "sqrt"}
@@ -58,6 +60,7 @@ def test_each_job_records_its_own_outcome(tiny_sweep: SweepRun) -> None:
     assert out_of_memory.message == str(tiny_sweep.failures["sqrt"])
 
 
+@pytest.mark.slow
 def test_failed_jobs_still_record_who_they_are(tiny_sweep: SweepRun) -> None:
     folder = only_sweep_folder(tiny_sweep)
     for result in collect_results(folder):
@@ -68,6 +71,7 @@ def test_failed_jobs_still_record_who_they_are(tiny_sweep: SweepRun) -> None:
         assert result.finished_at is not None
 
 
+@pytest.mark.slow
 def test_summary_table_lists_every_job_and_failure(tiny_sweep: SweepRun) -> None:
     folder = only_sweep_folder(tiny_sweep)
     out = tiny_sweep.stdout
@@ -83,6 +87,7 @@ def test_summary_table_lists_every_job_and_failure(tiny_sweep: SweepRun) -> None
     assert f"job 2 oom: {tiny_sweep.failures['sqrt']}" in out
 
 
+@pytest.mark.slow
 def test_an_error_job_makes_the_sweep_exit_one(tiny_sweep: SweepRun) -> None:
     assert tiny_sweep.exit_code == 1
 
@@ -98,6 +103,7 @@ def test_out_of_memory_alone_exits_zero(
     assert [r.status for r in collect_results(tmp_path / "sweep")] == ["oom"]
 
 
+@pytest.mark.slow
 def test_sweeps_started_together_get_different_folders(
     compose_cfg: Callable[..., DictConfig],
 ) -> None:

@@ -112,6 +112,7 @@ def test_the_table_is_the_same_with_and_without_the_index(sweep: Path) -> None:
     pd.testing.assert_frame_equal(from_index, load_results([sweep]))
 
 
+@pytest.mark.slow
 def test_a_summary_during_the_sweep_says_it_is_partial(sweep: Path) -> None:
     (sweep / "3" / HYDRA_DIR).mkdir(parents=True)  # job 3 has started, not finished
     summarize_sweep(sweep, draw=no_figures)

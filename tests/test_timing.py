@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import DictConfig
 
@@ -63,6 +64,7 @@ def test_the_thread_knob_is_set_inside_and_restored_after() -> None:
         assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_a_record_says_the_threads_cpus_and_load_it_was_timed_under(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

@@ -22,17 +22,19 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-from memexp import wandb_report, wandb_sink
+from memexp import wandb_sink
 from memexp.job import run_guarded
 from memexp.observe import NO_OBSERVER
 from memexp.plan import CheckpointPlan
 from memexp.results import RunResult, read_result, write_result
-from memexp.wandb_report import build_report
 from memexp.wandb_sink import log_aggregate, open_job_run, sweep_group
 from tests.conftest import compose_config, fail_strategies
 
 # Every test here logs real offline W&B runs (a service process each) or builds a report.
 pytestmark = pytest.mark.slow
+# memexp.wandb_report is imported inside the tests that use it: its W&B report modules take a
+# second to import, and the quick loop collects this file without running any of it.
+
 
 MIB = 2**20
 # mode=online on purpose: WANDB_MODE=offline in the environment must win over the config.
@@ -337,6 +339,8 @@ def test_report_is_faceted_by_model_and_batch_on_log_axes(tmp_path: Path) -> Non
 
     sweep_dir = tmp_path / "2024-05-01" / "12-00-00"
     _headline_sweep(sweep_dir)
+    from memexp.wandb_report import build_report
+
     report = build_report(sweep_dir, None, "memexp")
     grids = [block for block in report.blocks if isinstance(block, wr.PanelGrid)]
     runsets = [grid.runsets[0] for grid in grids]
@@ -370,6 +374,8 @@ def test_report_is_faceted_by_model_and_batch_on_log_axes(tmp_path: Path) -> Non
 def test_report_dry_run_writes_its_specification(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from memexp import wandb_report
+
     _isolate_wandb(monkeypatch, tmp_path)
     sweep_dir = tmp_path / "sweep"
     _headline_sweep(sweep_dir)
@@ -405,6 +411,8 @@ def test_report_cli_builds_offline_and_refuses_to_save_without_a_key(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    from memexp import wandb_report
+
     _isolate_wandb(monkeypatch, tmp_path)
     sweep_dir = tmp_path / "sweep"
     _headline_sweep(sweep_dir)
