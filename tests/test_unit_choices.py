@@ -162,7 +162,7 @@ def test_a_measured_difference_inside_the_noise_is_priced_on_the_scaled_roofline
     other option differs from `nothing` by less than its spread: its roofline price, times the
     whole layer's measured / roofline ratio, never 0 for noise. With nothing resolved, the
     roofline stays."""
-    spec = tiny_spec("seq.len=8")
+    spec = tiny_spec("model.layers=3", "seq.len=64", "model.vocab_size=64")  # test_adaptive's
     profile = planner.profile_step(spec)
     layer = (LAYER,)
     noisy = spread([9.0, 10.5, 10.0, 9.5, 11.0])  # median 10 ms, IQR 1 ms
