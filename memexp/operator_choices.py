@@ -86,9 +86,10 @@ def layer_operators(spec: ExperimentSpec) -> tuple[Any, list[OperatorGroup], fro
     return stats, groups, always
 
 
-def pareto_sets(groups: list[OperatorGroup]) -> list[frozenset[int]]:
-    """Every set of groups that no other set beats: less memory with at least as much runtime
-    kept, or more runtime kept with no more memory; by memory, the empty set first."""
+def pareto_sets(groups: list[OperatorGroup]) -> list[tuple[int, frozenset[int]]]:
+    """Every set of groups that no other set beats (less memory with at least as much runtime
+    kept, or more runtime kept with no more memory), with the bytes it keeps; by memory, the
+    empty set first."""
     best: dict[int, tuple[float, frozenset[int]]] = {0: (0.0, frozenset())}
     for item in groups:
         grown = dict(best)
@@ -101,7 +102,7 @@ def pareto_sets(groups: list[OperatorGroup]) -> list[frozenset[int]]:
             runtime, members = grown[memory]
             if runtime > highest:
                 best[memory], highest = (runtime, members), runtime
-    return [members for _, members in (best[memory] for memory in sorted(best))]
+    return [(memory, best[memory][1]) for memory in sorted(best)]
 
 
 def spread_evenly(sizes: list[int], count: int) -> list[int]:
@@ -122,9 +123,9 @@ def kept_output_choices(spec: ExperimentSpec) -> tuple[tuple[str, ...], ...]:
     `MAX_CHOICES` of it spread evenly over the bytes kept."""
     stats, groups, always = layer_operators(spec)
     frontier = pareto_sets(groups)[1:-1]
-    sizes = [sum(g.memory_bytes for g in groups if g.indices <= members) for members in frontier]
+    sizes = [memory for memory, _ in frontier]
     choices = []
-    for members in (frontier[i] for i in spread_evenly(sizes, MAX_CHOICES)):
+    for _, members in (frontier[i] for i in spread_evenly(sizes, MAX_CHOICES)):
         kept = members | always
         choices.append(
             saved_operator_names(stats, [int(i in kept) for i in range(len(stats.func_names))])

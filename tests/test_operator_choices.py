@@ -39,11 +39,11 @@ def test_the_frontier_holds_every_set_no_other_beats() -> None:
     bytes: none, A, A+B (4 B, 6 ms), A+C, all three (7 B, 10 ms)."""
     a, b, c = group(0, 2, 5.0), group(1, 2, 1.0), group(2, 3, 4.0)
     assert pareto_sets([a, b, c]) == [
-        frozenset(),
-        frozenset({0}),
-        frozenset({0, 1}),
-        frozenset({0, 2}),
-        frozenset({0, 1, 2}),
+        (0, frozenset()),
+        (2, frozenset({0})),
+        (4, frozenset({0, 1})),
+        (5, frozenset({0, 2})),
+        (7, frozenset({0, 1, 2})),
     ]
 
 
