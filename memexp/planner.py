@@ -749,10 +749,10 @@ def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfi
         f"{MEASURED_REPEATS}, less those of the layer that recomputes nothing"
     )
     if not ratios:
-        return profile.with_costs(
-            {option: profile.cost(option) for option in profile.options},
-            f"{profile.cost_source} ({COST_MEASURED} was tried, {how}: no option's difference "
-            "was larger than the timing noise)",
+        return replace(
+            profile,
+            cost_source=f"{profile.cost_source} ({COST_MEASURED} was tried, {how}: no option's "
+            "difference was larger than the timing noise)",
         )
     scale = statistics.median(ratios)
     costs = {

@@ -22,8 +22,9 @@ and `none` run once and are compared with every budget. Every figure is a job's 
   device's rates; the cost source is named under each table; adaptive's options, the layer's
   operator choices included), the plan read as layer options by `memexp.planner.options_of`;
   where the profile holds no such option (sac_milp's own per-layer sets of operator outputs;
-  the reason is noted), marked †, the same roofline over the plan's whole step less `none`'s (`memexp.measure.flops.step_roofline_ps`, equal to the profile's
-  prediction wherever both apply); "-" for compile_budget's compiled forward;
+  the reason is noted), marked †, the same roofline over the plan's whole step less `none`'s
+  (`memexp.measure.flops.step_roofline_ps`, equal to the profile's prediction wherever both
+  apply); "-" for compile_budget's compiled forward;
 - adaptive within this peak: for a peer's measured plan (op, sac_milp), the predicted recompute
   time of the plan adaptive's solver picks on the same profile held to that peer's measured
   peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak no larger;
@@ -111,16 +112,21 @@ class CommonCost:
             return "-", None
         try:
             choices = planner.options_of(plan)
-            unprofiled = [c for c in set(choices) if c not in self.profile.options]
-            if unprofiled:
-                raise ValueError(
-                    f"{len(unprofiled)} of its layer options, its own sets of operator outputs, "
-                    "are not among the profiled ones"
-                )
         except ValueError as error:
-            ps = step_roofline_ps(self.spec, plan) - self.nothing_ps
-            return f"†{ps / 1e9:,.2f}", f"{error}; † priced on its own step"
+            return self._on_its_own_step(plan, str(error))
+        unprofiled = set(choices) - set(self.profile.options)
+        if unprofiled:
+            return self._on_its_own_step(
+                plan,
+                f"{len(unprofiled)} of its layer options, its own sets of operator outputs, "
+                "are not among the profiled ones",
+            )
         return f"{planner.predict(self.profile, choices).recompute_ps / 1e9:,.2f}", None
+
+    def _on_its_own_step(self, plan: CheckpointPlan, why: str) -> tuple[str, str]:
+        """The roofline over the plan's whole step less `none`'s, marked †, and why."""
+        ps = step_roofline_ps(self.spec, plan) - self.nothing_ps
+        return f"†{ps / 1e9:,.2f}", f"{why}; † priced on its own step"
 
     def adaptive_within(self, peak: int | None) -> str:
         """What adaptive's solver predicts its plan would recompute held to `peak` (a peer's

@@ -14,8 +14,9 @@ between `none` and the leanest plan rather than either end.
 Planning (memexp.planner) profiles the job's layer under each of its options (each unit kept,
 recomputed whole or recomputed element-wise; with `operator_choices`, the whole layer
 recomputed keeping each set of its operators' outputs worth keeping, memexp.operator_choices;
-with `storage` kinds, what the layer saves stored that way) on fake tensors, predicts the step's peak for any per-layer plan and solves for the
-plan of least recompute time within the budget exactly. The time each option adds to the
+with `storage` kinds, what the layer saves stored that way) on fake tensors, predicts the
+step's peak for any per-layer plan and solves for the plan of least recompute time within the
+budget exactly. The time each option adds to the
 layer's forward and backward is, by `cost_source`, `measured` (one layer timed per option on
 the job's device), `roofline` (each operator's max(FLOPs / device.peak_tflops, bytes moved /
 device.memory_gbps), deterministic) or `auto` (measured on a GPU, the roofline on the CPU and
