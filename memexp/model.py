@@ -16,12 +16,12 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils._python_dispatch import any_torch_dispatch_mode_on_stack
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -30,6 +30,9 @@ from torch.utils.checkpoint import (
 
 from memexp.config import ModelConfig
 from memexp.plan import LAYER, CheckpointPlan, CompiledForward, Part
+
+if TYPE_CHECKING:
+    from memexp.compile_partition import PartitionRecorder
 
 ContextFactory = Callable[[], Any]
 # Opens a saved-tensor storage of one kind (memexp.storage, handed in by memexp.training).
@@ -233,6 +236,8 @@ class PlannedLayers(nn.Module):
         self.plan = CheckpointPlan.nothing(num_layers)
         self.context_fns: dict[int, ContextFactory | None] = {}
         self.compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # The compiled forward's backend where it records its backward graphs (else None).
+        self.partition: PartitionRecorder | None = None
         # How a layer the plan stores its own way stores its saved tensors; the model knows
         # no storage, its workload hands one in (memexp.training.build_workload).
         self.storage_context: StorageContext | None = None
@@ -249,11 +254,19 @@ class PlannedLayers(nn.Module):
         for start, _ in plan.segments:
             saved = plan.saved_ops_of(start)
             self.context_fns[start] = policy if saved is None else saved_ops_context(saved)
-        self.compiled_forward = (
-            None
-            if plan.compiled is None
-            else torch.compile(self._forward, backend=plan.compiled.backend)
-        )
+        self.compiled_forward, self.partition = None, None
+        if plan.compiled is not None:
+            # Imported here: torch's compiler stack takes seconds to import.
+            from memexp.compile_partition import compile_backend
+
+            backend = compile_backend(plan.compiled)
+            # Every model's `_forward` is one code object to dynamo: a second model would be a
+            # recompile of the first, with shapes made dynamic from then on, and past its
+            # recompile limit the frame silently runs eagerly. So each compiled plan compiles
+            # afresh, for the job's own static shapes.
+            torch._dynamo.reset()
+            self.compiled_forward = torch.compile(self._forward, backend=backend, dynamic=False)
+            self.partition = None if isinstance(backend, str) else backend
 
     def layer_inputs(self, x: torch.Tensor) -> tuple[Any, ...]:
         """What every layer takes besides the residual stream `x` (none for the seed's)."""
@@ -278,14 +291,16 @@ class PlannedLayers(nn.Module):
         return x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The compiled forward where the plan has one, except under a TorchDispatchMode (fake
-        tensors, the tensor tracker, the FLOP counter): torch.compile would run the frame
-        eagerly there, and a compile attempted under fake tensors can leave the frame marked
-        to run eagerly for the rest of the process."""
+        """The compiled forward where the plan has one, except under a TorchDispatchMode that
+        does not let compiled code run under it (fake tensors, the FLOP counter): torch.compile
+        would run the frame eagerly there, and a compile attempted under fake tensors can leave
+        the frame marked to run eagerly for the rest of the process. The tensor tracker lets
+        compiled code run where the backend's graphs run operator by operator
+        (memexp.compile_partition), and so measures the compiled step."""
         if (
             self.compiled_forward is None
             or self.plan.compiled is None
-            or is_in_torch_dispatch_mode()
+            or any_torch_dispatch_mode_on_stack()
         ):
             return self._forward(tokens)
         with compile_memory_budget(self.plan.compiled):

@@ -47,6 +47,10 @@ STORAGE_DESCRIPTIONS = {
 }
 
 
+# torch.compile backends whose graphs run operator by operator (memexp.compile_partition).
+OPERATOR_BY_OPERATOR_BACKENDS = ("aot_eager_decomp_partition",)
+
+
 @dataclass(frozen=True)
 class CompiledForward:
     """The model's forward under `torch.compile`: AOTAutograd's min-cut partitioner chooses what
@@ -55,6 +59,12 @@ class CompiledForward:
 
     backend: str
     activation_memory_budget: float
+
+    @property
+    def operator_by_operator(self) -> bool:
+        """Whether the backend's graphs run operator by operator, so that a dispatch mode which
+        lets compiled code run under it sees every operator of the compiled step."""
+        return self.backend in OPERATOR_BY_OPERATOR_BACKENDS
 
     def __post_init__(self) -> None:
         if not 0 <= self.activation_memory_budget <= 1:

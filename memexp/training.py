@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from memexp.config import SEED_ARCHITECTURE, ExperimentSpec, ModelConfig
 from memexp.model import PlannedLayers, Transformer
 from memexp.plan import CheckpointPlan
 from memexp.storage import FORMATS, Format, StorageLedger, saved_tensor_storage
+
+if TYPE_CHECKING:
+    from memexp.compile_partition import PartitionRecorder
 
 
 @dataclass
@@ -38,6 +42,9 @@ class Workload:
     plan: CheckpointPlan
     storage_formats: Mapping[str, Format] = field(default_factory=lambda: dict(FORMATS))
     storage_ledger: StorageLedger = field(default_factory=StorageLedger)
+    # A compiled forward's backend where it records the partition (the model's own: a
+    # DistributedDataParallel wrapper around the model does not show it).
+    partition: PartitionRecorder | None = None
 
     def layer_storage(self, kind: str) -> contextlib.AbstractContextManager:
         """One layer's own storage (`CheckpointPlan.stored`), in this workload's formats; the
@@ -98,7 +105,7 @@ def build_workload(
     model.apply_plan(plan)
     optimizer = build_optimizer(spec, model)
     tokens, targets = make_batch(spec, device)
-    work = Workload(spec, model, optimizer, tokens, targets, plan)
+    work = Workload(spec, model, optimizer, tokens, targets, plan, partition=model.partition)
     model.storage_context = work.layer_storage
     return work
 

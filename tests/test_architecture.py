@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("text", "sweepdir", "plan", "figures", "interrupts", "logs", "buckets", "batching"),
     ("results", "config", "tidy"),  # the record schema; configs and the validated spec; tidy data
     ("observe", "memo"),  # what a running job reports; figures a sweep's jobs share
+    ("compile_partition",),  # the backend a compiled forward runs under, keeping its partition
     (
         "model",
         "storage",
