@@ -81,12 +81,18 @@ def across_ranks(measurements: list[MemoryMeasurement]) -> MemoryMeasurement:
 
 
 def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryMeasurement:
-    """One step under the tensor tracker: exact bytes of every live tensor, op by op."""
+    """One step under the tensor tracker: exact bytes of every live tensor, op by op; a
+    compiled forward whose graphs run operator by operator runs compiled under it."""
     # Imported here: the tracker's module pulls in torch's compiler stack (~2 s per process).
     from memexp.measure.tracker import TensorTracker
 
     tracker = TensorTracker(
-        work.tokens.device, work.model, work.optimizer, work.tokens, work.targets
+        work.tokens.device,
+        work.model,
+        work.optimizer,
+        work.tokens,
+        work.targets,
+        compiled=work.plan.compiled is not None and work.plan.compiled.operator_by_operator,
     )
     with tracker:
         tracker.set_phase("forward")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
@@ -101,6 +103,45 @@ class _TimelineTracker(_Timeline, MemTracker):
         self._start_timeline(device)
 
 
+class _ModulesUnhooked(ModTracker):
+    """ModTracker that registers no module hooks; it still tells forward from backward
+    (`is_bw`), which is all MemTracker needs to file activations apart from temporaries.
+
+    A compiled forward runs no module but the root one, whose forward hook would put a
+    multi-grad hook on the logits; with it there, autograd copies every gradient the compiled
+    backward returns instead of taking it (measured on `tiny`: 28 parameter-sized copies, all
+    alive at the end of the backward), which the step never does untracked.
+    """
+
+    def __enter__(self) -> _ModulesUnhooked:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _CompiledTimelineTracker(_TimelineTracker):
+    """The plain tracker letting compiled code run under it (torch.compile otherwise runs a frame
+    eagerly under a dispatch mode): it then sees every operator of a compiled step whose graphs
+    run operator by operator (memexp.compile_partition), the compiled step's own tensors. It
+    hooks no module (`_ModulesUnhooked`); the parameters' gradient hooks, which file gradients
+    as such, it installs itself."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self._mod_tracker = _ModulesUnhooked()
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def track_external(self, *external: Any) -> None:
+        super().track_external(*external)
+        for module in external:
+            if isinstance(module, nn.Module):
+                self._track_module_params_and_buffers(module, install_grad_hooks=True)
+
+
 class _ShardedTimelineTracker(_Timeline, FSDPMemTracker):
     """FSDPMemTracker with the timeline: one rank's step of a model sharded by `fully_shard`."""
 
@@ -125,10 +166,11 @@ class TensorTracker:
     """Track one training step phase by phase: `tracker.set_phase("forward")` and so on.
 
     `tracked` are the step's model, optimizer and input tensors; a model sharded by
-    `fully_shard` is tracked by FSDP2's tracker, everything else by the plain one.
+    `fully_shard` is tracked by FSDP2's tracker, everything else by the plain one, which with
+    `compiled` lets a compiled forward run compiled under it and watches its graphs' operators.
     """
 
-    def __init__(self, device: torch.device, *tracked: Any) -> None:
+    def __init__(self, device: torch.device, *tracked: Any, compiled: bool = False) -> None:
         optimizers = [
             _stepping_optimizer(t) for t in tracked if isinstance(t, torch.optim.Optimizer)
         ]
@@ -139,7 +181,7 @@ class TensorTracker:
             self._tracker = _ShardedTimelineTracker(device, sharded[0], *optimizers)
             self._tracker.track_inputs(tuple(t for t in others if isinstance(t, torch.Tensor)))
         else:
-            self._tracker = _TimelineTracker(device)
+            self._tracker = (_CompiledTimelineTracker if compiled else _TimelineTracker)(device)
             self._tracker.track_external(*optimizers, *others)
         self._optimizers = optimizers
         self._phase_peaks: dict[str, int] = {}
