@@ -40,7 +40,7 @@ from memexp.estimate import (
     step_flops_without_checkpointing,
 )
 from memexp.measure.fidelity import GRADIENT_ERROR_SOURCE, gradient_error
-from memexp.measure.flops import step_flops
+from memexp.measure.flops import CompiledRecompute, step_flops
 from memexp.measure.link import HOST_LINK_SOURCE, measure_host_link_gbps, offload_transfer
 from memexp.measure.machine import MachineLoad
 from memexp.measure.memory import MemoryMeasurement, measure_memory
@@ -81,6 +81,8 @@ class Figures:
     loss_first_step: float | None = None
     prediction: dict[str, Any] = field(default_factory=dict)  # the fake device's extras
     storage: dict[str, Any] = field(default_factory=dict)  # `storage_*`: what the storage did
+    # What a compiled forward's backward recomputes (memexp.compile_partition), where recorded.
+    compiled_recompute: CompiledRecompute | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -146,6 +148,9 @@ class MeasuredBackend:
             step = measure_on_ranks(spec, plan, self.process_group)
         timings = step.timings
         storage = {**fidelity, **self._storage_figures(spec, plan, step.storage_ledger)}
+        if step.compiled_recompute is not None:
+            # The count on fake tensors ran the forward eagerly, recomputing nothing.
+            flops += step.compiled_recompute.flops
         return Figures(
             flops_step=flops,
             flops_step_no_checkpoint=without,
@@ -162,6 +167,7 @@ class MeasuredBackend:
             saved_activation_bytes=timings.saved_activation_bytes,
             storage=storage,
             memory=step.memory,
+            compiled_recompute=step.compiled_recompute,
         )
 
     def _storage_figures(

@@ -8,11 +8,14 @@ each operator takes the longer of its FLOPs at the peak rate and its bytes at th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -27,6 +30,9 @@ from memexp.config import ExperimentSpec
 from memexp.plan import CheckpointPlan
 from memexp.storage import fake_tensor_formats
 from memexp.training import Workload, backward, build_workload, forward_loss
+
+if TYPE_CHECKING:
+    from memexp.compile_partition import PartitionRecorder
 
 FLOPS_SOURCE = "flop_counter_fake_tensors"
 
@@ -147,6 +153,36 @@ class RooflineClock(TorchDispatchMode):
             moved = _bytes_of((args, kwargs)) + written
             self.picoseconds += round(max(flops / self.flops_per_ps, moved / self.bytes_per_ps))
         return out
+
+
+@dataclass(frozen=True)
+class CompiledRecompute:
+    """The forward work a compiled step's backward runs again, as its partitioner chose it."""
+
+    operators: int  # operator nodes of the backward graphs traced in the forward
+    flops: int  # their FLOPs (matrix products, as the step's count)
+    picoseconds: int  # their time on the roofline, as `RooflineClock` prices a step
+
+
+def compiled_recompute(
+    partition: PartitionRecorder, rates: tuple[float, float]
+) -> CompiledRecompute:
+    """Price the recomputed nodes of `partition`'s backward graphs at `rates` (peak TFLOP/s,
+    memory GB/s): each runs once more on the fake tensors the compile traced it with, under the
+    FLOP counter and the roofline clock, so it costs what the same operator costs in any step.
+    The graphs are as the backend runs them, operator by operator after inductor's
+    decompositions; inductor would fuse element-wise chains and move fewer bytes."""
+    nodes = list(partition.recomputed_nodes())
+    fake_mode = detect_fake_mode([node.meta["val"] for node in nodes])
+    with (
+        fake_mode or contextlib.nullcontext(),
+        total_flop_counter() as counter,
+        RooflineClock(counter, *rates) as clock,
+    ):
+        for node in nodes:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+            node.target(*args, **kwargs)
+    return CompiledRecompute(len(nodes), int(counter.get_total_flops()), clock.picoseconds)
 
 
 @dataclass(frozen=True)

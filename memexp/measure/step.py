@@ -18,6 +18,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from memexp.config import FULLY_SHARDED_MODES, ExperimentSpec
+from memexp.measure.flops import CompiledRecompute, compiled_recompute
 from memexp.measure.machine import available_cpus, intra_op_threads
 from memexp.measure.memory import MemoryMeasurement, across_ranks, measure_memory
 from memexp.measure.timing import StoppingRule, Timings, time_steps
@@ -38,6 +39,8 @@ class MeasuredStep:
     timings: Timings
     memory: MemoryMeasurement
     storage_ledger: StorageLedger  # what the warm-up and timed steps' storage packed
+    # What a compiled forward's backward recomputes, where its backend records its partition.
+    compiled_recompute: CompiledRecompute | None = None
 
 
 def measure_step(spec: ExperimentSpec, plan: CheckpointPlan, device: torch.device) -> MeasuredStep:
@@ -50,8 +53,11 @@ def measure_work(work: Workload, spec: ExperimentSpec) -> MeasuredStep:
     """Warm-up and timed steps, then one tracked memory step, of a workload built (and sharded)."""
     timings = time_steps(work, spec.measure.warmup, StoppingRule.of(spec.measure))
     ledger = replace(work.storage_ledger)  # the timed steps' alone, before the memory step
+    partition = work.partition  # recorded by the warm-up step's backward
+    recompute = None if partition is None else compiled_recompute(partition, spec.roofline_rates)
     enter_phase("memory step")
-    return MeasuredStep(parameter_count(work.model), timings, measure_memory(work), ledger)
+    memory = measure_memory(work)
+    return MeasuredStep(parameter_count(work.model), timings, memory, ledger, recompute)
 
 
 def rank_threads(spec: ExperimentSpec, device_type: str, world_size: int) -> int | None:
