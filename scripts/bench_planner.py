@@ -11,11 +11,12 @@ and `none` run once and are compared with every budget. Every figure is a job's 
 (kept under outputs/bench_planner/):
 
 - peak: the forward+backward peak (tensor tracker on the CPU, fake tensors on `fake`); for
-  compile_budget the estimate its record carries (the tracker cannot watch a compiled step,
-  see memexp/strategies/compile_budget.py), marked ≈;
+  compile_budget the peak its record judges the budget by, the tracker's over the compiled step
+  itself (memexp/strategies/compile_budget.py), or marked ≈ where it is an estimate (`inductor`
+  on the CPU);
 - over budget: how far that peak is above the budget (0 when within);
 - recompute FLOPs: % of the step without checkpointing (FlopCounterMode, matmuls only; for
-  compile_budget the eager step's, so "-");
+  compile_budget those of the nodes its partitioner recomputes, "-" where none were recorded);
 - predicted recompute: the plan's recompute time under one cost model for every planner,
   `memexp.planner.predict(profile, options).recompute_ps` on the model's recomputation-only
   profile (the roofline of `device.peak_tflops` / `device.memory_gbps`, else the imagined
@@ -24,8 +25,10 @@ and `none` run once and are compared with every budget. Every figure is a job's 
   where the profile holds no such option (sac_milp's own per-layer sets of operator outputs;
   the reason is noted), marked †, the same roofline over the plan's whole step less `none`'s
   (`memexp.measure.flops.step_roofline_ps`, equal to the profile's prediction wherever both
-  apply); "-" for compile_budget's compiled forward;
-- adaptive within this peak: for a peer's measured plan (op, sac_milp), the predicted recompute
+  apply); for compile_budget, marked ‡, the same roofline over the nodes of its backward graphs
+  that its partitioner recomputes (`memexp.measure.flops.compiled_recompute`), as its backend
+  runs them: operator by operator after inductor's decompositions, unfused;
+- adaptive within this peak: for a peer's measured plan (op, sac_milp, compile_budget), the predicted recompute
   time of the plan adaptive's solver picks on the same profile held to that peer's measured
   peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak no larger;
 - recompute time: the job's median backward time less `none`'s, then its own backward's min–max
@@ -108,8 +111,6 @@ class CommonCost:
         return self.priced[plan]
 
     def _price(self, plan: CheckpointPlan) -> tuple[str, str | None]:
-        if plan.compiled is not None:  # the docstring says why: no eager plan to price
-            return "-", None
         try:
             choices = planner.options_of(plan)
         except ValueError as error:
@@ -180,11 +181,10 @@ def run(
 
 
 def peak_of(job: Job) -> tuple[int | None, str]:
-    """The forward+backward peak the planner is judged by, and how it was obtained."""
+    """The forward+backward peak the planner is judged by, marked ≈ where it is an estimate."""
     extra = job.record.extra.get("compile_budget")
     if extra is not None:
-        return extra.get("estimated_peak_bytes"), "≈"
-    return job.record.forward_backward_peak_bytes, ""
+        return extra.get("peak_bytes"), "" if extra.get("peak_measured") else "≈"
 
 
 def mib(value: int | None, mark: str = "") -> str:
@@ -202,7 +202,22 @@ def recompute_time(job: Job, none: RunResult) -> str:
 def predicted_recompute(job: Job, cost: CommonCost) -> tuple[str, str | None]:
     """The job's plan's recompute time on the common cost model, and a note on how."""
     plan = job.record.plan
-    return ("-", None) if plan is None else cost.recompute(plan)
+    if plan is None:
+        return "-", None
+    if plan.compiled is None:
+        return cost.recompute(plan)
+    extra = job.record.extra["compile_budget"]
+    if "recompute_roofline_ps" not in extra:
+        return "-", "its backend's partition was not recorded"
+    if tuple(extra["roofline_rates"]) != cost.spec.roofline_rates:
+        raise ValueError(
+            f"{job.label} was priced at {extra['roofline_rates']}, not the common rates"
+        )
+    ops = extra["recomputed_operators"]
+    return (
+        f"‡{extra['recompute_roofline_ps'] / 1e9:,.2f}",
+        f"‡ priced on the {ops} operator nodes its backward graphs recompute",
+    )
 
 
 def planning_time(job: Job) -> str:
@@ -218,9 +233,11 @@ def row(job: Job, budget: int, none: RunResult, cost: CommonCost) -> list[str]:
         return [mib(budget), job.label, "not run", "", "", "", "", "", "", ""]
     peak, mark = peak_of(job)
     over = None if peak is None else max(0, peak - budget)
+    compiled = record.extra.get("compile_budget")
+    unrecorded = compiled is not None and "recompute_flops" not in compiled
     flops = (
         "-"
-        if record.recompute_flops_pct is None or "compile_budget" in record.extra
+        if record.recompute_flops_pct is None or unrecorded
         else f"{record.recompute_flops_pct:.2f}"
     )
     return [

@@ -11,18 +11,23 @@ plan (memexp's planner profile, fake tensors):
 clamped to [0, 1]: the share of `none`'s saved activations that fits once everything else at
 `none`'s peak is paid for.
 
-What can be measured. `backend: aot_eager_decomp_partition` (the default) partitions as
-inductor does but runs the graphs' operators eagerly, so the compile takes seconds instead of
-minutes on a CPU; `backend: inductor` compiles kernels. Saved-tensor hooks see what the compiled
-forward saves, and timed steps run the compiled step. The tensor tracker and the FLOP counter
-do not: torch.compile runs a frame eagerly while a TorchDispatchMode is active, and both are
-one, so the record's peak and FLOP fields are the eager (`none`) step's. The strategy's record
-therefore carries the compiled step's saved bytes (measured) and a peak estimated from them,
+What is measured. `backend: aot_eager_decomp_partition` (the default) partitions as inductor
+does but runs the graphs' operators one by one, so the compile takes seconds instead of minutes
+on a CPU and the tensor tracker, which lets compiled code run under it, watches the compiled step
+itself: the record's peaks and breakdown are the compiled step's, measured. Its backend records
+the backward graphs (memexp.compile_partition), whose nodes traced in the forward are what the
+partitioner recomputes: their FLOPs join the step's FLOPs, and their time on the job's roofline
+(the cost model adaptive plans with) is the record's `recompute_roofline_ps`.
+
+`backend: inductor` compiles kernels, which allocate outside the dispatcher: on a GPU the CUDA
+allocator still measures the step, but on the CPU nothing sees its tensors, so the peak there is
+an estimate from what the compiled forward saves (saved-tensor hooks see it),
 
     estimated peak = none's peak − none's saved activations + the compiled forward's saved bytes
 
-(which leaves out what recomputation adds during the backward), and judges the budget by it.
-On the fake device nothing compiles (fake tensors need a dispatch mode): not applicable.
+which leaves out what recomputation adds during the backward, and nothing prices its
+recomputation. On the fake device nothing compiles (fake tensors need a dispatch mode that
+compiled code cannot run under): not applicable.
 """
 
 from __future__ import annotations
@@ -33,28 +38,34 @@ from typing import TYPE_CHECKING, Any
 
 from memexp.config import FAKE_DEVICE, ConfigError
 from memexp.plan import CheckpointPlan, CompiledForward
-from memexp.results import SCOPE_FORWARD_BACKWARD, InfeasibleError, NotApplicableError
+from memexp.results import (
+    SCOPE_FORWARD_BACKWARD,
+    SOURCE_CUDA_ALLOCATOR,
+    InfeasibleError,
+    NotApplicableError,
+)
 from memexp.strategies.adaptive import SCOPE_WORDS, peer_budget, validate_budget
 from memexp.strategies.base import Measure, Outcome, Strategy
 from memexp.text import format_bytes
 
 if TYPE_CHECKING:
     from memexp.config import ExperimentSpec, ModelConfig
+    from memexp.devices import Figures
 
 BACKENDS = ("aot_eager_decomp_partition", "inductor")
 MAPPING_RULE = (
     "fraction = (budget - (none's peak - none's saved activations)) / none's saved "
     "activations, clamped to [0, 1]"
 )
-PEAK_RULE = (
+MEASURED_PEAK_RULE = "measured: the {source} over the compiled step"
+ESTIMATED_PEAK_RULE = (
     "estimated: none's peak - none's saved activations + the compiled forward's saved bytes "
-    "(saved-tensor hooks); the tracker and FLOP counter fields are the eager step's, since "
-    "torch.compile runs eagerly under a TorchDispatchMode"
+    "(saved-tensor hooks); inductor's kernels allocate where the tensor tracker cannot see"
 )
 NOT_PREDICTABLE = (
     "compile_budget cannot be predicted on the fake device: torch.compile runs a frame eagerly "
-    "while a TorchDispatchMode is active, and fake tensors need one, so the partitioner's "
-    "decision never runs; measure it on device=cpu"
+    "under a TorchDispatchMode that does not let compiled code run under it, and fake tensors "
+    "need one, so the partitioner's decision never runs; measure it on device=cpu"
 )
 
 
@@ -114,9 +125,19 @@ def make_plan(cfg: CompileBudgetConfig, spec: ExperimentSpec) -> CheckpointPlan:
     return plan_for(spec, budget_mapping(spec))
 
 
+def peak_seen(plan: CheckpointPlan, figures: Figures) -> tuple[bool, str]:
+    """Whether the step's memory figures are the compiled step's own, and the rule they follow:
+    the tracker watches a backend whose graphs run operator by operator, the CUDA allocator any."""
+    source = figures.memory.source
+    compiled = plan.compiled
+    if source == SOURCE_CUDA_ALLOCATOR or (compiled is not None and compiled.operator_by_operator):
+        return True, MEASURED_PEAK_RULE.format(source=source.replace("_", " "))
+    return False, ESTIMATED_PEAK_RULE
+
+
 class CompileBudgetStrategy(Strategy):
     """Map the budget to the partitioner's fraction, measure the compiled step once, and judge
-    the budget by the peak estimated from what the compiled forward saves."""
+    the budget by its measured peak (an estimate where nothing can watch the compiled step)."""
 
     def execute(self, spec: ExperimentSpec, measure: Measure) -> Outcome:
         started = time.monotonic()
@@ -142,18 +163,30 @@ class CompileBudgetStrategy(Strategy):
         saved = figures.saved_activation_bytes
         if saved is None:
             raise NotApplicableError("the compiled forward's saved bytes were not counted")
-        estimated = mapping.estimated_peak(saved)
+        record["compiled_saved_bytes"] = saved
+        recompute = figures.compiled_recompute
+        if recompute is not None:
+            record.update(
+                recomputed_operators=recompute.operators,
+                recompute_flops=recompute.flops,
+                recompute_roofline_ps=recompute.picoseconds,
+                roofline_rates=list(spec.roofline_rates),
+            )
+        measured, rule = peak_seen(plan, figures)
+        scope = spec.strategy.budget_scope
+        peak = figures.memory.peak_in(scope) if measured else mapping.estimated_peak(saved)
+        over = peak - mapping.budget_bytes
         record.update(
-            compiled_saved_bytes=saved,
-            estimated_peak_bytes=estimated,
-            peak_rule=PEAK_RULE,
-            over_budget_bytes=max(0, estimated - mapping.budget_bytes),
+            peak_bytes=peak,
+            peak_measured=measured,
+            peak_rule=rule,
+            over_budget_bytes=max(0, over),
         )
-        if estimated > mapping.budget_bytes:
+        if over > 0:
             outcome.verdict = InfeasibleError(
-                f"the compiled step's estimated {SCOPE_WORDS[spec.strategy.budget_scope]} peak "
-                f"{format_bytes(estimated)} is {format_bytes(estimated - mapping.budget_bytes)} "
-                f"over the budget of {format_bytes(mapping.budget_bytes)} "
+                f"the compiled step's {'measured' if measured else 'estimated'} "
+                f"{SCOPE_WORDS[scope]} peak {format_bytes(peak)} is {format_bytes(over)} over "
+                f"the budget of {format_bytes(mapping.budget_bytes)} "
                 f"(activation_memory_budget {mapping.fraction:.3f})"
             )
         return outcome
