@@ -185,6 +185,7 @@ def peak_of(job: Job) -> tuple[int | None, str]:
     extra = job.record.extra.get("compile_budget")
     if extra is not None:
         return extra.get("peak_bytes"), "" if extra.get("peak_measured") else "≈"
+    return job.record.forward_backward_peak_bytes, ""
 
 
 def mib(value: int | None, mark: str = "") -> str:
