@@ -210,10 +210,9 @@ def predicted_recompute(job: Job, cost: CommonCost) -> tuple[str, str | None]:
     extra = job.record.extra["compile_budget"]
     if "recompute_roofline_ps" not in extra:
         return "-", "its backend's partition was not recorded"
-    if tuple(extra["roofline_rates"]) != cost.spec.roofline_rates:
-        raise ValueError(
-            f"{job.label} was priced at {extra['roofline_rates']}, not the common rates"
-        )
+    rates = (extra["roofline_tflops"], extra["roofline_gbps"])
+    if rates != cost.spec.roofline_rates:
+        raise ValueError(f"{job.label} was priced at {rates}, not the common rates")
     ops = extra["recomputed_operators"]
     return (
         f"‡{extra['recompute_roofline_ps'] / 1e9:,.2f}",

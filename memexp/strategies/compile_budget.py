@@ -76,23 +76,31 @@ class CompileBudgetConfig:
     budget_ratio: float | None = None
     budget_scope: str = SCOPE_FORWARD_BACKWARD  # step | forward_backward
     backend: str = BACKENDS[0]
+    max_rounds: int = 3  # compiled steps measured at most, as adaptive's plans
 
 
 def validate(cfg: CompileBudgetConfig, model: ModelConfig) -> None:
     validate_budget(cfg)
+    if cfg.max_rounds < 1:
+        raise ConfigError("strategy.max_rounds", cfg.max_rounds, "at least 1")
     if cfg.backend not in BACKENDS:
         raise ConfigError("strategy.backend", cfg.backend, "one of " + ", ".join(BACKENDS))
 
 
 @dataclass(frozen=True)
 class BudgetMapping:
-    """The budget, `none`'s figures over its scope, and the fraction they give."""
+    """The budget and `none`'s figures over its scope, which give the fraction."""
 
     budget_bytes: int
     budget_rule: str
     none_peak_bytes: int
     none_saved_bytes: int
-    fraction: float
+
+    def fraction(self, margin: int = 0) -> float:
+        """The partitioner's fraction for the budget less `margin` (what earlier compiled steps
+        measured over it), by `MAPPING_RULE`."""
+        fitting = self.budget_bytes - margin - (self.none_peak_bytes - self.none_saved_bytes)
+        return min(1.0, max(0.0, fitting / self.none_saved_bytes))
 
     def estimated_peak(self, compiled_saved_bytes: int) -> int:
         return self.none_peak_bytes - self.none_saved_bytes + compiled_saved_bytes
@@ -103,26 +111,23 @@ def budget_mapping(spec: ExperimentSpec) -> BudgetMapping:
 
     budget, profile = peer_budget(spec.strategy, spec)
     none_peak = predict(profile, ((),) * profile.layers).peak_in(spec.strategy.budget_scope)
-    none_saved = profile.saved_activation_bytes()
-    fitting = budget.bytes - (none_peak - none_saved)
     return BudgetMapping(
         budget_bytes=budget.bytes,
         budget_rule=budget.rule,
         none_peak_bytes=none_peak,
-        none_saved_bytes=none_saved,
-        fraction=min(1.0, max(0.0, fitting / none_saved)),
+        none_saved_bytes=profile.saved_activation_bytes(),
     )
 
 
-def plan_for(spec: ExperimentSpec, mapping: BudgetMapping) -> CheckpointPlan:
+def plan_for(spec: ExperimentSpec, fraction: float) -> CheckpointPlan:
     if spec.device == FAKE_DEVICE:
         raise NotApplicableError(NOT_PREDICTABLE)
-    compiled = CompiledForward(spec.strategy.backend, mapping.fraction)
+    compiled = CompiledForward(spec.strategy.backend, fraction)
     return CheckpointPlan(spec.model.layers, compiled=compiled)
 
 
 def make_plan(cfg: CompileBudgetConfig, spec: ExperimentSpec) -> CheckpointPlan:
-    return plan_for(spec, budget_mapping(spec))
+    return plan_for(spec, budget_mapping(spec).fraction())
 
 
 def peak_seen(plan: CheckpointPlan, figures: Figures) -> tuple[bool, str]:
@@ -136,29 +141,66 @@ def peak_seen(plan: CheckpointPlan, figures: Figures) -> tuple[bool, str]:
 
 
 class CompileBudgetStrategy(Strategy):
-    """Map the budget to the partitioner's fraction, measure the compiled step once, and judge
-    the budget by its measured peak (an estimate where nothing can watch the compiled step)."""
+    """Map the budget to the partitioner's fraction and measure the compiled step; while its
+    peak (measured; an estimate where nothing can watch the compiled step) is over the budget,
+    map the budget less the overshoot so far and measure again, at most `strategy.max_rounds`
+    steps: the rule adaptive re-plans by."""
 
     def execute(self, spec: ExperimentSpec, measure: Measure) -> Outcome:
         started = time.monotonic()
         mapping = budget_mapping(spec)
+        scope = spec.strategy.budget_scope
         record: dict[str, Any] = {
             "budget_bytes": mapping.budget_bytes,
             "budget_rule": mapping.budget_rule,
-            "budget_scope": spec.strategy.budget_scope,
+            "budget_scope": scope,
             "backend": spec.strategy.backend,
-            "activation_memory_budget": mapping.fraction,
             "mapping_rule": MAPPING_RULE,
             "none_peak_bytes": mapping.none_peak_bytes,
             "none_saved_bytes": mapping.none_saved_bytes,
         }
         outcome = Outcome(extra={"compile_budget": record})
-        try:
-            plan = plan_for(spec, mapping)
-        except NotApplicableError as error:  # the budget and its mapping are still the record
-            outcome.verdict = error
-            return outcome
-        record["planning_s"] = round(time.monotonic() - started, 3)
+        rounds: list[dict[str, Any]] = []
+        record["rounds"] = rounds
+        margin = 0
+        for _ in range(spec.strategy.max_rounds):
+            fraction = mapping.fraction(margin)
+            if rounds and fraction == rounds[-1]["activation_memory_budget"]:
+                break  # clamped at 0: the same step again would measure the same
+            record["activation_memory_budget"] = fraction
+            try:
+                plan = plan_for(spec, fraction)
+            except NotApplicableError as error:  # the budget and its mapping are the record
+                outcome.verdict = error
+                return outcome
+            record.setdefault("planning_s", round(time.monotonic() - started, 3))
+            peak = self._measure_round(spec, mapping, plan, measure, record)
+            rounds.append({"activation_memory_budget": fraction, "peak_bytes": peak})
+            if peak <= mapping.budget_bytes:
+                break
+            margin += peak - mapping.budget_bytes
+        over = record["peak_bytes"] - mapping.budget_bytes
+        if over > 0:
+            fractions = ", ".join(f"{r['activation_memory_budget']:.3f}" for r in rounds)
+            outcome.verdict = InfeasibleError(
+                f"the compiled step's {'measured' if record['peak_measured'] else 'estimated'} "
+                f"{SCOPE_WORDS[scope]} peak {format_bytes(record['peak_bytes'])} is "
+                f"{format_bytes(over)} over the budget of {format_bytes(mapping.budget_bytes)} "
+                f"after {len(rounds)} compiled step(s) (activation_memory_budget "
+                f"{fractions}); "
+                "raise strategy.max_rounds or the budget"
+            )
+        return outcome
+
+    @staticmethod
+    def _measure_round(
+        spec: ExperimentSpec,
+        mapping: BudgetMapping,
+        plan: CheckpointPlan,
+        measure: Measure,
+        record: dict[str, Any],
+    ) -> int:
+        """Measure `plan`'s step, write its figures into `record` and return its peak."""
         figures = measure(plan)
         saved = figures.saved_activation_bytes
         if saved is None:
@@ -170,26 +212,19 @@ class CompileBudgetStrategy(Strategy):
                 recomputed_operators=recompute.operators,
                 recompute_flops=recompute.flops,
                 recompute_roofline_ps=recompute.picoseconds,
-                roofline_rates=list(spec.roofline_rates),
+                roofline_tflops=spec.roofline_rates[0],
+                roofline_gbps=spec.roofline_rates[1],
             )
         measured, rule = peak_seen(plan, figures)
         scope = spec.strategy.budget_scope
         peak = figures.memory.peak_in(scope) if measured else mapping.estimated_peak(saved)
-        over = peak - mapping.budget_bytes
         record.update(
             peak_bytes=peak,
             peak_measured=measured,
             peak_rule=rule,
-            over_budget_bytes=max(0, over),
+            over_budget_bytes=max(0, peak - mapping.budget_bytes),
         )
-        if over > 0:
-            outcome.verdict = InfeasibleError(
-                f"the compiled step's {'measured' if measured else 'estimated'} "
-                f"{SCOPE_WORDS[scope]} peak {format_bytes(peak)} is {format_bytes(over)} over "
-                f"the budget of {format_bytes(mapping.budget_bytes)} "
-                f"(activation_memory_budget {mapping.fraction:.3f})"
-            )
-        return outcome
+        return peak
 
 
 STRATEGY = CompileBudgetStrategy("compile_budget", CompileBudgetConfig, make_plan, validate)
