@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from memexp.config import ModelConfig, require_transformers
-from memexp.model import LayerUnits, PlannedLayers, Recompute
+from memexp.model import LayerUnits, PlannedLayers, Recompute, run_unit
 from memexp.plan import LAYER, Part
 
 # memexp's attention implementation for each `model.attention`, and the library's it wraps.
@@ -155,13 +155,10 @@ class DecoderLayer(nn.Module):
     def _blocks(
         self, x: torch.Tensor, units: LayerUnits, attention_inputs: dict[str, Any]
     ) -> torch.Tensor:
-        attention = units.get(Part.ATTENTION.value)
-        if attention is not None:
-            x = attention.run(self.attention_block, x, attention_inputs)
-        else:
-            x = self.attention_block(x, attention_inputs, units.get(Part.ATTENTION_CORE.value))
-        ffn = units.get(Part.FFN.value)
-        return self.ffn_block(x) if ffn is None else ffn.run(self.ffn_block, x)
+        core = units.get(Part.ATTENTION_CORE.value)
+        attention = functools.partial(self.attention_block, core=core)
+        x = run_unit(units.get(Part.ATTENTION.value), attention, x, attention_inputs)
+        return run_unit(units.get(Part.FFN.value), self.ffn_block, x)
 
 
 class PretrainedDecoder(PlannedLayers):

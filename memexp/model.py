@@ -129,8 +129,26 @@ class Recompute:
         return run_checkpointed(fn, *args, context_fn=self.context_fn)
 
 
-# What one layer recomputes: unit name (`memexp.plan.UNITS`) → how; a unit absent is kept.
-LayerUnits = Mapping[str, Recompute]
+@dataclass(frozen=True)
+class Stored:
+    """How one block is stored: run inside `context` (a storage of memexp.storage), which packs
+    what the block saves for backward its own way."""
+
+    context: Callable[[], contextlib.AbstractContextManager]
+
+    def run(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        with self.context():
+            return fn(*args)
+
+
+# How one layer runs its units: unit name (`memexp.plan.UNITS`) → recomputed how, or a block
+# (`memexp.plan.BLOCKS`) → stored how; a unit absent is kept, as made.
+LayerUnits = Mapping[str, Recompute | Stored]
+
+
+def run_unit(unit: Recompute | Stored | None, fn: Callable[..., torch.Tensor], *args: Any) -> Any:
+    """`fn(*args)` as `unit` says: recomputed, stored its own way, or (None) kept as made."""
+    return fn(*args) if unit is None else unit.run(fn, *args)
 
 
 def layer_units(plan: CheckpointPlan, layer: int) -> dict[str, Recompute]:
@@ -209,13 +227,10 @@ class TransformerLayer(nn.Module):
         return self._blocks(x, units)
 
     def _blocks(self, x: torch.Tensor, units: LayerUnits) -> torch.Tensor:
-        attention = units.get(Part.ATTENTION.value)
-        if attention is not None:
-            x = attention.run(self.attention, x)
-        else:
-            x = self.attention(x, core=units.get(Part.ATTENTION_CORE.value))
-        ffn = units.get(Part.FFN.value)
-        return self.ffn(x) if ffn is None else ffn.run(self.ffn, x)
+        core = units.get(Part.ATTENTION_CORE.value)
+        attention = functools.partial(self.attention, core=core)
+        x = run_unit(units.get(Part.ATTENTION.value), attention, x)
+        return run_unit(units.get(Part.FFN.value), self.ffn, x)
 
 
 class PlannedLayers(nn.Module):
@@ -285,6 +300,16 @@ class PlannedLayers(nn.Module):
             raise RuntimeError(f"layer {index} is stored as {kind}, and no storage was given")
         return self.storage_context(kind)
 
+    def _blocks_stored(self, index: int) -> dict[str, Stored]:
+        """The blocks of layer `index` the plan stores their own way, each in its storage."""
+        kinds = self.plan.blocks_stored_in(index)
+        if kinds and self.storage_context is None:
+            raise RuntimeError(f"layer {index} stores blocks, and no storage was given")
+        return {
+            block: Stored(functools.partial(self.storage_context, kind))  # type: ignore[arg-type]
+            for block, kind in kinds.items()
+        }
+
     def _run_layers(self, x: torch.Tensor, start: int, end: int, *inputs: Any) -> torch.Tensor:
         for index in range(start, end):
             x = self.layers[index](x, None, *inputs)
@@ -326,8 +351,9 @@ class PlannedLayers(nn.Module):
                 x = run_checkpointed(self._run_layers, x, *segment, *inputs, context_fn=context_fn)
                 index = segment[1]
             else:
+                units = {**layer_units(self.plan, index), **self._blocks_stored(index)}
                 with self._layer_storage(index):
-                    x = self.layers[index](x, layer_units(self.plan, index), *inputs)
+                    x = self.layers[index](x, units, *inputs)
                 index += 1
         return self.head(self.norm(x))
 

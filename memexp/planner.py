@@ -16,9 +16,11 @@ outputs (`layer@keep:mm#0,bmm#1`; `CheckpointPlan.saved_ops`), one option per se
 memexp.operator_choices offers (the Pareto frontier of bytes kept and recompute time saved):
 the choices PyTorch's own ILP makes per layer, mixed freely across layers here.
 Given storage kinds (`layer_options`), every option that still saves tensors (all but
-the whole layer recomputed) is offered once more per kind, `+saved:int8`: what the layer saves
+the whole layer recomputed) is offered again per kind: `+saved:int8`, what the layer saves
 stored that way (memexp.storage; `CheckpointPlan.stored`), compressed on the device or
-offloaded to host memory or disk.
+offloaded to host memory or disk; and `+saved:int8@attention` (or `@ffn`), what one block it
+does not recompute saves stored that way and the other block's kept
+(`CheckpointPlan.stored_blocks`).
 
 Profile. All layers are identical, so one layer per option tells everything: a model of 17
 layers (more with operator choices and storage kinds), layer i under option i, runs one forward
@@ -108,6 +110,7 @@ plan. `predict` names every point, so it gives both peaks of a plan.
 from __future__ import annotations
 
 import bisect
+import functools
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -123,10 +126,11 @@ from memexp.measure.flops import RooflineClock, fake_workload, flop_counter
 from memexp.measure.saved import counting_saved_bytes
 from memexp.measure.timing import time_layer_steps
 from memexp.memo import cached
-from memexp.model import LayerUnits, Recompute, layer_units, saved_ops_context
+from memexp.model import Recompute, Stored, layer_units, saved_ops_context
 from memexp.operator_choices import kept_output_choices
-from memexp.plan import LAYER, UNITS, CheckpointPlan, Part
+from memexp.plan import BLOCKS, LAYER, UNITS, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
+from memexp.storage import saved_tensor_storage
 from memexp.training import Workload, backward, forward_loss
 
 LayerOption = tuple[str, ...]  # how one layer runs: tokens (`unit_token`, `storage_token`)
@@ -136,6 +140,7 @@ SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that 
 # `layer@keep:mm#0,mm#2`: the whole layer recomputed, keeping those operators' outputs
 KEEP_MARK = "keep:"
 STORAGE_MARK = "saved:"  # `saved:int8`: what the layer still saves, stored as int8
+# `saved:int8@attention`: what the attention block saves, stored as int8 (the FFN's as made)
 OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (memexp.storage)
 
 
@@ -160,10 +165,16 @@ def storage_token(kind: str) -> str:
     return f"{STORAGE_MARK}{kind}"
 
 
+def block_storage_token(kind: str, block: str) -> str:
+    """The saved tensors of one block (`memexp.plan.BLOCKS`) stored as `kind`."""
+    return f"{STORAGE_MARK}{kind}{SELECTIVE_MARK}{block}"
+
+
 def _storage_kind(option: LayerOption) -> str | None:
+    """How `option` stores what it saves, the whole layer's or one block's, if it does."""
     for token in option:
         if token.startswith(STORAGE_MARK):
-            return token.removeprefix(STORAGE_MARK)
+            return token.removeprefix(STORAGE_MARK).partition(SELECTIVE_MARK)[0]
     return None
 
 
@@ -192,13 +203,20 @@ def layer_options(
     """`OPTIONS`; then the whole layer recomputed keeping each of `kept_outputs` (lists of
     operator outputs, memexp.operator_choices); then each option that keeps something in saved
     tensors (not the whole layer recomputed: a checkpoint keeps only its input, and a kept
-    operator output sits in the checkpoint's own cache) with that stored as each of `kinds`."""
-    stored = [
-        (*option, storage_token(kind))
-        for kind in kinds
-        for option in OPTIONS
-        if not any(token.partition(SELECTIVE_MARK)[0] == LAYER for token in option)
-    ]
+    operator output sits in the checkpoint's own cache) with that stored as each of `kinds`:
+    the whole layer's, then each block's that it does not recompute, the other block's kept."""
+    stored = []
+    for kind in kinds:
+        for option in OPTIONS:
+            recomputed = {token.partition(SELECTIVE_MARK)[0] for token in option}
+            if LAYER in recomputed:
+                continue
+            stored.append((*option, storage_token(kind)))
+            stored += [
+                (*option, block_storage_token(kind, block))
+                for block in BLOCKS
+                if block not in recomputed
+            ]
     keeping = [(kept_outputs_token(names),) for names in kept_outputs]
     return (*OPTIONS, *keeping, *stored)
 
@@ -222,12 +240,16 @@ def option_of(name: str) -> LayerOption:
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments, parts, selective, stored, saved_ops = [], [], [], [], []
+    segments, parts, selective, stored, stored_blocks, saved_ops = [], [], [], [], [], []
     for index, option in enumerate(choices):
         for token in option:
             unit, _, policy = token.partition(SELECTIVE_MARK)
             if token.startswith(STORAGE_MARK):
-                stored.append((index, token.removeprefix(STORAGE_MARK)))
+                kind, _, block = token.removeprefix(STORAGE_MARK).partition(SELECTIVE_MARK)
+                if block:
+                    stored_blocks.append((index, block, kind))
+                else:
+                    stored.append((index, kind))
             elif policy.startswith(KEEP_MARK):
                 segments.append((index, index + 1))
                 names = policy.removeprefix(KEEP_MARK).split(",")
@@ -244,6 +266,7 @@ def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
         parts=tuple(parts),
         selective=tuple(selective),
         stored=tuple(stored),
+        stored_blocks=tuple(stored_blocks),
         saved_ops=tuple(saved_ops),
     )
 
@@ -286,7 +309,10 @@ def _layer_option(plan: CheckpointPlan, layer: int) -> LayerOption:
         if unit in whole or unit in selective
     )
     kind = plan.storage_of(layer)
-    return units if kind is None else (*units, storage_token(kind))
+    if kind is not None:
+        return (*units, storage_token(kind))
+    blocks = plan.blocks_stored_in(layer)
+    return (*units, *(block_storage_token(blocks[b], b) for b in BLOCKS if b in blocks))
 
 
 # --- profiling -----------------------------------------------------------------------------
@@ -712,14 +738,17 @@ def roofline_source(rates: tuple[float, float]) -> str:
     )
 
 
-def option_units(option: LayerOption) -> LayerUnits:
+def option_units(option: LayerOption) -> dict[str, Recompute | Stored]:
     """The units one layer recomputes under `option`, each with how, as the layer takes them:
-    a whole layer recomputed (a one-layer segment in the plan) included."""
+    a whole layer recomputed (a one-layer segment in the plan) included, and each block stored
+    its own way, in its storage."""
     plan = plan_of((option,))
-    units = layer_units(plan, 0)
+    units: dict[str, Recompute | Stored] = {**layer_units(plan, 0)}
     if plan.segments:
         saved = plan.saved_ops_of(0)
         units[LAYER] = Recompute(None if saved is None else saved_ops_context(saved))
+    for block, kind in plan.blocks_stored_in(0).items():
+        units[block] = Stored(functools.partial(saved_tensor_storage, kind))
     return units
 
 
@@ -735,7 +764,10 @@ def with_measured_costs(profile: StepProfile, spec: ExperimentSpec) -> StepProfi
     of the options that are resolved; with none resolved, the roofline profile is kept. A
     difference is never clamped to zero, so no option looks free for noise.
     """
-    ways = {option: (option_units(option), _storage_kind(option)) for option in profile.options}
+    ways = {
+        option: (option_units(option), plan_of((option,)).storage_of(0))
+        for option in profile.options
+    }
     timed = time_layer_steps(spec, ways, MEASURED_REPEATS)
     base = timed[()]
     resolved = {
