@@ -303,12 +303,12 @@ class PlannedLayers(nn.Module):
     def _blocks_stored(self, index: int) -> dict[str, Stored]:
         """The blocks of layer `index` the plan stores their own way, each in its storage."""
         kinds = self.plan.blocks_stored_in(index)
-        if kinds and self.storage_context is None:
+        if not kinds:
+            return {}
+        storage = self.storage_context
+        if storage is None:
             raise RuntimeError(f"layer {index} stores blocks, and no storage was given")
-        return {
-            block: Stored(functools.partial(self.storage_context, kind))  # type: ignore[arg-type]
-            for block, kind in kinds.items()
-        }
+        return {block: Stored(functools.partial(storage, kind)) for block, kind in kinds.items()}
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int, *inputs: Any) -> torch.Tensor:
         for index in range(start, end):
