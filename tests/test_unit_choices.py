@@ -22,11 +22,12 @@ from memexp.measure.fidelity import gradient_error
 from memexp.measure.flops import RooflineClock, flop_counter, step_flops
 from memexp.measure.memory import measure_memory
 from memexp.measure.timing import spread
+from memexp.model import Stored
 from memexp.plan import LAYER, CheckpointPlan, Part
 from memexp.planner import cheapest_within, predict
 from memexp.results import SCOPE_FORWARD_BACKWARD
 from memexp.strategies import adaptive, make_plan
-from memexp.training import backward, build_workload, forward_loss, train_step
+from memexp.training import backward, build_model, build_workload, forward_loss, train_step
 
 SpecFn = Callable[..., ExperimentSpec]
 EW = planner.ELEMENTWISE
@@ -150,6 +151,27 @@ def test_the_roofline_uses_the_devices_rates_or_the_imagined_devices(tiny_spec: 
     assert tiny_spec("device=fake", "device.imagine=cpu").roofline_rates == (2.0, 200.0)
     given = tiny_spec("device=fake", "device.peak_tflops=100", "device.memory_gbps=1000")
     assert given.roofline_rates == (100.0, 1000.0)
+
+
+def test_a_block_stored_on_its_own_is_timed_in_its_storage(tiny_spec: SpecFn) -> None:
+    """Measured costs run one layer under each option's units: a block stored its own way runs
+    in that storage. int8 rounds what the attention block saves, so its input's gradient moves;
+    offloaded to host memory it comes back unchanged, bit for bit; the output is the same."""
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    layer = build_model(spec.model).layers[0]
+    x = torch.randn(spec.batch_size, spec.seq_len, spec.model.hidden, requires_grad=True)
+    runs = {}
+    for option in [(), ("saved:int8@attention",), ("attention_core", "saved:host@attention")]:
+        units = planner.option_units(option)
+        if option:
+            assert isinstance(units["attention"], Stored)
+        out = layer(x, units)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        runs[option] = (out.detach(), grad)
+    kept, int8, host = runs.values()
+    assert all(torch.equal(kept[0], run[0]) for run in (int8, host))
+    assert not torch.equal(kept[1], int8[1]) and torch.equal(kept[1], host[1])
 
 
 @pytest.mark.slow
