@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from memexp.config import ModelConfig, require_transformers
-from memexp.model import LayerUnits, PlannedLayers, Recompute, run_unit
+from memexp.model import LayerUnits, PlannedLayers, Recompute, Stored, run_unit
 from memexp.plan import LAYER, Part
 
 # memexp's attention implementation for each `model.attention`, and the library's it wraps.
@@ -70,9 +70,9 @@ def register_implementations() -> None:
         AttentionMaskInterface.register(ours, AttentionMaskInterface._global_mapping[theirs])
 
 
-def recomputed(core: Callable[..., Any], how: Recompute) -> Callable[..., Any]:
-    """`core` recomputed as `how` says (whole: only q, k, v and the mask are kept; under an
-    op-level policy: its operators' outputs too)."""
+def run_as(core: Callable[..., Any], how: Recompute | Stored) -> Callable[..., Any]:
+    """`core` run as `how` says: recomputed (whole: only q, k, v and the mask are kept; under an
+    op-level policy: its operators' outputs too), or stored its own way."""
 
     def run(module: nn.Module, *tensors: torch.Tensor | None, **kwargs: Any) -> Any:
         return how.run(functools.partial(core, module, **kwargs), *tensors)
@@ -107,9 +107,12 @@ class DecoderLayer(nn.Module):
         self.core = core
 
     def attention_block(
-        self, x: torch.Tensor, attention_inputs: dict[str, Any], core: Recompute | None = None
+        self,
+        x: torch.Tensor,
+        attention_inputs: dict[str, Any],
+        core: Recompute | Stored | None = None,
     ) -> torch.Tensor:
-        function = self.core if core is None else recomputed(self.core, core)
+        function = self.core if core is None else run_as(self.core, core)
         out, _ = self.attention(
             self.attention_norm(x), **attention_inputs, **{CORE_KEYWORD: function}
         )

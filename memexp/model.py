@@ -131,8 +131,8 @@ class Recompute:
 
 @dataclass(frozen=True)
 class Stored:
-    """How one block is stored: run inside `context` (a storage of memexp.storage), which packs
-    what the block saves for backward its own way."""
+    """How one unit is stored: run inside `context` (a storage of memexp.storage), which packs
+    what the unit saves for backward its own way."""
 
     context: Callable[[], contextlib.AbstractContextManager]
 
@@ -141,8 +141,8 @@ class Stored:
             return fn(*args)
 
 
-# How one layer runs its units: unit name (`memexp.plan.UNITS`) → recomputed how, or a block
-# (`memexp.plan.BLOCKS`) → stored how; a unit absent is kept, as made.
+# How one layer runs its units: unit name (`memexp.plan.UNITS`) → recomputed how, or (one of
+# `memexp.plan.STORABLE_UNITS`) stored how; a unit absent is kept, as made.
 LayerUnits = Mapping[str, Recompute | Stored]
 
 
@@ -180,7 +180,7 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(hidden, hidden, bias=bias)
         self.core = ATTENTION_CORES[kind]
 
-    def forward(self, x: torch.Tensor, core: Recompute | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, core: Recompute | Stored | None = None) -> torch.Tensor:
         batch, seq, hidden = x.shape
         qkv = self.qkv(self.norm(x)).view(batch, seq, 3, self.heads, hidden // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -300,15 +300,15 @@ class PlannedLayers(nn.Module):
             raise RuntimeError(f"layer {index} is stored as {kind}, and no storage was given")
         return self.storage_context(kind)
 
-    def _blocks_stored(self, index: int) -> dict[str, Stored]:
-        """The blocks of layer `index` the plan stores their own way, each in its storage."""
-        kinds = self.plan.blocks_stored_in(index)
+    def _units_stored(self, index: int) -> dict[str, Stored]:
+        """The units of layer `index` the plan stores their own way, each in its storage."""
+        kinds = self.plan.units_stored_in(index)
         if not kinds:
             return {}
         storage = self.storage_context
         if storage is None:
-            raise RuntimeError(f"layer {index} stores blocks, and no storage was given")
-        return {block: Stored(functools.partial(storage, kind)) for block, kind in kinds.items()}
+            raise RuntimeError(f"layer {index} stores units, and no storage was given")
+        return {unit: Stored(functools.partial(storage, kind)) for unit, kind in kinds.items()}
 
     def _run_layers(self, x: torch.Tensor, start: int, end: int, *inputs: Any) -> torch.Tensor:
         for index in range(start, end):
@@ -351,7 +351,7 @@ class PlannedLayers(nn.Module):
                 x = run_checkpointed(self._run_layers, x, *segment, *inputs, context_fn=context_fn)
                 index = segment[1]
             else:
-                units = {**layer_units(self.plan, index), **self._blocks_stored(index)}
+                units = {**layer_units(self.plan, index), **self._units_stored(index)}
                 with self._layer_storage(index):
                     x = self.layers[index](x, units, *inputs)
                 index += 1

@@ -23,8 +23,13 @@ class Part(str, Enum):
 LAYER = "layer"
 # Every unit of a layer a plan may recompute, smallest first.
 UNITS: tuple[str, ...] = (Part.ATTENTION_CORE.value, Part.ATTENTION.value, Part.FFN.value, LAYER)
-# The sub-blocks whose saved tensors a plan may store their own way (`CheckpointPlan.stored_blocks`).
-BLOCKS: tuple[str, ...] = (Part.ATTENTION.value, Part.FFN.value)
+# The units whose saved tensors a plan may store their own way (`CheckpointPlan.stored_units`),
+# each with the units that contain it: one recomputed leaves nothing of it to store.
+STORABLE_UNITS: dict[str, tuple[str, ...]] = {
+    Part.ATTENTION_CORE.value: (Part.ATTENTION_CORE.value, Part.ATTENTION.value, LAYER),
+    Part.ATTENTION.value: (Part.ATTENTION.value, LAYER),
+    Part.FFN.value: (Part.FFN.value, LAYER),
+}
 
 # The op-level policies a plan may name (`CheckpointPlan.op_policy`); memexp.model maps each to
 # the operators it keeps. Named here, without torch, so validating a config never imports it.
@@ -88,9 +93,10 @@ class CheckpointPlan:
     operators (matrix products under `save_matmuls`) keep their outputs and only the rest of
     the unit is recomputed, so a plan may recompute one unit element-wise and another one
     whole, layer by layer. `stored` names layers (layer, kind of `STORAGE_KINDS`) whose saved
-    tensors are stored their own way instead of the plan's `storage`; `stored_blocks` names
-    sub-blocks (layer, block of `BLOCKS`, kind) stored their own way, in layers not stored
-    whole, so that one block of a layer may be compressed or offloaded and the other not.
+    tensors are stored their own way instead of the plan's `storage`; `stored_units` names
+    units (layer, unit of `STORABLE_UNITS`, kind) stored their own way, in layers not stored
+    whole, so that one unit of a layer (its attention core, or one block) may be compressed or
+    offloaded and the rest not.
     `saved_ops` gives a segment its own explicit list instead of `op_policy` (per segment
     start: the operator outputs it keeps, each named `<aten op>#<occurrence in the layer's
     forward>`, e.g. `mm#0`; every other operator is recomputed), as a planner that decides per
@@ -105,7 +111,7 @@ class CheckpointPlan:
     storage: str = "keep"
     selective: tuple[tuple[int, str, str], ...] = ()
     stored: tuple[tuple[int, str], ...] = ()
-    stored_blocks: tuple[tuple[int, str, str], ...] = ()
+    stored_units: tuple[tuple[int, str, str], ...] = ()
     saved_ops: tuple[tuple[int, tuple[str, ...]], ...] = ()
     compiled: CompiledForward | None = None
 
@@ -145,7 +151,7 @@ class CheckpointPlan:
                     f"layer {layer} is recomputed whole and stored: a checkpoint keeps only its "
                     "input, outside saved-tensor hooks' reach"
                 )
-        self._check_stored_blocks(covered, set(stored_layers))
+        self._check_stored_units(covered, set(stored_layers))
         for layer in range(self.num_layers):
             _check_units(layer, [p.value for p in self.parts_of(layer)], self.selective_of(layer))
         if self.op_policy is not None and not self.segments:
@@ -157,25 +163,26 @@ class CheckpointPlan:
                     f"saved operators given for layer {start}, where no segment starts"
                 )
 
-    def _check_stored_blocks(self, segmented: set[int], stored_layers: set[int]) -> None:
-        """A stored block is one of `BLOCKS`, named once, in a layer not stored whole, and not
-        recomputed (a recomputed block keeps only its input, outside its storage's reach)."""
-        named = [(layer, block) for layer, block, _ in self.stored_blocks]
-        for layer, block, kind in self.stored_blocks:
+    def _check_stored_units(self, segmented: set[int], stored_layers: set[int]) -> None:
+        """A stored unit is one of `STORABLE_UNITS`, named once, in a layer not stored whole,
+        and neither it nor a unit containing it recomputed (a checkpoint keeps only its input,
+        outside the unit's storage's reach)."""
+        named = [(layer, unit) for layer, unit, _ in self.stored_units]
+        for layer, unit, kind in self.stored_units:
             if kind not in STORAGE_KINDS:
-                raise ValueError(f"layer {layer} {block}: unknown storage {kind!r}")
-            if block not in BLOCKS:
-                raise ValueError(f"stored block {block!r} is not one of {', '.join(BLOCKS)}")
-            if not 0 <= layer < self.num_layers or named.count((layer, block)) > 1:
+                raise ValueError(f"layer {layer} {unit}: unknown storage {kind!r}")
+            if unit not in STORABLE_UNITS:
+                raise ValueError(f"stored unit {unit!r} is not one of {', '.join(STORABLE_UNITS)}")
+            if not 0 <= layer < self.num_layers or named.count((layer, unit)) > 1:
                 raise ValueError(
-                    f"stored {block} of layer {layer} is outside the model or named twice"
+                    f"stored {unit} of layer {layer} is outside the model or named twice"
                 )
             if layer in stored_layers:
-                raise ValueError(f"layer {layer} is stored whole and its {block} on its own")
+                raise ValueError(f"layer {layer} is stored whole and its {unit} on its own")
             recomputed = {p.value for p in self.parts_of(layer)} | set(self.selective_of(layer))
-            if layer in segmented or block in recomputed or LAYER in recomputed:
+            if layer in segmented or recomputed & set(STORABLE_UNITS[unit]):
                 raise ValueError(
-                    f"layer {layer}: its {block} is recomputed and stored: a checkpoint keeps only "
+                    f"layer {layer}: its {unit} is recomputed and stored: a checkpoint keeps only "
                     "its input, outside saved-tensor hooks' reach"
                 )
 
@@ -199,18 +206,18 @@ class CheckpointPlan:
 
     @property
     def storage_kinds(self) -> frozenset[str]:
-        """Every way the plan stores saved tensors: its own `storage`, its layers' and blocks'."""
+        """Every way the plan stores saved tensors: its own `storage`, its layers' and units'."""
         return frozenset(
             {
                 self.storage,
                 *(kind for _, kind in self.stored),
-                *(kind for _, _, kind in self.stored_blocks),
+                *(kind for _, _, kind in self.stored_units),
             }
         )
 
-    def blocks_stored_in(self, layer: int) -> dict[str, str]:
-        """The blocks of `layer` stored their own way, each with its kind."""
-        return {block: kind for index, block, kind in self.stored_blocks if index == layer}
+    def units_stored_in(self, layer: int) -> dict[str, str]:
+        """The units of `layer` stored their own way, each with its kind."""
+        return {unit: kind for index, unit, kind in self.stored_units if index == layer}
 
     def storage_of(self, layer: int) -> str | None:
         """How `layer`'s saved tensors are stored, where it differs from the plan's `storage`."""
@@ -277,11 +284,11 @@ class CheckpointPlan:
             by_kind.setdefault(kind, []).append(layer)
         for kind, layers in by_kind.items():
             text += f"; in layers {_ranges(sorted(layers))} {kind} storage"
-        by_block: dict[tuple[str, str], list[int]] = {}
-        for layer, block, kind in self.stored_blocks:
-            by_block.setdefault((block, kind), []).append(layer)
-        for (block, kind), layers in by_block.items():
-            text += f"; in layers {_ranges(sorted(layers))} the {block} block in {kind} storage"
+        by_unit: dict[tuple[str, str], list[int]] = {}
+        for layer, unit, kind in self.stored_units:
+            by_unit.setdefault((unit, kind), []).append(layer)
+        for (unit, kind), layers in by_unit.items():
+            text += f"; in layers {_ranges(sorted(layers))} {unit} in {kind} storage"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,7 +300,7 @@ class CheckpointPlan:
             "storage": self.storage,
             "selective": [list(entry) for entry in self.selective],
             "stored": [list(entry) for entry in self.stored],
-            "stored_blocks": [list(entry) for entry in self.stored_blocks],
+            "stored_units": [list(entry) for entry in self.stored_units],
             "saved_ops": [[start, list(names)] for start, names in self.saved_ops],
             "compiled": None if self.compiled is None else asdict(self.compiled),
         }
@@ -312,9 +319,9 @@ class CheckpointPlan:
                 for layer, unit, policy in data.get("selective", [])
             ),
             stored=tuple((int(layer), str(kind)) for layer, kind in data.get("stored", [])),
-            stored_blocks=tuple(
-                (int(layer), str(block), str(kind))
-                for layer, block, kind in data.get("stored_blocks", [])
+            stored_units=tuple(
+                (int(layer), str(unit), str(kind))
+                for layer, unit, kind in data.get("stored_units", [])
             ),
             saved_ops=tuple(
                 (int(start), tuple(names)) for start, names in data.get("saved_ops", [])

@@ -18,9 +18,9 @@ the choices PyTorch's own ILP makes per layer, mixed freely across layers here.
 Given storage kinds (`layer_options`), every option that still saves tensors (all but
 the whole layer recomputed) is offered again per kind: `+saved:int8`, what the layer saves
 stored that way (memexp.storage; `CheckpointPlan.stored`), compressed on the device or
-offloaded to host memory or disk; and `+saved:int8@attention` (or `@ffn`), what one block it
-does not recompute saves stored that way and the other block's kept
-(`CheckpointPlan.stored_blocks`).
+offloaded to host memory or disk; and `+saved:int8@attention` (or `@attention_core`, `@ffn`),
+what one unit it does not recompute saves stored that way and the rest kept
+(`CheckpointPlan.stored_units`).
 
 Profile. All layers are identical, so one layer per option tells everything: a model of 17
 layers (more with operator choices and storage kinds), layer i under option i, runs one forward
@@ -128,7 +128,7 @@ from memexp.measure.timing import time_layer_steps
 from memexp.memo import cached
 from memexp.model import Recompute, Stored, layer_units, saved_ops_context
 from memexp.operator_choices import kept_output_choices
-from memexp.plan import BLOCKS, LAYER, UNITS, CheckpointPlan, Part
+from memexp.plan import LAYER, STORABLE_UNITS, UNITS, CheckpointPlan, Part
 from memexp.results import SCOPE_FORWARD_BACKWARD, SCOPE_STEP
 from memexp.storage import saved_tensor_storage
 from memexp.training import Workload, backward, forward_loss
@@ -140,7 +140,7 @@ SELECTIVE_MARK = "@"  # `ffn@save_matmuls`: the FFN block recomputed under that 
 # `layer@keep:mm#0,mm#2`: the whole layer recomputed, keeping those operators' outputs
 KEEP_MARK = "keep:"
 STORAGE_MARK = "saved:"  # `saved:int8`: what the layer still saves, stored as int8
-# `saved:int8@attention`: what the attention block saves, stored as int8 (the FFN's as made)
+# `saved:int8@attention`: what the attention block saves, stored as int8 (the rest as made)
 OFFLOADS = ("host", "disk")  # the storage kinds that move bytes over a link (memexp.storage)
 
 
@@ -165,13 +165,13 @@ def storage_token(kind: str) -> str:
     return f"{STORAGE_MARK}{kind}"
 
 
-def block_storage_token(kind: str, block: str) -> str:
-    """The saved tensors of one block (`memexp.plan.BLOCKS`) stored as `kind`."""
-    return f"{STORAGE_MARK}{kind}{SELECTIVE_MARK}{block}"
+def unit_storage_token(kind: str, unit: str) -> str:
+    """The saved tensors of one unit (`memexp.plan.STORABLE_UNITS`) stored as `kind`."""
+    return f"{STORAGE_MARK}{kind}{SELECTIVE_MARK}{unit}"
 
 
 def _storage_kind(option: LayerOption) -> str | None:
-    """How `option` stores what it saves, the whole layer's or one block's, if it does."""
+    """How `option` stores what it saves, the whole layer's or one unit's, if it does."""
     for token in option:
         if token.startswith(STORAGE_MARK):
             return token.removeprefix(STORAGE_MARK).partition(SELECTIVE_MARK)[0]
@@ -204,7 +204,7 @@ def layer_options(
     operator outputs, memexp.operator_choices); then each option that keeps something in saved
     tensors (not the whole layer recomputed: a checkpoint keeps only its input, and a kept
     operator output sits in the checkpoint's own cache) with that stored as each of `kinds`:
-    the whole layer's, then each block's that it does not recompute, the other block's kept."""
+    the whole layer's, then each storable unit's that it does not recompute, the rest kept."""
     stored = []
     for kind in kinds:
         for option in OPTIONS:
@@ -213,9 +213,9 @@ def layer_options(
                 continue
             stored.append((*option, storage_token(kind)))
             stored += [
-                (*option, block_storage_token(kind, block))
-                for block in BLOCKS
-                if block not in recomputed
+                (*option, unit_storage_token(kind, unit))
+                for unit, containing in STORABLE_UNITS.items()
+                if not recomputed & set(containing)
             ]
     keeping = [(kept_outputs_token(names),) for names in kept_outputs]
     return (*OPTIONS, *keeping, *stored)
@@ -240,14 +240,14 @@ def option_of(name: str) -> LayerOption:
 
 def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
     """The CheckpointPlan that runs layer i under `choices[i]`."""
-    segments, parts, selective, stored, stored_blocks, saved_ops = [], [], [], [], [], []
+    segments, parts, selective, stored, stored_units, saved_ops = [], [], [], [], [], []
     for index, option in enumerate(choices):
         for token in option:
             unit, _, policy = token.partition(SELECTIVE_MARK)
             if token.startswith(STORAGE_MARK):
-                kind, _, block = token.removeprefix(STORAGE_MARK).partition(SELECTIVE_MARK)
-                if block:
-                    stored_blocks.append((index, block, kind))
+                kind, _, unit = token.removeprefix(STORAGE_MARK).partition(SELECTIVE_MARK)
+                if unit:
+                    stored_units.append((index, unit, kind))
                 else:
                     stored.append((index, kind))
             elif policy.startswith(KEEP_MARK):
@@ -266,7 +266,7 @@ def plan_of(choices: Sequence[LayerOption]) -> CheckpointPlan:
         parts=tuple(parts),
         selective=tuple(selective),
         stored=tuple(stored),
-        stored_blocks=tuple(stored_blocks),
+        stored_units=tuple(stored_units),
         saved_ops=tuple(saved_ops),
     )
 
@@ -311,8 +311,8 @@ def _layer_option(plan: CheckpointPlan, layer: int) -> LayerOption:
     kind = plan.storage_of(layer)
     if kind is not None:
         return (*units, storage_token(kind))
-    blocks = plan.blocks_stored_in(layer)
-    return (*units, *(block_storage_token(blocks[b], b) for b in BLOCKS if b in blocks))
+    stored = plan.units_stored_in(layer)
+    return (*units, *(unit_storage_token(stored[u], u) for u in STORABLE_UNITS if u in stored))
 
 
 # --- profiling -----------------------------------------------------------------------------
@@ -740,15 +740,15 @@ def roofline_source(rates: tuple[float, float]) -> str:
 
 def option_units(option: LayerOption) -> dict[str, Recompute | Stored]:
     """The units one layer recomputes under `option`, each with how, as the layer takes them:
-    a whole layer recomputed (a one-layer segment in the plan) included, and each block stored
+    a whole layer recomputed (a one-layer segment in the plan) included, and each unit stored
     its own way, in its storage."""
     plan = plan_of((option,))
     units: dict[str, Recompute | Stored] = {**layer_units(plan, 0)}
     if plan.segments:
         saved = plan.saved_ops_of(0)
         units[LAYER] = Recompute(None if saved is None else saved_ops_context(saved))
-    for block, kind in plan.blocks_stored_in(0).items():
-        units[block] = Stored(functools.partial(saved_tensor_storage, kind))
+    for unit, kind in plan.units_stored_in(0).items():
+        units[unit] = Stored(functools.partial(saved_tensor_storage, kind))
     return units
 
 

@@ -177,7 +177,7 @@ def _write_times(result: RunResult, times: StepTimes) -> None:
 def _write_saved_bytes(result: RunResult, plan: CheckpointPlan, counted: int | None) -> None:
     """The count, unless the plan keeps tensors where saved-tensor hooks cannot see them."""
     result.saved_source = SAVED_SOURCE
-    if plan.uses_op_policy or plan.stored or plan.stored_blocks:
+    if plan.uses_op_policy or plan.stored or plan.stored_units:
         result.saved_activation_bytes = None
         result.extra["saved_activation_note"] = (
             OP_POLICY_NOTE if plan.uses_op_policy else STORED_LAYERS_NOTE

@@ -231,11 +231,11 @@ def test_at_ops_measured_peak_adaptive_recomputes_no_more_time_than_op(
 
 
 def test_options_of_inverts_plan_of_for_every_option_and_storage_kind() -> None:
-    """Every option, stored each way (the whole layer, or one block it keeps), laid out one per
+    """Every option, stored each way (the whole layer, or one unit it keeps), laid out one per
     layer, comes back as it went in; so do the uniform plans of each option (the fixed
     strategies' shape)."""
     choices = planner.layer_options(("bf16", "fp8", "int8", "host", "disk"))
-    assert len(choices) == 17 + 5 * (15 + 9 + 5)
+    assert len(choices) == 17 + 5 * (15 + 3 + 9 + 5)
     assert planner.options_of(planner.plan_of(choices)) == choices
     for option in choices:
         assert planner.options_of(planner.plan_of((option,) * 3)) == (option,) * 3

@@ -47,7 +47,7 @@ def test_a_plan_with_selective_units_round_trips_and_reads_as_a_line() -> None:
         parts=((0, Part.ATTENTION_CORE),),
         selective=((0, "ffn", EW), (1, "attention", EW), (2, LAYER, EW)),
         stored=((0, "int8"), (1, "disk")),
-        stored_blocks=((4, "attention", "bf16"),),
+        stored_units=((4, "attention", "bf16"),),
     )
     assert CheckpointPlan.from_dict(plan.to_dict()) == plan
     assert plan.selective_of(0) == {"ffn": EW}
@@ -56,18 +56,18 @@ def test_a_plan_with_selective_units_round_trips_and_reads_as_a_line() -> None:
         "layers 3 each recomputed as its own checkpoint; attention_core recomputed in layers 0; "
         "ffn recomputed element-wise (save_matmuls) in layers 0; attention recomputed "
         "element-wise (save_matmuls) in layers 1; layer recomputed element-wise (save_matmuls) "
-        "in layers 2; in layers 0 int8 storage; in layers 1 disk storage; in layers 4 the "
-        "attention block in bf16 storage"
+        "in layers 2; in layers 0 int8 storage; in layers 1 disk storage; in layers 4 attention in "
+        "bf16 storage"
     )
     assert plan.storage_of(1) == "disk" and plan.storage_of(2) is None
-    assert plan.blocks_stored_in(4) == {"attention": "bf16"} and plan.blocks_stored_in(0) == {}
+    assert plan.units_stored_in(4) == {"attention": "bf16"} and plan.units_stored_in(0) == {}
     assert plan.storage_kinds == {"keep", "int8", "disk", "bf16"}
     # a record written before plans had units recomputed element-wise still reads
     old = {
-        k: v for k, v in plan.to_dict().items() if k not in ("selective", "stored", "stored_blocks")
+        k: v for k, v in plan.to_dict().items() if k not in ("selective", "stored", "stored_units")
     }
     assert CheckpointPlan.from_dict(old).selective == CheckpointPlan.from_dict(old).stored == ()
-    assert CheckpointPlan.from_dict(old).stored_blocks == ()
+    assert CheckpointPlan.from_dict(old).stored_units == ()
 
 
 @pytest.mark.parametrize(
@@ -84,13 +84,17 @@ def test_a_plan_with_selective_units_round_trips_and_reads_as_a_line() -> None:
         ({"stored": ((0, "int8"), (0, "disk"))}, "named twice"),
         ({"stored": ((0, "int8"),), "segments": ((0, 1),)}, "recomputed whole and stored"),
         ({"stored": ((0, "int8"),), "selective": ((0, LAYER, EW),)}, "recomputed whole"),
-        ({"stored_blocks": ((0, "core", "int8"),)}, "not one of"),
-        ({"stored_blocks": ((0, "ffn", "int4"),)}, "unknown storage"),
-        ({"stored_blocks": ((0, "ffn", "int8"), (0, "ffn", "disk"))}, "named twice"),
-        ({"stored_blocks": ((0, "ffn", "int8"),), "stored": ((0, "disk"),)}, "stored whole"),
-        ({"stored_blocks": ((0, "ffn", "int8"),), "parts": ((0, Part.FFN),)}, "recomputed and"),
-        ({"stored_blocks": ((0, "ffn", "int8"),), "selective": ((0, "ffn", EW),)}, "recomputed"),
-        ({"stored_blocks": ((0, "attention", "int8"),), "segments": ((0, 1),)}, "recomputed"),
+        ({"stored_units": ((0, "core", "int8"),)}, "not one of"),
+        ({"stored_units": ((0, "ffn", "int4"),)}, "unknown storage"),
+        ({"stored_units": ((0, "ffn", "int8"), (0, "ffn", "disk"))}, "named twice"),
+        ({"stored_units": ((0, "ffn", "int8"),), "stored": ((0, "disk"),)}, "stored whole"),
+        ({"stored_units": ((0, "ffn", "int8"),), "parts": ((0, Part.FFN),)}, "recomputed and"),
+        ({"stored_units": ((0, "ffn", "int8"),), "selective": ((0, "ffn", EW),)}, "recomputed"),
+        ({"stored_units": ((0, "attention", "int8"),), "segments": ((0, 1),)}, "recomputed"),
+        (
+            {"stored_units": ((0, "attention_core", "int8"),), "parts": ((0, Part.ATTENTION),)},
+            "rec",
+        ),
     ],
 )
 def test_overlapping_or_unknown_selective_units_are_refused(kwargs: dict, message: str) -> None:
@@ -153,8 +157,8 @@ def test_the_roofline_uses_the_devices_rates_or_the_imagined_devices(tiny_spec: 
     assert given.roofline_rates == (100.0, 1000.0)
 
 
-def test_a_block_stored_on_its_own_is_timed_in_its_storage(tiny_spec: SpecFn) -> None:
-    """Measured costs run one layer under each option's units: a block stored its own way runs
+def test_a_unit_stored_on_its_own_is_timed_in_its_storage(tiny_spec: SpecFn) -> None:
+    """Measured costs run one layer under each option's units: a unit stored its own way runs
     in that storage. int8 rounds what the attention block saves, so its input's gradient moves;
     offloaded to host memory it comes back unchanged, bit for bit; the output is the same."""
     spec = tiny_spec()
@@ -267,8 +271,9 @@ def test_storage_kinds_must_be_known(tiny_spec: SpecFn) -> None:
         ("int8", ("saved:int8",)),
         # the core's inputs are views into the fused qkv, written to disk as dense copies
         ("disk", ("attention_core", "saved:disk")),
-        # one block stored, the other kept: the layer's input is kept by the FFN's residual
+        # one unit stored, the rest kept
         ("int8", ("saved:int8@attention",)),
+        ("bf16", ("ffn", "saved:bf16@attention_core")),
         ("disk", ("attention_core", "saved:disk@attention")),
         ("host", ("attention", "saved:host@ffn")),
     ],
@@ -276,6 +281,7 @@ def test_storage_kinds_must_be_known(tiny_spec: SpecFn) -> None:
         "first-layer-int8",
         "core-recomputed-on-disk",
         "attention-int8",
+        "ffn-recomputed-core-bf16",
         "core-recomputed-attention-on-disk",
         "attention-recomputed-ffn-on-host",
     ],
@@ -299,13 +305,14 @@ def test_a_stored_plan_measures_as_predicted_wherever_it_stands(
 @pytest.mark.slow
 def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn) -> None:
     """Over 17 recompute options, and as int8 or on disk the 15 that save tensors stored whole,
-    the 9 that keep the attention block with it stored and the 5 that keep the FFN block with
-    it stored (75 per layer, 5,625 plans on 2 layers), on a ladder of budgets: the solver's cost
-    is the least of the plans that fit, its plans' predicted peaks measure on the CPU to the
-    byte, and offloading to disk costs its transfers at device.disk_gbps."""
+    the 3 that keep the attention core, the 9 that keep the attention block and the 5 that keep
+    the FFN block with that unit stored (81 per layer, 6,561 plans on 2 layers), on a ladder of
+    budgets: the solver's cost is the least of the plans that fit, its plans' predicted peaks
+    measure on the CPU to the byte, and offloading to disk costs its transfers at
+    device.disk_gbps."""
     spec = tiny_spec("model.layers=2", "seq.len=64", "model.vocab_size=64", "device.disk_gbps=2")
     profile = planner.profile_step(spec, ("int8", "disk"))
-    assert len(profile.options) == 17 + 2 * (15 + 9 + 5)
+    assert len(profile.options) == 17 + 2 * (15 + 3 + 9 + 5)
     assert profile.cost_source.endswith("disk 2 GB/s")
     on_disk = ("ffn", planner.storage_token("disk"))
     away = profile.options[("ffn",)].held_bytes - profile.options[on_disk].held_bytes
@@ -327,8 +334,8 @@ def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn
         chosen.add(solution.choices)
     stored = [c for c in chosen if any(planner.STORAGE_MARK in t for o in c for t in o)]
     assert stored, "some budget is met most cheaply by storing"
-    blocks = [c for c in stored if planner.plan_of(c).stored_blocks]
-    assert blocks, "some budget is met most cheaply by storing one block on its own"
+    units = [c for c in stored if planner.plan_of(c).stored_units]
+    assert units, "some budget is met most cheaply by storing one unit on its own"
     for choices in sorted(stored):
         work = build_workload(spec, planner.plan_of(choices), "cpu")
         train_step(work)

@@ -81,6 +81,6 @@ OP_POLICY_NOTE = (
 
 # Why a plan whose layers store saved tensors their own way records no saved-bytes figure.
 STORED_LAYERS_NOTE = (
-    "not recorded: layers or blocks with their own storage pack what they save in their own hooks, "
+    "not recorded: layers or units with their own storage pack what they save in their own hooks, "
     "which the counting hooks do not see; activations_bytes (tensor tracker) includes them"
 )
