@@ -233,6 +233,11 @@ def test_compile_budget_job_records_its_fraction_and_the_compiled_steps_measured
     assert record.status == (STATUS_OK if compiled["over_budget_bytes"] == 0 else "infeasible")
 
 
+def test_compile_budget_measures_at_least_once(tiny_spec: SpecFn) -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.max_rounds.*at least 1"):
+        tiny_spec("strategy=compile_budget", "strategy.max_rounds=0")
+
+
 def test_compile_budget_estimates_the_peak_only_where_nothing_watches_the_compiled_step() -> None:
     """Inductor's kernels allocate outside the dispatcher: on the CPU its peak is an estimate,
     while the CUDA allocator measures any backend and the tracker one whose graphs run operator
