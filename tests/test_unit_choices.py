@@ -7,6 +7,7 @@ element-wise, and adaptive's plan of that choice computes, saves and peaks exact
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 from collections.abc import Callable
@@ -341,3 +342,38 @@ def test_solver_matches_exhaustive_search_with_storage_choices(tiny_spec: SpecFn
         train_step(work)
         measured = measure_memory(work).forward_backward_peak_bytes
         assert measured == every_plan[choices].peak_in(SCOPE_FORWARD_BACKWARD), choices
+
+
+@pytest.mark.slow
+def test_solver_matches_exhaustive_search_on_three_layers_with_storage_per_unit(
+    tiny_spec: SpecFn,
+) -> None:
+    """On 3 layers over the 17 recompute options and the 2 × 32 that store as int8 or on disk
+    the whole layer or one unit (531,441 plans): at every budget where the cheapest fitting
+    plan changes, and at 100 more spread over the plans' peaks, the solver's cost is the least
+    of the plans that fit. Some of those cheapest plans store one unit alone, and they measure
+    on the CPU as predicted, to the byte."""
+    spec = tiny_spec("model.layers=3", "seq.len=64", "model.vocab_size=64")
+    profile = planner.profile_step(spec, ("int8", "disk"))
+    assert len(profile.options) == 17 + 2 * (15 + 3 + 9 + 5)
+    every_plan = sorted(
+        (p.peak_in(SCOPE_FORWARD_BACKWARD), p.recompute_ps, choices)
+        for choices in itertools.product(profile.options, repeat=profile.layers)
+        for p in [predict(profile, choices)]
+    )
+    peaks = [peak for peak, _, _ in every_plan]
+    least = list(itertools.accumulate((cost for _, cost, _ in every_plan), min))
+    changes = [i for i in range(len(least)) if i == 0 or least[i] < least[i - 1]]
+    cheapest = [every_plan[i][2] for i in changes]
+    sampled = sorted(set(peaks))[:: max(1, len(set(peaks)) // 100)]
+    for budget in sorted({peaks[i] for i in changes} | set(sampled)):
+        solution = cheapest_within(profile, budget, SCOPE_FORWARD_BACKWARD)
+        assert solution is not None
+        assert solution.recompute_ps == least[bisect.bisect_right(peaks, budget) - 1]
+    units = [c for c in cheapest if planner.plan_of(c).stored_units]
+    assert units, "some budget is met most cheaply by storing one unit on its own"
+    for choices in units[:3]:
+        work = build_workload(spec, planner.plan_of(choices), "cpu")
+        train_step(work)
+        measured = measure_memory(work).forward_backward_peak_bytes
+        assert measured == predict(profile, choices).peak_in(SCOPE_FORWARD_BACKWARD), choices
