@@ -47,6 +47,7 @@ from memexp.configure import register_configs  # noqa: E402
 from memexp.plan import CheckpointPlan, Part  # noqa: E402
 from memexp.results import STATUS_OK, RunResult, read_result  # noqa: E402
 from memexp.runner import run_job  # noqa: E402
+from memexp.sweepdir import RESULT_FILE  # noqa: E402
 from memexp.text import MIB, markdown_table  # noqa: E402
 
 # (label, overrides): every strategy, and the variants of those that have them.
@@ -61,6 +62,7 @@ VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("every_n n=2", ("strategy=every_n", "strategy.n=2")),
     ("op save_matmuls", ("strategy=op",)),
     ("offload", ("strategy=offload",)),
+    ("compress int8", ("strategy=compress", "strategy.dtype=int8")),
     ("adaptive ratio 0.5", ("strategy=adaptive",)),
 )
 
@@ -92,11 +94,12 @@ def shape_of(record: RunResult, model: ModelConfig) -> Shape:
     )
 
 
-def reference_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) -> float:
+def reference_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) -> float | None:
     """Korthikanti et al.'s FLOP counting: forward FLOPs of the recomputed units, % of the
     step's; with `early_stop`, less each checkpoint's last matmul (·V for the core, the output
     projection for the attention block, the down projection for the FFN block, a layer or a
-    segment)."""
+    segment). None for a plan that keeps chosen operator outputs inside a unit (its own list, or
+    an op-level policy on some units): the counting has no term for that."""
     core = 4 * x.b * x.s * x.s * x.h  # QKᵀ and ·V
     attention = 8 * x.sbh * x.h + core
     ffn = 4 * x.sbh * x.f
@@ -108,6 +111,8 @@ def reference_recompute_pct(x: Shape, plan: CheckpointPlan, early_stop: bool) ->
         last = dict.fromkeys(last, 0)
     if plan.op_policy is not None:
         return 0.0  # every matmul is kept; FLOPs are counted for matmuls only
+    if plan.saved_ops or plan.selective:
+        return None
     recomputed = sum((end - start) * layer - last[Part.FFN] for start, end in plan.segments)
     recomputed += sum(unit[part] - last[part] for _, part in plan.parts)
     return 100.0 * recomputed / step
@@ -120,6 +125,9 @@ def compose_overrides(*overrides: str) -> DictConfig:
 
 
 def run_variant(model: str, overrides: tuple[str, ...], repeat: int, job_dir: Path) -> RunResult:
+    """The job's record: read where the folder already holds one (`--resume`), else run."""
+    if (job_dir / RESULT_FILE).exists():
+        return read_result(job_dir)
     cfg = compose_overrides(
         f"model={model}", *overrides, "device=cpu", "logger=none", f"measure.repeat={repeat}"
     )
@@ -129,6 +137,10 @@ def run_variant(model: str, overrides: tuple[str, ...], repeat: int, job_dir: Pa
 
 def mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MIB:,.1f}"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def overhead(job: RunResult, baseline: RunResult) -> str:
@@ -143,7 +155,8 @@ def overhead(job: RunResult, baseline: RunResult) -> str:
 def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConfig) -> list[str]:
     baseline = next(record for label, record in rows if label == "none")
     headers = (
-        "strategy", "saved act MiB", "analytic saved MiB", "peak MiB", "recompute FLOPs %",
+        "strategy", "saved act MiB", "analytic saved MiB", "step peak MiB", "fwd+bwd peak MiB",
+        "recompute FLOPs %",
         "reference recompute %", "reference, early stop %", "step ms median [min–max]",
         "time overhead % vs none [range]",
     )  # fmt: skip
@@ -163,9 +176,10 @@ def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConf
                 mib(record.saved_activation_bytes),
                 mib(record.extra.get("analytic_saved_activation_bytes")),
                 mib(record.peak_bytes),
+                mib(record.forward_backward_peak_bytes),
                 f"{record.recompute_flops_pct:.1f}",
-                f"{reference_recompute_pct(shape, plan, False):.1f}",
-                f"{reference_recompute_pct(shape, plan, True):.1f}",
+                pct(reference_recompute_pct(shape, plan, False)),
+                pct(reference_recompute_pct(shape, plan, True)),
                 step,
                 overhead(record, baseline),
             )
@@ -175,7 +189,8 @@ def model_table(model: str, rows: list[tuple[str, RunResult]], config: ModelConf
             notes.append(
                 f"- {label}: budget {mib(adaptive['budget_bytes'])} MiB ({adaptive['budget_rule']}); "
                 f"plan {record.plan_summary}; predicted peak {mib(adaptive['predicted_peak_bytes'])} "
-                f"MiB at the {adaptive['predicted_peak_at']}, measured {mib(record.peak_bytes)} MiB; "
+                f"MiB at the {adaptive['predicted_peak_at']}, measured "
+                f"{mib(adaptive['measured_peak_bytes'])} MiB ({adaptive['budget_scope']}); "
                 f"{len(adaptive['rounds'])} plan(s); planning (profile, unit timings, solve) "
                 f"{adaptive['planning_s']:.1f} s of a {record.duration_s:.0f} s job"
             )
@@ -217,11 +232,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["small", "medium"])
     parser.add_argument("--repeat", type=int, default=3, help="timed steps per job")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts/results/bench_strategies.md")
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's folder: its recorded jobs are read, not rerun"
+    )
     args = parser.parse_args()
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()
-    root = ROOT / "outputs" / "bench_strategies" / started.replace(":", "-")
+    root = args.resume or ROOT / "outputs" / "bench_strategies" / started.replace(":", "-")
+    if args.resume:
+        started = f"{root.name} (jobs run then; tabled {started})"
     lines = [
         "# Checkpointing strategies side by side",
         "",
@@ -230,8 +250,9 @@ def main() -> None:
         f"Produced by `.venv/bin/python scripts/bench_strategies.py "
         f"--models {' '.join(args.models)} --repeat {args.repeat}`; the job records are in "
         "outputs/bench_strategies/. Device cpu, fp32, Adam. saved act: bytes autograd keeps "
-        "for backward (saved-tensor hooks); peak: the whole step's peak (tensor tracker, "
-        "parameters, gradients and optimizer state included); recompute FLOPs: % of the step "
+        "for backward (saved-tensor hooks); step peak: the whole step's peak (tensor tracker, "
+        "parameters, gradients and optimizer state included); fwd+bwd peak: the peak over "
+        "forward, loss and backward, where checkpointing acts; recompute FLOPs: % of the step "
         "without checkpointing (FlopCounterMode, matmuls only); analytic: memexp.analytic's "
         "closed form; reference: Korthikanti et al. 2022's FLOP counting (see the script's "
         "docstring).",
