@@ -92,7 +92,7 @@ def tracked_step(work: Workload, source: str = SOURCE_TENSOR_TRACKER) -> MemoryM
         work.optimizer,
         work.tokens,
         work.targets,
-        compiled=work.plan.compiled is not None and work.plan.compiled.operator_by_operator,
+        compiled=work.partition is not None,  # the graphs run operator by operator
     )
     with tracker:
         tracker.set_phase("forward")
