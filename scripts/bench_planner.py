@@ -28,9 +28,10 @@ and `none` run once and are compared with every budget. Every figure is a job's 
   apply); for compile_budget, marked ‡, the same roofline over the nodes of its backward graphs
   that its partitioner recomputes (`memexp.measure.flops.compiled_recompute`), as its backend
   runs them: operator by operator after inductor's decompositions, unfused;
-- adaptive within this peak: for a peer's measured plan (op, sac_milp, compile_budget), the predicted recompute
-  time of the plan adaptive's solver picks on the same profile held to that peer's measured
-  peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak no larger;
+- adaptive within this peak: for a peer's measured plan (op, sac_milp, compile_budget), the
+  predicted recompute time of the plan adaptive's solver picks on the same profile held to that
+  peer's measured peak (`memexp.planner.cheapest_within`): adaptive against the peer at a peak
+  no larger;
 - recompute time: the job's median backward time less `none`'s, then its own backward's min–max
   over the timed steps (measured, so noisy on a shared machine: a difference inside the spreads
   is noise; "-" on the fake device, where nothing runs);
